@@ -84,12 +84,18 @@ def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def _log_mixture(log_p: Tensor, log_q: Tensor, w: float) -> Tensor:
-    """log(w p + (1 - w) q), computed with logsumexp; exact at w = 0 and w = 1."""
+    """log(w p + (1 - w) q), computed with logaddexp; exact at w = 0 and w = 1, NaN-free where p = q = 0."""
     if w == 0.0:
         return log_q
     if w == 1.0:
         return log_p
-    return torch.logaddexp(log_p + math.log(w), log_q + math.log1p(-w))
+    # where both are -inf (masked vocabulary) logaddexp's gradient is NaN: compute on zeros there instead
+    both = torch.isneginf(log_p) & torch.isneginf(log_q)
+    zero = torch.zeros_like(log_p)
+    mixed = torch.logaddexp(
+        torch.where(both, zero, log_p) + math.log(w), torch.where(both, zero, log_q) + math.log1p(-w)
+    )
+    return torch.where(both, torch.full_like(mixed, -math.inf), mixed)
 
 
 def _check_unit(name: str, value: float) -> None:
