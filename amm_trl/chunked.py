@@ -1,0 +1,110 @@
+"""Token-chunked losses over the vocabulary, so (tokens, vocab) logits never exist for the whole batch.
+
+`chunked_token_loss(fn, token_inputs, params, weights)` computes sum_i weights[i] * fn(...)[0][i] over tokens i,
+running `fn` on `chunk_size` tokens at a time without autograd in the forward, and recomputing each chunk with
+autograd in the backward (activation checkpointing by hand). `fn` projects hidden states with the weights in
+`params` (student/teacher `lm_head`, Q-head), so peak memory is a few (chunk, vocab) fp32 tensors.
+
+Under DeepSpeed ZeRO-3 the weights in `params` are partitioned and read directly (no module forward fires their
+gather hook), so they are gathered around both passes with TRL's `maybe_gather_lm_head_ctx`, exactly as TRL's own
+chunked JSD kernel does; the loss must run inside the model's forward (`_ForwardRedirection`) so ZeRO-3 reduces
+the gradients returned here.
+"""
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+# (chunk, vocab) fp32 elements per projected tensor; the loss holds a handful of these at once.
+DEFAULT_CHUNK_ELEMENTS = 1 << 25
+
+
+def auto_chunk_size(vocab_size: int, chunk_tokens: int | None = None) -> int:
+    return chunk_tokens or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """fp32 logits of `hidden` through an `lm_head` restricted to the first `vocab` rows (the shared tokenizer)."""
+    logits = torch.nn.functional.linear(
+        hidden.to(weight.dtype), weight[:vocab], bias[:vocab] if bias is not None else None
+    )
+    return logits.float()
+
+
+class _ChunkedTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, chunk_size, n_token_inputs, weights, *inputs):
+        token_inputs, params = inputs[:n_token_inputs], inputs[n_token_inputs:]
+        n = weights.shape[0]
+        total = torch.zeros((), device=weights.device, dtype=torch.float32)
+        metrics = []
+        with _gathered(params):
+            for start in range(0, n, chunk_size):
+                end = min(start + chunk_size, n)
+                values, chunk_metrics = fn(*(t[start:end] for t in token_inputs), *params)
+                total += (values.float() * weights[start:end]).sum()
+                metrics.append(chunk_metrics)
+        ctx.fn, ctx.chunk_size, ctx.n_token_inputs = fn, chunk_size, n_token_inputs
+        ctx.save_for_backward(weights, *inputs)
+        metrics = torch.cat(metrics) if metrics else torch.zeros(0, device=weights.device)
+        ctx.mark_non_differentiable(metrics)
+        return total, metrics
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_metrics):
+        weights, *inputs = ctx.saved_tensors
+        fn, chunk_size, n_tok = ctx.fn, ctx.chunk_size, ctx.n_token_inputs
+        needs = ctx.needs_input_grad[4:]
+        token_inputs, params = inputs[:n_tok], inputs[n_tok:]
+        n = weights.shape[0]
+        token_grads = [torch.zeros_like(t, dtype=torch.float32) if need else None
+                       for t, need in zip(token_inputs, needs[:n_tok])]
+        with _gathered(params):
+            # Gathered shapes are only known inside the context; accumulate in fp32.
+            param_grads = [torch.zeros(p.shape, device=p.device, dtype=torch.float32) if need else None
+                           for p, need in zip(params, needs[n_tok:])]
+            for start in range(0, n, chunk_size):
+                end = min(start + chunk_size, n)
+                with torch.enable_grad():
+                    chunk = [t[start:end].detach().requires_grad_(need) for t, need in zip(token_inputs, needs)]
+                    values, _ = fn(*chunk, *params)
+                    objective = (values.float() * weights[start:end]).sum() * grad_total
+                    wrt = [x for x, need in zip(chunk + list(params), needs) if need]
+                    grads = iter(torch.autograd.grad(objective, wrt, allow_unused=True))
+                for i, need in enumerate(needs[:n_tok]):
+                    if need:
+                        g = next(grads)
+                        if g is not None:
+                            token_grads[i][start:end] += g.float()
+                for i, need in enumerate(needs[n_tok:]):
+                    if need:
+                        g = next(grads)
+                        if g is not None:
+                            param_grads[i] += g.float()
+            param_grads = [g.to(p.dtype) if g is not None else None for g, p in zip(param_grads, params)]
+        token_grads = [g.to(t.dtype) if g is not None else None for g, t in zip(token_grads, token_inputs)]
+        return (None, None, None, None, *token_grads, *param_grads)
+
+
+def _gathered(params):
+    params = [p for p in params if isinstance(p, torch.nn.Parameter)]
+    return maybe_gather_lm_head_ctx(*params) if params else contextlib.nullcontext()
+
+
+def chunked_token_loss(
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    token_inputs: list[torch.Tensor],
+    params: list[torch.Tensor],
+    weights: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (sum_i weights[i] * values[i], per-token metrics (n, k), detached).
+
+    `fn(*token_chunks, *params) -> (values (m,), metrics (m, k))` must be a pure function of its arguments; it runs
+    once per chunk in the forward and once more, with autograd, in the backward. `token_inputs` are (n, ...) tensors
+    cut along dim 0; `params` are passed whole (weights, biases; ZeRO-3 parameters are gathered around each pass).
+    """
+    weights = weights.detach().float()
+    return _ChunkedTokenLoss.apply(fn, chunk_size, len(token_inputs), weights, *token_inputs, *params)

@@ -1,0 +1,92 @@
+"""The adversary of AMM: Q-heads f_phi(s, .) in R^V, bounded by c * tanh, and their ZeRO-3-safe construction.
+
+A head reads detached hidden states (so it cannot shape the student's features) and returns one value per vocabulary
+entry, which makes E_{a~p}[f(s, a)] = <p, f(s, .)> exact for a white-box teacher. Heads are never called through
+`nn.Module.__call__` during the loss: the loss reads their parameters directly inside a vocabulary-chunked autograd
+function (see `chunked.py`), which gathers them under ZeRO-3 like TRL gathers `lm_head`.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEADS_ATTRIBUTE = "amm_q_heads"  # submodule name on the student; weight-sync and save paths filter on it
+
+
+class LinearQHead(nn.Module):
+    """f(s, .) = c * tanh(W h + b), W: (vocab, features). Zero-initialized, so both distances start at 0."""
+
+    def __init__(self, features: int, vocab_size: int, bound: float):
+        super().__init__()
+        self.bound = bound
+        self.weight = nn.Parameter(torch.zeros(vocab_size, features))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def q_values(self, h: torch.Tensor, params: list[torch.Tensor], output_embedding: torch.Tensor) -> torch.Tensor:
+        weight, bias = params
+        return self.bound * torch.tanh(F.linear(h.to(weight.dtype), weight, bias).float())
+
+
+class LowRankQHead(nn.Module):
+    """f(s, .) = c * tanh(E g(h)), E = the detached student output embedding (vocab, hidden), g a two-layer MLP
+    features -> hidden -> hidden. The last layer is zero-initialized, so f starts at 0. Costs ~2 hidden^2."""
+
+    def __init__(self, features: int, hidden: int, bound: float):
+        super().__init__()
+        self.bound = bound
+        self.fc1 = nn.Linear(features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def q_values(self, h: torch.Tensor, params: list[torch.Tensor], output_embedding: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = params
+        g = F.linear(F.gelu(F.linear(h.to(w1.dtype), w1, b1)), w2, b2)
+        return self.bound * torch.tanh(F.linear(g.to(output_embedding.dtype), output_embedding.detach()).float())
+
+
+class QHeads(nn.Module):
+    """The adversary: `on` and `off` heads (or one shared head, registered once and used for both)."""
+
+    def __init__(self, head_type: str, features: int, vocab_size: int, hidden: int, bound: float, shared: bool):
+        super().__init__()
+
+        def make():
+            if head_type == "linear":
+                return LinearQHead(features, vocab_size, bound)
+            return LowRankQHead(features, hidden, bound)
+
+        self.on = make()
+        self.off = self.on if shared else make()
+
+    def head(self, kind: str) -> nn.Module:
+        return self.on if kind == "on" else self.off
+
+
+def build_q_heads(args, student: nn.Module, teacher_hidden_size: int) -> QHeads:
+    """Builds the heads with the student's dtype and device, under `deepspeed.zero.Init` when ZeRO-3 is on.
+
+    Under ZeRO-3 a head created outside zero.Init stays in its own dtype and unpartitioned, and DeepSpeed then refuses
+    the mixed dtypes of the engine's parameters; building it in the same context as the student avoids both.
+    """
+    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+    text_config = student.config.get_text_config()
+    student_hidden = text_config.hidden_size
+    features = student_hidden if args.q_head_features == "student" else teacher_hidden_size
+    param = next(p for p in student.parameters() if p.is_floating_point())
+    dtype = param.dtype
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        context = deepspeed.zero.Init(config_dict_or_path=deepspeed_config(), dtype=dtype)
+    else:
+        context = contextlib.nullcontext()
+    with context:
+        heads = QHeads(args.q_head_type, features, text_config.vocab_size, student_hidden, args.q_bound,
+                       args.q_head_shared)
+    if not is_deepspeed_zero3_enabled():
+        heads.to(device=param.device, dtype=dtype)
+    return heads

@@ -1,0 +1,450 @@
+"""`AMMTrainer`: TRL's `DistillationTrainer` with adversarial moment matching and the KD baselines.
+
+What TRL already does is kept: the generation buffer (rollouts once per optimizer step), HF `generate` / vLLM
+colocate or server rollouts and weight sync, ZeRO-3 teacher preparation, PEFT handling, logging. The hooks overridden:
+
+- `__init__`: loads the teacher itself (so a padded vocabulary, e.g. 151936 vs 152064, can share the tokenizer's
+  rows), attaches the Q-heads to the student (one DeepSpeed engine, one backward) and keeps them out of vLLM syncs.
+- `_generate_and_score_completions`: adds the off-policy completions (dataset column or online teacher generation)
+  next to the student rollouts, as each objective's data schedule asks.
+- `_compute_loss`: one student and one teacher forward over rollouts + off-policy completions, then the objective's
+  per-token loss, chunked over the vocabulary (`chunked.py`, losses in `objectives.py`).
+- `create_optimizer`: the Q-heads get their own parameter group (`q_head_lr_multiplier`).
+- `_save` / `_load_from_checkpoint`: Q-heads go to `amm_q_heads.safetensors`, so the saved student is a plain model.
+"""
+
+import os
+import random
+import resource
+import time
+
+import torch
+from accelerate.utils import is_peft_model
+from safetensors.torch import load_file, save_file
+from trl import DistillationTrainer
+from trl.generation.vllm_generation import VLLMGeneration
+from trl.models import prepare_deepspeed
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import create_model_from_path, pad
+
+from . import objectives as O
+from .chunked import auto_chunk_size, chunked_token_loss, project
+from .config import AMMConfig
+from .data import check_dataset, completion_token_ids
+from .qhead import HEADS_ATTRIBUTE, build_q_heads
+
+HEADS_FILE = "amm_q_heads.safetensors"
+
+
+class HeadFreeVLLMGeneration(VLLMGeneration):
+    """TRL's vLLM generator whose weight-sync stream skips the Q-heads (vLLM's model has no such weights).
+
+    Without PEFT each parameter is gathered one at a time, so heads are skipped *before* their gather.
+    """
+
+    def _iter_named_params(self):
+        prefix = HEADS_ATTRIBUTE + "."
+        if is_peft_model(self.model) or self._dist.is_fsdp:
+            yield from ((n, p) for n, p in super()._iter_named_params() if not n.startswith(prefix))
+            return
+        for name, param in self.model.named_parameters():
+            if name.startswith(prefix):
+                continue
+            with self._dist.gather_params([param]):
+                yield self._fix_param_name_to_vllm(name), param.data
+
+
+def _logit_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) that the model's own forward applies to its logits (Cohere/Granite/Gemma styles)."""
+    scale = getattr(config, "logit_scale", None) or getattr(config, "output_multiplier", None)
+    if scale is None and getattr(config, "logits_scaling", None):
+        scale = 1.0 / config.logits_scaling
+    return (scale or 1.0), getattr(config, "final_logit_softcapping", None)
+
+
+def _scaled(logits, transform, temperature):
+    scale, softcap = transform
+    logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits / temperature
+
+
+class AMMTrainer(DistillationTrainer):
+    """Distills `teacher_model` into `model` with the objective `args.objective` (see `AMMConfig`).
+
+    Used exactly like `trl.DistillationTrainer`:
+
+    ```python
+    trainer = AMMTrainer(model="student", teacher_model="teacher", args=AMMConfig(...), train_dataset=ds)
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "distillation", "amm-trl"]
+    _name = "AMM"
+
+    def __init__(self, model, teacher_model=None, args: AMMConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None),
+                 quantization_config=None, peft_config=None):
+        if args is None:
+            args = AMMConfig("amm-trl-output")
+        if not isinstance(args, AMMConfig):
+            raise TypeError(f"args must be an AMMConfig, got {type(args).__name__}.")
+        off_column = args.off_policy_column if args.uses_off_policy and args.off_policy_source == "dataset" else None
+        check_dataset(train_dataset, "train_dataset", off_column)
+        check_dataset(eval_dataset, "eval_dataset", off_column)
+        needs_teacher = args.uses_teacher_logits or args.off_policy_source == "teacher" and args.uses_off_policy
+        if needs_teacher and teacher_model is None:
+            raise ValueError(f"teacher_model is required for objective {args.objective!r}.")
+        teacher = self._load_teacher(teacher_model, args) if teacher_model is not None else None
+
+        super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
+
+        student_config = self.model.config.get_text_config()
+        self.vocab_size = student_config.vocab_size
+        self.teacher_model = None
+        if teacher is not None:
+            self.vocab_size = self._shared_vocab_size(student_config.vocab_size,
+                                                      teacher.config.get_text_config().vocab_size)
+            self._teacher_hidden_size = teacher.config.get_text_config().hidden_size
+            self._teacher_transform = _logit_transform(teacher.config.get_text_config())
+            if self.is_deepspeed_enabled:
+                self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
+            else:
+                self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self._student_transform = _logit_transform(student_config)
+        self.chunk_size = auto_chunk_size(self.vocab_size, args.loss_chunk_tokens)
+
+        self.q_heads = None
+        if args.objective == "amm":
+            teacher_hidden = getattr(self, "_teacher_hidden_size", student_config.hidden_size)
+            heads = build_q_heads(args, self.model, teacher_hidden)
+            self.model.add_module(HEADS_ATTRIBUTE, heads)
+            self.q_heads = heads
+        if self.use_vllm:
+            self.vllm_generation.__class__ = HeadFreeVLLMGeneration
+        self._pending_metrics = {}
+
+    # ----------------------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _load_teacher(teacher_model, args):
+        if not isinstance(teacher_model, str):
+            if args.teacher_model_init_kwargs is not None:
+                raise ValueError("teacher_model_init_kwargs is set but teacher_model is already instantiated.")
+            return teacher_model
+        kwargs = dict(args.teacher_model_init_kwargs or {})
+        # A frozen teacher in the training precision: fp32 (TRL's default) would double its memory under bf16.
+        dtype = kwargs.get("dtype") or ("bfloat16" if args.bf16 else "float16" if args.fp16 else "float32")
+        kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
+        if args.teacher_model_revision is not None:
+            kwargs.setdefault("revision", args.teacher_model_revision)
+        if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+            kwargs["device_map"] = None
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        return create_model_from_path(teacher_model, **kwargs)
+
+    def _shared_vocab_size(self, student_vocab: int, teacher_vocab: int) -> int:
+        if student_vocab == teacher_vocab:
+            return student_vocab
+        tokenizer_vocab = len(self._tokenizer)
+        if tokenizer_vocab > min(student_vocab, teacher_vocab):
+            raise ValueError(
+                f"The student has vocab_size {student_vocab} and the teacher {teacher_vocab}, and the tokenizer has "
+                f"{tokenizer_vocab} tokens: the two models do not share a vocabulary. Distillation compares full "
+                f"next-token distributions; use a teacher with the student's tokenizer (or TRL's GOLD trainer for "
+                f"cross-tokenizer distillation)."
+            )
+        if self.args.objective == "jsd":
+            raise ValueError(
+                f"objective 'jsd' runs TRL's kernel, which needs equal vocab sizes ({student_vocab} vs "
+                f"{teacher_vocab}); use objective 'gkd' with lmbda 1.0 (same loss, compares the {tokenizer_vocab} "
+                f"shared tokenizer rows)."
+            )
+        # Same tokenizer, embedding matrices padded differently (e.g. Qwen 151936 vs 152064): compare the real rows.
+        return tokenizer_vocab
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or self.q_heads is None:
+            return super().create_optimizer(model)
+        head_params = list(self.q_heads.parameters())
+        for p in head_params:  # build TRL/transformers' student groups without the heads ...
+            p.requires_grad_(False)
+        try:
+            super().create_optimizer(model)
+        finally:
+            for p in head_params:
+                p.requires_grad_(True)
+        # ... then give the heads their own group: no weight decay, scaled learning rate, same schedule.
+        self.optimizer.add_param_group({"params": head_params, "weight_decay": 0.0,
+                                        "lr": self.args.learning_rate * self.args.q_head_lr_multiplier})
+        return self.optimizer
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _batch_kinds(self) -> tuple[bool, bool]:
+        """(student rollouts?, off-policy completions?) for this optimizer step."""
+        args = self.args
+        if args.objective in ("gkd", "imitkd"):
+            # Same draw on every rank and after a resume: seeded by the step, no RNG state to checkpoint.
+            on = random.Random(args.seed * 1_000_003 + self.state.global_step).random() < args.lmbda
+            return on, not on
+        return args.uses_rollouts, args.uses_off_policy
+
+    def _generate_and_score_completions(self, inputs):
+        on, off = self._batch_kinds()
+        device = self.accelerator.device
+        mode = "train" if self.model.training else "eval"
+        if on:
+            start = time.perf_counter()
+            output = super()._generate_and_score_completions(inputs)
+            elapsed = time.perf_counter() - start
+            tokens = self.accelerator.gather(output["completion_mask"].sum()).sum().item()
+            self._metrics[mode]["rollout/tokens_per_second"].append(tokens / max(elapsed, 1e-9))
+        else:
+            prompt_ids, _, _ = self._tokenize_prompts([x["prompt"] for x in inputs])
+            prompt_ids = [torch.tensor(ids) for ids in prompt_ids]
+            output = {
+                "prompt_ids": pad(prompt_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
+                "prompt_mask": pad([torch.ones_like(ids) for ids in prompt_ids], padding_value=0,
+                                   padding_side="left").to(device),
+            }
+        if off:
+            if self.args.off_policy_source == "teacher":
+                completions = self._teacher_completions(output["prompt_ids"], output["prompt_mask"])
+            else:
+                completions = [
+                    completion_token_ids(self._tokenizer, x["prompt"], x[self.args.off_policy_column],
+                                         self.eos_token_ids, self.max_completion_length, self.chat_template_kwargs)
+                    for x in inputs
+                ]
+            ids = [torch.tensor(c, dtype=torch.long) for c in completions]
+            output["off_completion_ids"] = pad(ids, padding_value=self._tokenizer.pad_token_id,
+                                               padding_side="right").to(device)
+            output["off_completion_mask"] = pad([torch.ones_like(c) for c in ids], padding_value=0,
+                                                padding_side="right").to(device)
+            output["num_off_items"] = self.accelerator.gather(output["off_completion_mask"].sum()).sum()
+            self._metrics[mode]["off_policy/mean_length"].append(
+                self.accelerator.gather(output["off_completion_mask"].sum(1).float()).mean().item())
+        return output
+
+    @torch.no_grad()
+    def _teacher_completions(self, prompt_ids, prompt_mask) -> list[list[int]]:
+        """Online off-policy data: the teacher samples a completion per prompt with the rollout settings."""
+        with unwrap_model_for_generation(self.teacher_model, self.accelerator,
+                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation) as teacher:
+            out = teacher.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                   generation_config=self.generation_config)
+        completions = []
+        end = set(self.eos_token_ids)
+        for row in out[:, prompt_ids.size(1):].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in end), len(row))
+            completions.append(row[:cut])
+        return completions
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._pending_metrics = {}
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._log_pending_metrics()
+        return result
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        if self.args.objective == "jsd":
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        parts = [kind for kind, key in (("on", "completion_ids"), ("off", "off_completion_ids")) if key in inputs]
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        width = max(inputs[self._key(kind, "ids")].size(1) for kind in parts)
+        ids, masks = [], []
+        for kind in parts:  # right-pad both kinds to one width: one student and one teacher forward for all
+            c_ids, c_mask = inputs[self._key(kind, "ids")], inputs[self._key(kind, "mask")]
+            extra = width - c_ids.size(1)
+            ids.append(torch.nn.functional.pad(c_ids, (0, extra), value=self._tokenizer.pad_token_id))
+            masks.append(torch.nn.functional.pad(c_mask, (0, extra), value=0))
+        batch = prompt_ids.size(0)
+        completion_ids, completion_mask = torch.cat(ids), torch.cat(masks)
+        input_ids = torch.cat([prompt_ids.repeat(len(parts), 1), completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask.repeat(len(parts), 1), completion_mask], dim=1)
+
+        h_student = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, width)
+        h_teacher = None
+        if self.args.uses_teacher_logits:
+            self.teacher_model.eval()
+            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+            with torch.no_grad():
+                h_teacher = self._forward_redirection(self.teacher_model, unwrapped_teacher,
+                                                      self._get_last_hidden_state, unwrapped_teacher, input_ids,
+                                                      attention_mask, width)
+
+        loss = torch.zeros((), device=h_student.device)
+        entropy_sum = torch.zeros((), device=h_student.device)
+        n_valid = torch.zeros((), device=h_student.device, dtype=torch.long)
+        for i, kind in enumerate(parts):
+            rows = slice(i * batch, (i + 1) * batch)
+            part_loss, part_entropy, part_n = self._part_loss(
+                kind, unwrapped_student, h_student[rows], None if h_teacher is None else h_teacher[rows],
+                completion_ids[rows], completion_mask[rows], inputs)
+            loss = loss + part_loss
+            entropy_sum, n_valid = entropy_sum + part_entropy, n_valid + part_n
+        return loss, entropy_sum, n_valid
+
+    @staticmethod
+    def _key(kind, what):
+        return f"completion_{what}" if kind == "on" else f"off_completion_{what}"
+
+    def _part_loss(self, kind, student, h_s, h_t, completion_ids, completion_mask, inputs):
+        """Loss of one data kind (rollouts or off-policy completions), already weighted for the global reduction."""
+        args = self.args
+        valid = completion_mask.bool()
+        count_key = "num_items_in_batch" if kind == "on" else "num_off_items"
+        if self.model.training and inputs.get(count_key) is not None:
+            # Global loss-token count of the generation batch / world size: the sum over grad-accumulation steps and
+            # ranks (DDP/DeepSpeed average) then reduces exactly as TRL does (`loss_is_scaled_for_ga`).
+            denominator = inputs[count_key].clamp(min=1).float() / self.accelerator.num_processes
+        else:
+            denominator = valid.sum().clamp(min=1).float()
+        coefficient = 1.0
+        if args.objective == "amm":
+            coefficient = args.amm_beta if kind == "off" else 1.0 - args.amm_beta
+        weights = torch.full((int(valid.sum()),), coefficient, device=h_s.device) / denominator.to(h_s.device)
+
+        fn, params, names = self._token_fn(kind, student)
+        token_inputs = [h_s[valid], completion_ids[valid]]
+        if h_t is not None:
+            token_inputs.append(h_t[valid])
+        loss, metrics = chunked_token_loss(fn, token_inputs, params, weights, self.chunk_size)
+        for j, name in enumerate(names):
+            self._add_metric(f"{name}/{kind}", metrics[:, j].sum(), metrics.size(0))
+        if args.objective == "amm" and kind == "on" and args.amm_policy_gradient:
+            loss = loss + self._score_function_term(student, h_s, completion_ids, valid, metrics[:, 0], weights)
+        entropy = metrics[:, names.index("entropy")].sum()
+        return loss, entropy, valid.sum()
+
+    def _token_fn(self, kind, student):
+        """The per-token loss `fn(h_s, y, [h_t], *params) -> (values, metrics)` of the objective, its params, and the
+        names of its metric columns."""
+        args, vocab, temperature = self.args, self.vocab_size, self.temperature
+        s_head = student.get_output_embeddings()
+        params = [s_head.weight] + ([s_head.bias] if s_head.bias is not None else [])
+        n_student = len(params)
+        if not args.uses_teacher_logits:
+            def fn(h_s, y, *p):
+                z_s = _scaled(project(h_s, p[0], p[1] if n_student == 2 else None, vocab), self._student_transform,
+                              temperature)
+                log_p = torch.log_softmax(z_s, -1)
+                values = O.cross_entropy(z_s, y)
+                metrics = torch.stack([values, -(log_p.exp() * log_p).sum(-1), -values], dim=1)
+                return values, metrics.detach()
+
+            return fn, params, ["ce", "entropy", "logp_student"]
+
+        t_head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings()
+        params += [t_head.weight] + ([t_head.bias] if t_head.bias is not None else [])
+        n_teacher = len(params) - n_student
+        head = self.q_heads.head(kind) if args.objective == "amm" else None
+        if head is not None:
+            params += list(head.parameters())
+        divergence = {
+            "fkl": O.forward_kl, "imitkd": O.forward_kl, "rkl": O.reverse_kl, "tvd": O.total_variation,
+            "gkd": lambda z_s, z_t: O.generalized_jsd(z_s, z_t, args.beta),
+        }.get(args.objective)
+
+        def fn(h_s, y, h_t, *p):
+            s_w, s_b = p[0], (p[1] if n_student == 2 else None)
+            t_w, t_b = p[n_student], (p[n_student + 1] if n_teacher == 2 else None)
+            z_s = _scaled(project(h_s, s_w, s_b, vocab), self._student_transform, temperature)
+            z_t = _scaled(project(h_t, t_w, t_b, vocab), self._teacher_transform, temperature)
+            log_p_s, log_p_t = torch.log_softmax(z_s, -1), torch.log_softmax(z_t, -1)
+            extra = []
+            if head is not None:
+                features = (h_s if args.q_head_features == "student" else h_t).detach()
+                q = head.q_values(features, list(p[n_student + n_teacher:]), s_w[:vocab])
+                values = O.amm_adversarial_gap(z_s, z_t, q)
+                extra = [q.detach().abs().mean(-1)]
+            else:
+                values = divergence(z_s, z_t)
+            metrics = [values, O.total_variation(z_s, z_t), -(log_p_s.exp() * log_p_s).sum(-1),
+                       log_p_s.gather(-1, y[:, None]).squeeze(-1), log_p_t.gather(-1, y[:, None]).squeeze(-1)]
+            return values, torch.stack(metrics + extra, dim=1).detach()
+
+        first = "amm_gap" if head is not None else args.objective
+        return fn, params, [first, "tv", "entropy", "logp_student", "logp_teacher"] + (["q_abs"] if head else [])
+
+    def _score_function_term(self, student, h_s, completion_ids, valid, gaps, weights):
+        """sum_t log p_S(y_t|s_t) * A_t with A_t from the future moment gaps; value 0, gradient only."""
+        args = self.args
+        rewards = torch.zeros(valid.shape, device=gaps.device, dtype=torch.float32)
+        rewards[valid] = gaps.float()
+        mask = valid.float()
+        advantages = O.reward_to_go(rewards, mask, include_current=False)
+        if args.pg_length_normalization:
+            advantages = O.length_normalize(advantages, mask, include_current=False)
+        advantages = advantages[valid]
+        if args.pg_baseline == "mean" and advantages.numel() > 0:
+            advantages = advantages - advantages.mean()
+        if args.pg_clip is not None:
+            advantages = advantages.clamp(-args.pg_clip, args.pg_clip)
+        s_head = student.get_output_embeddings()
+        params = [s_head.weight] + ([s_head.bias] if s_head.bias is not None else [])
+        vocab, temperature = self.vocab_size, self.temperature
+
+        def fn(h, y, a, *p):
+            z_s = _scaled(project(h, p[0], p[1] if len(p) == 2 else None, vocab), self._student_transform,
+                          temperature)
+            values = O.token_log_probs(z_s, y) * a
+            return values, values.detach()[:, None]
+
+        surrogate, _ = chunked_token_loss(fn, [h_s[valid], completion_ids[valid], advantages], params, weights,
+                                          self.chunk_size)
+        self._add_metric("pg/advantage_abs", advantages.abs().sum(), advantages.numel())
+        return surrogate - surrogate.detach()
+
+    # --------------------------------------------------------------------------------------------- metrics
+    def _add_metric(self, name, total, count):
+        self._pending_metrics[name] = (total.detach().float(), float(count))
+
+    def _log_pending_metrics(self):
+        """Gathers the step's metric sums and counts across ranks in one collective (outside the model forward)."""
+        if not self._pending_metrics:
+            return
+        mode = "train" if self.model.training else "eval"
+        names = sorted(self._pending_metrics)
+        device = self.accelerator.device
+        local = torch.stack([torch.stack([self._pending_metrics[n][0].to(device),
+                                          torch.tensor(self._pending_metrics[n][1], device=device)]) for n in names])
+        total = self.accelerator.gather(local[None]).sum(0)
+        for name, (value, count) in zip(names, total.tolist()):
+            if count > 0:
+                self._metrics[mode][name].append(value / count)
+        if torch.cuda.is_available():
+            self._metrics[mode]["memory/peak_gib"].append(torch.cuda.max_memory_allocated() / 2**30)
+        else:
+            self._metrics[mode]["memory/peak_rss_gib"].append(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        self._pending_metrics = {}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir=None, state_dict=None):
+        """Saves the student as a plain `from_pretrained` model and the Q-heads beside it."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.q_heads is None:
+            return super()._save(output_dir, state_dict)
+        prefix = HEADS_ATTRIBUTE + "."
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        heads = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        student = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+        super()._save(output_dir, state_dict=student)
+        if heads and self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            tmp = os.path.join(output_dir, HEADS_FILE + ".tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, tmp)
+            os.replace(tmp, os.path.join(output_dir, HEADS_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # DeepSpeed restores the heads from its own engine checkpoint; other paths read the heads file.
+        path = os.path.join(resume_from_checkpoint, HEADS_FILE)
+        if self.q_heads is not None and not self.is_deepspeed_enabled and os.path.exists(path):
+            self.q_heads.load_state_dict(load_file(path, device=str(self.args.device)))
