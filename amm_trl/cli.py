@@ -1,0 +1,202 @@
+"""`amm-trl train|generate|eval|assets|slurm`.
+
+`train` parses a YAML recipe with TRL's `TrlParser` (YAML keys become defaults, command-line flags override them,
+unknown keys are rejected by name) into `TrainScriptArguments`, `AMMConfig` and TRL's `ModelConfig`. Without
+`--config` it runs the embedded quickstart recipe. String values `asset:<name>` are prepared offline by
+`amm_trl.assets` (local main process first). Works unchanged under `accelerate launch -m amm_trl.cli train ...`,
+`torchrun -m amm_trl.cli ...` and the `deepspeed` launcher.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from importlib import resources
+
+RECIPES = resources.files("amm_trl") / "recipes"
+
+
+@dataclass
+class TrainScriptArguments:
+    """Data arguments of `amm-trl train` (the model arguments are TRL's `ModelConfig`)."""
+
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Training prompts: a .jsonl/.json file, a `save_to_disk` folder or a hub dataset name."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "Optional evaluation prompts."})
+    eval_dataset_split: str = field(default="train", metadata={"help": "Split of `eval_dataset_name`."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+
+
+@dataclass
+class GenerateArguments:
+    """`amm-trl generate`: write a model's completions for a prompt dataset (e.g. teacher data for SeqKD / AMM)."""
+
+    model_name_or_path: str = field(metadata={"help": "Model that generates (usually the teacher)."})
+    dataset_name: str = field(metadata={"help": "Prompts: .jsonl/.json file, saved folder or hub name."})
+    output_file: str = field(metadata={"help": "Output .jsonl: the input rows plus `output_column`."})
+    output_column: str = field(default="completion", metadata={"help": "Column written with the completions."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to read."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Completion length limit."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per `generate` call (HF backend)."})
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (needs `pip install amm-trl[vllm]`)."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype for the HF backend."})
+    max_samples: int | None = field(default=None, metadata={"help": "Only the first N prompts."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+
+
+def recipe_path(name_or_path: str) -> str:
+    """A recipe file path, or the name of a recipe shipped in the package (`quickstart`)."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    packaged = RECIPES / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
+    if packaged.is_file():
+        return str(packaged)
+    known = sorted(p.name for p in RECIPES.iterdir() if p.name.endswith(".yaml"))
+    raise FileNotFoundError(f"--config {name_or_path!r}: no such file, and no packaged recipe of that name {known}.")
+
+
+def _resolve_assets(*objects):
+    """Replaces `asset:<name>` string fields by the prepared local path (the local main process prepares)."""
+    refs = [(o, f.name) for o in objects for f in fields(o)
+            if isinstance(getattr(o, f.name), str) and getattr(o, f.name).startswith("asset:")]
+    if not refs:
+        return
+    from accelerate import PartialState
+
+    from .assets import resolve
+
+    with PartialState().local_main_process_first():
+        for obj, name in refs:
+            setattr(obj, name, resolve(getattr(obj, name)[len("asset:"):]))
+
+
+def parse_train_args(argv: list[str]):
+    from trl import ModelConfig, TrlParser
+
+    from .config import AMMConfig
+
+    argv = list(argv)
+    if "--config" in argv:
+        i = argv.index("--config") + 1
+        argv[i] = recipe_path(argv[i])
+    else:
+        argv = ["--config", recipe_path("quickstart")] + argv
+    parser = TrlParser((TrainScriptArguments, AMMConfig, ModelConfig), prog="amm-trl train")
+    return parser.parse_args_and_config(argv)
+
+
+def train(argv: list[str]):
+    import torch
+    from trl import get_peft_config, get_quantization_config
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .data import load_prompt_dataset
+    from .trainer import AMMTrainer
+
+    script, args, model_args = parse_train_args(argv)
+    _resolve_assets(script, args, model_args)
+    if model_args.model_name_or_path is None:
+        raise ValueError("model_name_or_path: set the student model in the recipe or on the command line.")
+    if script.dataset_name is None:
+        raise ValueError("dataset_name: set the training prompts (a .jsonl file or a hub dataset).")
+
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    args.model_init_kwargs = {
+        "revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation, "dtype": dtype,
+        **(args.model_init_kwargs or {}),
+    }
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        args.model_init_kwargs["quantization_config"] = quantization
+
+    train_dataset = load_prompt_dataset(script.dataset_name, script.dataset_train_split, script.dataset_config)
+    if script.max_train_samples is not None:
+        train_dataset = train_dataset.select(range(min(script.max_train_samples, len(train_dataset))))
+    eval_dataset = (load_prompt_dataset(script.eval_dataset_name, script.eval_dataset_split)
+                    if script.eval_dataset_name else None)
+
+    trainer = AMMTrainer(model=model_args.model_name_or_path, teacher_model=args.teacher_model_name_or_path,
+                         args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         peft_config=get_peft_config(model_args))
+    resume = args.resume_from_checkpoint
+    if resume in ("latest", "last", "auto"):
+        # Requeue-friendly: continue from the newest checkpoint if there is one, otherwise start fresh.
+        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    if trainer.accelerator.is_main_process:
+        print(f"amm-trl: student saved to {args.output_dir}", flush=True)
+    return trainer
+
+
+def generate(argv: list[str]):
+    from transformers import AutoTokenizer, HfArgumentParser
+
+    from .data import load_prompt_dataset
+    from .generation import decode_completions, generate_token_ids, render_prompts
+
+    (a,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses(argv)
+    dataset = load_prompt_dataset(a.dataset_name, a.dataset_split)
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"dataset_name {a.dataset_name!r} has columns {dataset.column_names} but no 'prompt'.")
+    if a.max_samples is not None:
+        dataset = dataset.select(range(min(a.max_samples, len(dataset))))
+    tokenizer = AutoTokenizer.from_pretrained(a.model_name_or_path)
+    prompts = dataset["prompt"]
+    ids = generate_token_ids(a.model_name_or_path, render_prompts(tokenizer, prompts), a.max_new_tokens,
+                             a.temperature, a.top_p, a.batch_size, a.use_vllm, a.dtype, a.seed)
+    texts = decode_completions(tokenizer, ids)
+    tmp = a.output_file + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(a.output_file)), exist_ok=True)
+    with open(tmp, "w") as f:
+        for row, prompt, text in zip(dataset, prompts, texts):
+            row = dict(row)
+            conversational = isinstance(prompt, list)
+            row[a.output_column] = [{"role": "assistant", "content": text}] if conversational else text
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, a.output_file)  # never a half-written dataset
+    print(f"amm-trl: wrote {len(texts)} completions to {a.output_file}", flush=True)
+
+
+COMMANDS = {
+    "train": (train, "train a student (default: the offline quickstart recipe)"),
+    "generate": (generate, "write a model's completions for a prompt dataset"),
+}
+
+
+def _optional_commands():
+    # Commands whose modules may be absent in a trimmed install are registered only when importable.
+    commands = {}
+    for name, module, help_text in (("eval", "evaluation", "generate and score a model on a dataset"),
+                                    ("assets", "assets", "prepare the offline quickstart models and data"),
+                                    ("slurm", "slurm", "render a slurm batch script from a recipe")):
+        try:
+            mod = __import__(f"amm_trl.{module}", fromlist=["main"])
+        except ImportError:
+            continue
+        if hasattr(mod, "main"):
+            commands[name] = (mod.main, help_text)
+    return commands
+
+
+def main(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {**COMMANDS, **_optional_commands()}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: amm-trl {" + ",".join(commands) + "} [args]\n")
+        for name, (_, help_text) in commands.items():
+            print(f"  {name:<9} {help_text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\namm-trl: unknown command {argv[0]!r}", file=sys.stderr)
+            sys.exit(2)
+        return
+    command, _ = commands[argv[0]]
+    command(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

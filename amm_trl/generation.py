@@ -1,0 +1,75 @@
+"""Batched text generation for `amm-trl generate` (teacher completions) and `amm-trl eval`: vLLM when asked and
+installed, else transformers `generate` with left padding."""
+
+import os
+
+import torch
+from tqdm.auto import tqdm
+from trl.data_utils import is_conversational
+
+
+def render_prompts(tokenizer, prompts: list) -> list[list[int]]:
+    """Token ids of each prompt as the trainer renders it (chat template with generation prompt, or plain text)."""
+    ids = []
+    for prompt in prompts:
+        if is_conversational({"prompt": prompt}):
+            encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            ids.append(list(encoded["input_ids"] if not isinstance(encoded, list) else encoded))
+        else:
+            ids.append(tokenizer(prompt)["input_ids"])
+    return ids
+
+
+def end_token_ids(tokenizer, model_config_eos) -> list[int]:
+    eos = model_config_eos if isinstance(model_config_eos, list) else [model_config_eos] if model_config_eos else []
+    return list(dict.fromkeys([tokenizer.eos_token_id, *eos]))
+
+
+def generate_token_ids(model_path: str, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                       top_p: float = 1.0, batch_size: int = 16, use_vllm: bool = False, dtype: str = "auto",
+                       seed: int = 0, progress: bool = True) -> list[list[int]]:
+    """Completion token ids (cut after the first end token) for each prompt. temperature 0 = greedy."""
+    if use_vllm:
+        return _generate_vllm(model_path, prompt_ids, max_new_tokens, temperature, top_p, seed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ends = end_token_ids(tokenizer, model.generation_config.eos_token_id)
+    torch.manual_seed(seed)
+    # Longest prompts first: less padding per batch. Results are put back in the caller's order.
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    results: list[list[int] | None] = [None] * len(prompt_ids)
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc="generate", disable=not progress):
+        index = order[start:start + batch_size]
+        width = max(len(prompt_ids[i]) for i in index)
+        input_ids = torch.tensor([[pad_id] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in index], device=device)
+        attention = torch.tensor([[0] * (width - len(prompt_ids[i])) + [1] * len(prompt_ids[i]) for i in index],
+                                 device=device)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+            "do_sample": False}
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                 pad_token_id=pad_id, eos_token_id=ends, **sampling)
+        for i, row in zip(index, out[:, width:].tolist()):
+            cut = next((k + 1 for k, t in enumerate(row) if t in ends), len(row))
+            results[i] = row[:cut]
+    return results
+
+
+def _generate_vllm(model_path, prompt_ids, max_new_tokens, temperature, top_p, seed):
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # FlashInfer is optional; vLLM 0.26 imports it
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_path, seed=seed)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def decode_completions(tokenizer, completions: list[list[int]]) -> list[str]:
+    return tokenizer.batch_decode(completions, skip_special_tokens=True)
