@@ -5,10 +5,12 @@ running `fn` on `chunk_size` tokens at a time without autograd in the forward, a
 autograd in the backward (activation checkpointing by hand). `fn` projects hidden states with the weights in
 `params` (student/teacher `lm_head`, Q-head), so peak memory is a few (chunk, vocab) fp32 tensors.
 
-Under DeepSpeed ZeRO-3 the weights in `params` are partitioned and read directly (no module forward fires their
-gather hook), so they are gathered around both passes with TRL's `maybe_gather_lm_head_ctx`, exactly as TRL's own
-chunked JSD kernel does; the loss must run inside the model's forward (`_ForwardRedirection`) so ZeRO-3 reduces
-the gradients returned here.
+Under DeepSpeed ZeRO-3 the weights in `params` are partitioned and read directly, not through their modules'
+forward. Trainable ones (student `lm_head`, Q-heads) must stay gathered until autograd has accumulated their
+gradients, which happens after this Function's backward returns: so the loss runs as the forward of `ChunkedLoss`,
+a parameter-free submodule of the student with those weights registered as DeepSpeed *external parameters* (the
+mechanism DeepSpeed uses for tied embeddings): its pre-forward and pre-backward hooks gather them, its post-backward
+hook releases them. Frozen weights (the teacher's `lm_head`, another engine) are gathered inside the Function.
 """
 
 import contextlib
@@ -65,13 +67,17 @@ class _ChunkedTokenLoss(torch.autograd.Function):
             # Gathered shapes are only known inside the context; accumulate in fp32.
             param_grads = [torch.zeros(p.shape, device=p.device, dtype=torch.float32) if need else None
                            for p, need in zip(params, needs[n_tok:])]
+            # Differentiate w.r.t. detached aliases: under ZeRO-3 the real Parameter's gradient edge still carries
+            # its partitioned shape, so autograd must not reach it from inside this backward; the summed gradients
+            # reach it through this Function's return, like any module's.
+            aliases = [p.detach().requires_grad_(need) for p, need in zip(params, needs[n_tok:])]
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
                 with torch.enable_grad():
                     chunk = [t[start:end].detach().requires_grad_(need) for t, need in zip(token_inputs, needs)]
-                    values, _ = fn(*chunk, *params)
+                    values, _ = fn(*chunk, *aliases)
                     objective = (values.float() * weights[start:end]).sum() * grad_total
-                    wrt = [x for x, need in zip(chunk + list(params), needs) if need]
+                    wrt = [x for x, need in zip(chunk + aliases, needs) if need]
                     grads = iter(torch.autograd.grad(objective, wrt, allow_unused=True))
                 for i, need in enumerate(needs[:n_tok]):
                     if need:
@@ -86,6 +92,33 @@ class _ChunkedTokenLoss(torch.autograd.Function):
             param_grads = [g.to(p.dtype) if g is not None else None for g, p in zip(param_grads, params)]
         token_grads = [g.to(t.dtype) if g is not None else None for g, t in zip(token_grads, token_inputs)]
         return (None, None, None, None, *token_grads, *param_grads)
+
+
+class ChunkedLoss(torch.nn.Module):
+    """`chunked_token_loss` as a module forward, so DeepSpeed ZeRO-3 gathers the trainable weights it reads for the
+    forward and the backward (register them once with `register_trainable_weights`)."""
+
+    def register_trainable_weights(self, params):
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            import deepspeed
+
+            for p in params:
+                if p is not None and hasattr(p, "ds_id"):
+                    deepspeed.zero.register_external_parameter(self, p)
+
+    def forward(self, token_inputs, weights, spec: "LossSpec"):
+        return chunked_token_loss(spec.fn, token_inputs, spec.params, weights, spec.chunk_size)
+
+
+class LossSpec:
+    """The per-token function and the weights it reads. Deliberately not a sequence: DeepSpeed's module hooks
+    rewrap every tensor found in a forward's arguments (tuples/lists/dicts), which would hand `fn` partitioned
+    copies instead of the gathered parameters."""
+
+    def __init__(self, fn, params, chunk_size):
+        self.fn, self.params, self.chunk_size = fn, list(params), chunk_size
 
 
 def _gathered(params):
@@ -107,4 +140,7 @@ def chunked_token_loss(
     cut along dim 0; `params` are passed whole (weights, biases; ZeRO-3 parameters are gathered around each pass).
     """
     weights = weights.detach().float()
-    return _ChunkedTokenLoss.apply(fn, chunk_size, len(token_inputs), weights, *token_inputs, *params)
+    # Gathered around `apply` too: autograd records each parameter's gradient edge here, with the parameter's
+    # current shape; recorded while ZeRO-3 has it partitioned ([0]), the full-shape gradient would be rejected.
+    with _gathered(params):
+        return _ChunkedTokenLoss.apply(fn, chunk_size, len(token_inputs), weights, *token_inputs, *params)

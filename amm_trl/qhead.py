@@ -6,8 +6,6 @@ entry, which makes E_{a~p}[f(s, a)] = <p, f(s, .)> exact for a white-box teacher
 function (see `chunked.py`), which gathers them under ZeRO-3 like TRL gathers `lm_head`.
 """
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,27 +64,35 @@ class QHeads(nn.Module):
 
 
 def build_q_heads(args, student: nn.Module, teacher_hidden_size: int) -> QHeads:
-    """Builds the heads with the student's dtype and device, under `deepspeed.zero.Init` when ZeRO-3 is on.
+    """Builds the heads like the student was built: partitioned under `deepspeed.zero.Init` when the student's own
+    parameters are (ZeRO-3 with `zero3_init_flag`), else as plain modules in the student's dtype and device.
 
-    Under ZeRO-3 a head created outside zero.Init stays in its own dtype and unpartitioned, and DeepSpeed then refuses
-    the mixed dtypes of the engine's parameters; building it in the same context as the student avoids both.
+    A head created outside zero.Init next to a zero.Init student keeps its own dtype, and DeepSpeed's stage-3
+    optimizer then refuses the mixed dtypes. zero.Init takes its dtype from the DeepSpeed config (as transformers'
+    `from_pretrained` does): an explicit `dtype=` is ignored on accelerators without fp16 (DeepSpeed 0.19.8,
+    `Init._set_dtype` operator precedence), so we check the outcome instead.
     """
-    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
-
     text_config = student.config.get_text_config()
     student_hidden = text_config.hidden_size
     features = student_hidden if args.q_head_features == "student" else teacher_hidden_size
     param = next(p for p in student.parameters() if p.is_floating_point())
-    dtype = param.dtype
-    if is_deepspeed_zero3_enabled():
-        import deepspeed
 
-        context = deepspeed.zero.Init(config_dict_or_path=deepspeed_config(), dtype=dtype)
-    else:
-        context = contextlib.nullcontext()
-    with context:
-        heads = QHeads(args.q_head_type, features, text_config.vocab_size, student_hidden, args.q_bound,
-                       args.q_head_shared)
-    if not is_deepspeed_zero3_enabled():
-        heads.to(device=param.device, dtype=dtype)
+    def make():
+        return QHeads(args.q_head_type, features, text_config.vocab_size, student_hidden, args.q_bound,
+                      args.q_head_shared)
+
+    if not hasattr(param, "ds_id"):
+        return make().to(device=param.device, dtype=param.dtype)
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        heads = make()
+    head_dtype = next(heads.parameters()).dtype
+    if head_dtype != param.dtype:
+        raise ValueError(
+            f"The student was loaded partitioned in {param.dtype} but the DeepSpeed config builds parameters in "
+            f"{head_dtype}; ZeRO-3 needs one dtype. Set the student dtype (recipe `dtype:` / "
+            f"`model_init_kwargs.dtype`) to match the bf16/fp16 setting."
+        )
     return heads

@@ -28,7 +28,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, pad
 
 from . import objectives as O
-from .chunked import auto_chunk_size, chunked_token_loss, project
+from .chunked import ChunkedLoss, LossSpec, auto_chunk_size, project
 from .config import AMMConfig
 from .data import check_dataset, completion_token_ids
 from .qhead import HEADS_ATTRIBUTE, build_q_heads
@@ -111,6 +111,7 @@ class AMMTrainer(DistillationTrainer):
                                                       teacher.config.get_text_config().vocab_size)
             self._teacher_hidden_size = teacher.config.get_text_config().hidden_size
             self._teacher_transform = _logit_transform(teacher.config.get_text_config())
+            teacher.requires_grad_(False)  # frozen: no gradient buffers, and no gradient computed for its lm_head
             if self.is_deepspeed_enabled:
                 self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
             else:
@@ -124,6 +125,13 @@ class AMMTrainer(DistillationTrainer):
             heads = build_q_heads(args, self.model, teacher_hidden)
             self.model.add_module(HEADS_ATTRIBUTE, heads)
             self.q_heads = heads
+        # The loss reads the student `lm_head` and the Q-heads directly: a parameter-free submodule whose forward
+        # computes it lets ZeRO-3 gather them around the loss's forward and backward (see `chunked.py`).
+        self.loss_module = ChunkedLoss()
+        self.model.add_module("amm_loss", self.loss_module)
+        head = self.model.get_output_embeddings()
+        self.loss_module.register_trainable_weights(
+            [head.weight, head.bias] + (list(self.q_heads.parameters()) if self.q_heads is not None else []))
         if self.use_vllm:
             self.vllm_generation.__class__ = HeadFreeVLLMGeneration
         self._pending_metrics = {}
@@ -313,7 +321,7 @@ class AMMTrainer(DistillationTrainer):
         token_inputs = [h_s[valid], completion_ids[valid]]
         if h_t is not None:
             token_inputs.append(h_t[valid])
-        loss, metrics = chunked_token_loss(fn, token_inputs, params, weights, self.chunk_size)
+        loss, metrics = self.loss_module(token_inputs, weights, LossSpec(fn, params, self.chunk_size))
         for j, name in enumerate(names):
             self._add_metric(f"{name}/{kind}", metrics[:, j].sum(), metrics.size(0))
         if args.objective == "amm" and kind == "on" and args.amm_policy_gradient:
@@ -395,8 +403,8 @@ class AMMTrainer(DistillationTrainer):
             values = O.token_log_probs(z_s, y) * a
             return values, values.detach()[:, None]
 
-        surrogate, _ = chunked_token_loss(fn, [h_s[valid], completion_ids[valid], advantages], params, weights,
-                                          self.chunk_size)
+        surrogate, _ = self.loss_module([h_s[valid], completion_ids[valid], advantages], weights,
+                                        LossSpec(fn, params, self.chunk_size))
         self._add_metric("pg/advantage_abs", advantages.abs().sum(), advantages.numel())
         return surrogate - surrogate.detach()
 
