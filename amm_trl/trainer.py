@@ -97,7 +97,8 @@ class AMMTrainer(DistillationTrainer):
         needs_teacher = args.uses_teacher_logits or args.off_policy_source == "teacher" and args.uses_off_policy
         if needs_teacher and teacher_model is None:
             raise ValueError(f"teacher_model is required for objective {args.objective!r}.")
-        teacher = self._load_teacher(teacher_model, args) if teacher_model is not None else None
+        # Objectives that never read the teacher (sft, seqkd on cached teacher data) do not load it.
+        teacher = self._load_teacher(teacher_model, args) if teacher_model is not None and needs_teacher else None
 
         super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,

@@ -1,0 +1,294 @@
+"""AMMTrainer on CPU, one process: the AMM loss against a naive full-logits reference, the two players' gradients,
+training, checkpoints, data kinds and the errors bad inputs get."""
+
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from amm_trl import AMMConfig, AMMTrainer
+from amm_trl.trainer import HEADS_FILE, HeadFreeVLLMGeneration
+
+
+def make_config(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, max_steps=2,
+                  per_device_train_batch_size=4, gradient_accumulation_steps=1, max_completion_length=6,
+                  report_to="none", logging_steps=1, save_strategy="no", learning_rate=1e-3,
+                  gradient_checkpointing=False, model_init_kwargs={"dtype": "float32"},
+                  teacher_model_init_kwargs={"dtype": "float32"}, seed=3)
+    kwargs.update(overrides)
+    return AMMConfig(**kwargs)
+
+
+def make_trainer(tiny, dataset, tmp_path, student=None, teacher=None, **overrides):
+    return AMMTrainer(model=student or tiny["student"], teacher_model=teacher or tiny["teacher"],
+                      args=make_config(tmp_path, **overrides), train_dataset=dataset)
+
+
+def fixed_batch(trainer, dataset, n=4):
+    trainer.model.train()
+    return trainer._generate_and_score_completions([dataset[i] for i in range(n)])
+
+
+def reference_amm_loss(trainer, inputs):
+    """AMM loss written naively: full logits, plain autograd, explicit stop-gradients. Returns (D, student-side
+    surrogate, head-side surrogate) whose gradients are what each player should receive."""
+    model, teacher = trainer.model, trainer.teacher_model
+    total_d, student_side, head_side = 0.0, 0.0, 0.0
+    for kind, ids_key, mask_key, coef in (("on", "completion_ids", "completion_mask", 1 - trainer.args.amm_beta),
+                                          ("off", "off_completion_ids", "off_completion_mask", trainer.args.amm_beta)):
+        c_ids, c_mask = inputs[ids_key], inputs[mask_key]
+        ids = torch.cat([inputs["prompt_ids"], c_ids], 1)
+        att = torch.cat([inputs["prompt_mask"], c_mask], 1)
+        width = c_ids.size(1)
+        h_s = model.model(input_ids=ids, attention_mask=att).last_hidden_state[:, -width - 1:-1]
+        with torch.no_grad():
+            h_t = teacher.model(input_ids=ids, attention_mask=att).last_hidden_state[:, -width - 1:-1]
+        valid = c_mask.bool()
+        p_s = torch.softmax(model.lm_head(h_s[valid]).float(), -1)
+        p_t = torch.softmax(teacher.lm_head(h_t[valid]).float(), -1)
+        head = trainer.q_heads.head(kind)
+        q = trainer.args.q_bound * torch.tanh(torch.nn.functional.linear(h_s[valid].detach(), head.weight, head.bias))
+        n = valid.sum()
+        total_d = total_d + coef * ((p_t - p_s) * q).sum() / n
+        student_side = student_side + coef * ((p_t - p_s) * q.detach()).sum() / n
+        head_side = head_side - coef * ((p_t - p_s).detach() * q).sum() / n
+    return total_d, student_side, head_side
+
+
+def grads(module_params):
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in module_params]
+
+
+@pytest.fixture
+def amm(tiny, tiny_dataset, tmp_path):
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path)
+    torch.manual_seed(0)
+    for p in trainer.q_heads.parameters():  # a non-trivial adversary (zero-init would make D = 0)
+        p.data.normal_(0, 0.5)
+    return trainer
+
+
+def test_loss_and_both_players_gradients_match_naive_reference(amm, tiny_dataset):
+    inputs = fixed_batch(amm, tiny_dataset)
+    student_params = [p for n, p in amm.model.named_parameters() if "amm_q_heads" not in n]
+    head_params = list(amm.q_heads.parameters())
+
+    amm.model.zero_grad()
+    loss = amm.compute_loss(amm.model, inputs)
+    loss.backward()
+    got_student, got_head = grads(student_params), grads(head_params)
+
+    amm.model.zero_grad()
+    d, student_side, head_side = reference_amm_loss(amm, inputs)
+    assert loss.item() == pytest.approx(d.item(), rel=1e-5, abs=1e-7)  # logged loss = the distance D
+    (student_side + head_side).backward()
+    want_student, want_head = grads(student_params), grads(head_params)
+    for got, want in zip(got_student + got_head, want_student + want_head):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # Both players really get a gradient.
+    assert any(g.abs().sum() > 0 for g in got_head) and any(g.abs().sum() > 0 for g in got_student)
+
+
+def test_head_step_increases_and_student_step_decreases_the_distance(amm, tiny_dataset):
+    inputs = fixed_batch(amm, tiny_dataset)
+    student_params = [p for n, p in amm.model.named_parameters() if "amm_q_heads" not in n]
+    head_params = list(amm.q_heads.parameters())
+
+    def distance():
+        with torch.no_grad():
+            return amm.compute_loss(amm.model, inputs).item()
+
+    amm.model.zero_grad()
+    amm.compute_loss(amm.model, inputs).backward()
+    before = distance()
+    saved = [p.detach().clone() for p in amm.model.parameters()]
+    with torch.no_grad():  # gradient DEscent on the trainer's loss is the head's ascent on D
+        for p in head_params:
+            p -= 0.05 * p.grad
+    after_head = distance()
+    with torch.no_grad():
+        for p, s in zip(amm.model.parameters(), saved):
+            p.copy_(s)
+        for p in student_params:
+            p -= 0.05 * p.grad
+    after_student = distance()
+    assert after_head > before > after_student
+
+
+def test_distance_is_zero_when_student_equals_teacher(tiny, tiny_dataset, tmp_path):
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, student=tiny["teacher"], teacher=tiny["teacher"],
+                           max_steps=1)
+    for p in trainer.q_heads.parameters():
+        p.data.normal_(0, 1.0)
+    inputs = fixed_batch(trainer, tiny_dataset)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, inputs)
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert abs(loss.item()) < 1e-6
+    for kind in ("on", "off"):
+        assert abs(metrics[f"amm_gap/{kind}"]) < 1e-6 and metrics[f"tv/{kind}"] < 1e-6
+        assert metrics[f"q_abs/{kind}"] > 0.1  # the head is not trivially zero
+
+
+def test_training_changes_student_and_heads_and_logs_metrics(tiny, tiny_dataset, tmp_path):
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, max_steps=3)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
+    assert {n for n in before if "amm_q_heads" in n} <= changed
+    assert "lm_head.weight" in changed and "model.layers.0.self_attn.q_proj.weight" in changed
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
+    for key in ("amm_gap/on", "amm_gap/off", "tv/on", "tv/off", "logp_student/on", "logp_teacher/on",
+                "q_abs/on", "rollout/tokens_per_second", "completions/mean_length", "step_time"):
+        assert key in logs[-1], key
+    # Heads have their own optimizer group at learning_rate * q_head_lr_multiplier.
+    groups = trainer.optimizer.param_groups
+    head_ids = {id(p) for p in trainer.q_heads.parameters()}
+    head_group = [g for g in groups if {id(p) for p in g["params"]} == head_ids]
+    assert len(head_group) == 1 and head_group[0]["weight_decay"] == 0.0
+    assert head_group[0]["initial_lr"] == pytest.approx(1e-3 * 10.0)
+
+
+def test_rkl_objective_reproduces_trl_reverse_kl_loss(tiny, tiny_dataset, tmp_path):
+    """Same seed, same rollouts: our chunked reverse KL equals TRL's own JSD kernel at beta=1."""
+    losses = {}
+    for objective in ("rkl", "jsd"):
+        trainer = make_trainer(tiny, tiny_dataset, tmp_path / objective, objective=objective, beta=1.0, max_steps=3)
+        trainer.train()
+        losses[objective] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses["rkl"] == pytest.approx(losses["jsd"], rel=1e-4)
+
+
+def test_checkpoint_keeps_heads_out_of_the_student_and_resume_restores_them(tiny, tiny_dataset, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer.train()
+    checkpoint = os.path.join(trainer.args.output_dir, "checkpoint-2")
+    heads = load_file(os.path.join(checkpoint, HEADS_FILE))
+    assert set(heads) == {"on.weight", "on.bias", "off.weight", "off.bias"}
+    assert not any("amm_q_heads" in k for k in load_file(os.path.join(checkpoint, "model.safetensors")))
+    AutoModelForCausalLM.from_pretrained(checkpoint)  # a plain student
+
+    resumed = make_trainer(tiny, tiny_dataset, tmp_path, max_steps=2, save_strategy="no")
+    resumed._load_from_checkpoint(checkpoint)
+    for name, p in resumed.q_heads.state_dict().items():
+        torch.testing.assert_close(p, heads[name], rtol=0, atol=0)
+
+
+def test_vllm_sync_stream_has_no_head(tiny, tiny_dataset, tmp_path):
+    from trl.distributed import DistributedBackend
+
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path)
+    generator = object.__new__(HeadFreeVLLMGeneration)
+    generator.model, generator._dist = trainer.model, DistributedBackend(trainer.accelerator)
+    names = [n for n, _ in generator._iter_named_params()]
+    expected = [n for n, _ in trainer.model.named_parameters() if not n.startswith("amm_q_heads.")]
+    assert names == expected and len(names) > 0
+
+
+def test_policy_gradient_term_changes_gradient_not_loss(tiny, tiny_dataset, tmp_path):
+    plain = make_trainer(tiny, tiny_dataset, tmp_path / "a", amm_beta=0.0)
+    pg = make_trainer(tiny, tiny_dataset, tmp_path / "b", amm_beta=0.0, amm_policy_gradient=True, pg_clip=5.0)
+    pg.model.load_state_dict(plain.model.state_dict())
+    for p in list(plain.q_heads.parameters()):
+        p.data.normal_(0, 0.5)
+    pg.q_heads.load_state_dict(plain.q_heads.state_dict())
+    inputs = fixed_batch(plain, tiny_dataset)
+    results = []
+    for trainer in (plain, pg):
+        trainer.model.train()
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        results.append((loss.item(), trainer.model.lm_head.weight.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert not torch.allclose(results[0][1], results[1][1])
+    assert "pg/advantage_abs/on" not in pg._metrics["train"] and "pg/advantage_abs" in pg._metrics["train"]
+
+
+@pytest.mark.parametrize("objective", ["sft", "fkl", "rkl", "tvd", "gkd", "imitkd", "seqkd"])
+def test_every_objective_trains_and_uses_its_data(tiny, tiny_dataset, tmp_path, objective):
+    overrides = {"objective": objective, "lmbda": 0.5}
+    if objective == "seqkd":
+        overrides["off_policy_source"] = "teacher"
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, max_steps=3, **overrides)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
+    kinds = {k.split("/")[-1] for h in logs for k in h if k.startswith(("ce/", "fkl/", "rkl/", "tvd/", "gkd/",
+                                                                         "imitkd/"))}
+    expected = {"sft": {"off"}, "seqkd": {"off"}, "fkl": {"off"}, "rkl": {"on"}, "tvd": {"on"}}
+    if objective in expected:
+        assert kinds == expected[objective]
+    if objective == "sft":
+        assert trainer.teacher_model is None
+
+
+def test_lmbda_schedule_is_seeded_by_step(tiny, tiny_dataset, tmp_path):
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="gkd", lmbda=0.5)
+    draws = []
+    for step in range(40):
+        trainer.state.global_step = step
+        draws.append(trainer._batch_kinds())
+    trainer.state.global_step = 7
+    assert trainer._batch_kinds() == draws[7]  # same draw after a resume at step 7
+    on = sum(kinds[0] for kinds in draws)
+    assert all(kinds[0] != kinds[1] for kinds in draws) and 10 < on < 30
+
+
+def test_padded_teacher_vocab_shares_tokenizer_rows(tmp_path, tiny_dataset):
+    from tests.tiny import build_tiny_assets
+
+    assets = build_tiny_assets(str(tmp_path / "padded"), teacher_vocab_pad=16)  # 64 vs 80, like 151936 vs 152064
+    trainer = make_trainer(assets, tiny_dataset, tmp_path, max_steps=1)
+    assert trainer.vocab_size == 64 and trainer.q_heads.on.weight.shape[0] == 64
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_vocab_mismatch_is_refused(tmp_path, tiny_dataset, tiny):
+    from tests.tiny import build_model
+
+    teacher = build_model(48, hidden=16, layers=1)  # fewer rows than the 64-token tokenizer: not a shared vocab
+    with pytest.raises(ValueError, match="vocab_size 64 and the teacher 48"):
+        AMMTrainer(model=tiny["student"], teacher_model=teacher, args=make_config(tmp_path, teacher_model_init_kwargs=None),
+                   train_dataset=tiny_dataset)
+
+
+def test_dataset_without_prompt_column_is_refused(tiny, tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="no 'prompt' column"):
+        make_trainer(tiny, tiny_dataset.rename_column("prompt", "instruction"), tmp_path)
+    with pytest.raises(ValueError, match="no 'answer' column.*off_policy_column"):
+        make_trainer(tiny, tiny_dataset, tmp_path, off_policy_column="answer")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("amm_beta", 1.5, r"AMMConfig.amm_beta=1.5 is invalid: it must lie in \[0, 1\]"),
+    ("lmbda", -0.1, r"AMMConfig.lmbda=-0.1 is invalid"),
+    ("q_bound", 0.0, r"AMMConfig.q_bound=0.0 is invalid: the Q-head bound c must be > 0"),
+    ("objective", "ppo", r"AMMConfig.objective='ppo' is invalid: choose one of"),
+    ("q_head_type", "mlp", r"AMMConfig.q_head_type='mlp' is invalid"),
+    ("beta", 2.0, r"beta must be in \[0.0, 1.0\]"),
+])
+def test_invalid_fields_are_named(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **{field: value})
+
+
+def test_off_policy_objective_without_source_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="off_policy_source='none' is invalid.*use 'dataset' or 'teacher'"):
+        make_config(tmp_path, objective="fkl", off_policy_source="none")
+
+
+def test_low_rank_head_and_teacher_features_train(tiny, tiny_dataset, tmp_path):
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, q_head_type="low_rank", q_head_features="teacher",
+                           q_head_shared=True, max_steps=2)
+    assert trainer.q_heads.on is trainer.q_heads.off
+    assert trainer.q_heads.on.fc1.in_features == 48  # teacher hidden size
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
