@@ -1,0 +1,98 @@
+"""`amm-trl` CLI: recipes, YAML parsing rules, generate and train end to end (single process, CPU)."""
+
+import json
+import os
+from importlib import resources
+
+import pytest
+
+from amm_trl.cli import main, parse_train_args, recipe_path
+from amm_trl.config import AMMConfig
+
+RECIPES = sorted(p.name for p in (resources.files("amm_trl") / "recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_parses_into_config_objects(name):
+    from trl import ModelConfig
+
+    from amm_trl.cli import TrainScriptArguments
+
+    script, args, model = parse_train_args(["--config", recipe_path(name), "--output_dir", "/tmp/amm-recipe-test"])
+    assert isinstance(script, TrainScriptArguments) and isinstance(args, AMMConfig) and isinstance(model, ModelConfig)
+    assert model.model_name_or_path and script.dataset_name
+    assert args.objective in name or name.startswith(("quickstart.", "openllama")) or args.objective == "amm"
+
+
+def test_recipes_folder_is_the_packaged_one():
+    assert os.path.realpath("recipes") == os.path.realpath(str(resources.files("amm_trl") / "recipes"))
+    assert "quickstart.yaml" in RECIPES
+
+
+def tiny_recipe(tmp_path, tiny, **extra):
+    lines = {
+        "model_name_or_path": tiny["student"], "teacher_model_name_or_path": tiny["teacher"],
+        "dataset_name": tiny["data"], "dtype": "float32", "output_dir": str(tmp_path / "out"), "max_steps": 2,
+        "per_device_train_batch_size": 4, "max_completion_length": 6, "use_cpu": True, "bf16": False,
+        "gradient_checkpointing": False, "report_to": "none", "save_strategy": "no", "logging_steps": 1,
+        "teacher_model_init_kwargs": {"dtype": "float32"}, **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in lines.items()) + "\n")
+    return str(path)
+
+
+def test_unknown_yaml_key_is_rejected_by_name(tmp_path, tiny):
+    path = tiny_recipe(tmp_path, tiny, q_head_lr_multiplyer=10)
+    with pytest.raises(ValueError, match="Unknown arguments from config file.*q_head_lr_multiplyer"):
+        parse_train_args(["--config", path])
+
+
+def test_command_line_overrides_yaml(tmp_path, tiny):
+    path = tiny_recipe(tmp_path, tiny, amm_beta=0.25)
+    _, args, _ = parse_train_args(["--config", path, "--amm_beta", "0.75", "--objective", "fkl"])
+    assert args.amm_beta == 0.75 and args.objective == "fkl" and args.max_steps == 2
+
+
+def test_missing_recipe_names_the_packaged_ones():
+    with pytest.raises(FileNotFoundError, match="no packaged recipe of that name.*quickstart.yaml"):
+        recipe_path("nope")
+
+
+def test_train_writes_a_plain_student_and_the_heads(tmp_path, tiny):
+    from transformers import AutoModelForCausalLM
+
+    main(["train", "--config", tiny_recipe(tmp_path, tiny)])
+    out = tmp_path / "out"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+    assert (out / "amm_q_heads.safetensors").exists()
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(tmp_path, tiny):
+    main(["train", "--config", tiny_recipe(tmp_path, tiny, objective="fkl"), "--resume_from_checkpoint", "latest"])
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_generate_writes_completions_for_every_prompt(tmp_path, tiny):
+    out = tmp_path / "gen" / "teacher.jsonl"
+    main(["generate", "--model_name_or_path", tiny["teacher"], "--dataset_name", tiny["data"],
+          "--output_file", str(out), "--max_new_tokens", "5", "--max_samples", "6", "--batch_size", "4",
+          "--temperature", "0"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(isinstance(r["completion"], str) and "prompt" in r for r in rows)
+    assert not (tmp_path / "gen" / "teacher.jsonl.tmp").exists()
+
+
+def test_generated_teacher_data_feeds_seqkd(tmp_path, tiny):
+    data = tmp_path / "teacher.jsonl"
+    main(["generate", "--model_name_or_path", tiny["teacher"], "--dataset_name", tiny["data"],
+          "--output_file", str(data), "--max_new_tokens", "5", "--temperature", "0"])
+    main(["train", "--config", tiny_recipe(tmp_path, tiny, objective="seqkd", dataset_name=str(data))])
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_unknown_command_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fly"])
+    assert exit_info.value.code == 2 and "unknown command 'fly'" in capsys.readouterr().err
