@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None, prog: str = "amm-trl slurm") -> int:
         return 0
     text, info = _render_from_args(args)
     output_dir = info["output_dir"]
-    if output_dir:  # slurm does not create the --output folder; a missing one makes the job fail silently
+    if output_dir and (args.action == "submit" or args.output):
+        # slurm does not create the --output folder; a missing one makes the job fail without a word
         os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
     if args.action == "render":
         if args.output:
