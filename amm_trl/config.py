@@ -17,7 +17,19 @@ OBJECTIVES = {
     "tvd": "Total variation 0.5*sum|p_T - p_S| on student rollouts.",
     "gkd": "Generalized JSD(`beta`) on student rollouts with probability `lmbda`, else on off-policy completions.",
     "imitkd": "Forward KL on student rollouts with probability `lmbda`, else on off-policy completions.",
+    "distillm": "DistiLLM (Ko et al., ICML 2024): skew KL (`distillm_loss: skl`) or skew reverse KL (`srkl`) with "
+    "`skew_alpha`, on student rollouts with probability threshold * (1 - step/max_steps), otherwise on a replay "
+    "buffer of past rollouts (`replay_buffer_size`) or the off-policy completions; the threshold rises by 0.1 "
+    "when the eval loss stops improving (fixed without an eval set).",
+    "minillm": "MiniLLM (Gu et al., ICLR 2024): sequence-level reverse KL by policy gradient on student rollouts "
+    "(discounted, length-normalized, whitened returns of log p_T - log p_S; PPO clipping `ppo_clip`, `ppo_epochs` "
+    "optimizer steps per rollout batch) + the exact single-step reverse KL + a (1 - `minillm_kd_ratio`) CE + "
+    "`minillm_kd_ratio` forward-KL loss on the off-policy completions. No teacher-mixed sampling.",
+    "pbkd": "Reward-guided KD (our reading of Jia, arXiv 2505.18952): a token-level reward head q (the AMM Q-head) "
+    "fit by a Bradley-Terry loss (weight `pbkd_bt_weight`) on pairs off-policy completion > student rollout, "
+    "and pushed to maximize the moment gap <p_T - p_S, q>; the student minimizes that gap (maximizes E_{p_S} q).",
 }
+DISTILLM_LOSSES = ("skl", "srkl")
 OFF_POLICY_SOURCES = ("dataset", "teacher", "none")
 Q_HEAD_TYPES = ("linear", "low_rank")
 Q_HEAD_FEATURES = ("student", "teacher")
@@ -70,6 +82,53 @@ class AMMConfig(DistillationConfig):
         pg_clip (`float` or `None`, *optional*, defaults to `None`):
             Clip A_t to [-pg_clip, pg_clip].
 
+        > DistiLLM (`objective: distillm`)
+
+        distillm_loss (`str`, *optional*, defaults to `"skl"`):
+            `"skl"`: skew forward KL(p_T || a p_T + (1-a) p_S); `"srkl"`: skew reverse KL(p_S || (1-a) p_T + a p_S).
+        skew_alpha (`float`, *optional*, defaults to `0.1`):
+            Skew a of the mixture, in [0, 1]; `0` gives the plain forward / reverse KL.
+        distillm_init_threshold (`float`, *optional*, defaults to `0.0`):
+            Initial threshold of the adaptive off-policy schedule (DistiLLM's `--init-threshold`). Each optimizer step
+            trains on fresh student rollouts with probability threshold * (1 - global_step / max_steps), drawn from a
+            generator seeded by the step (same on every rank and after a resume); otherwise on `per_device` items
+            sampled from the replay buffer when it holds at least one generation batch, else on the off-policy
+            completions.
+        distillm_loss_eps (`float`, *optional*, defaults to `0.1`):
+            After each evaluation (the Trainer's eval loop on `eval_dataset`, loss = the skew divergence on the eval
+            off-policy completions), the threshold rises by `distillm_threshold_step` (capped at 1) when the eval
+            loss improved by less than `distillm_loss_eps` relative to the previous evaluation. Without an eval set
+            (or `eval_strategy: no`) the threshold stays at `distillm_init_threshold`.
+        distillm_threshold_step (`float`, *optional*, defaults to `0.1`):
+            Increment of the threshold.
+        replay_buffer_size (`int`, *optional*, defaults to `1000`):
+            Capacity (per process) of the replay buffer of past student rollouts (prompt + completion token ids),
+            first in first out. The buffer and the threshold are saved in each checkpoint
+            (`distillm_state_rank<i>.pt`) and restored on resume.
+
+        > MiniLLM (`objective: minillm`)
+
+        minillm_gamma (`float`, *optional*, defaults to `0.95`):
+            Discount of the returns G_t = sum_{k>t} gamma^(k-t-1) r_k, r_k = log p_T(y_k) - log p_S(y_k) (computed
+            once, at rollout time, with the rollout-time student), divided by the number of future tokens, whitened.
+        ppo_clip (`float`, *optional*, defaults to `0.2`):
+            PPO ratio clipping epsilon; the ratio is against the student log-probs stored at rollout time.
+        ppo_epochs (`int`, *optional*, defaults to `1`):
+            Optimizer steps per rollout batch: the buffered rollout batch (with its advantages and old log-probs) is
+            replayed `ppo_epochs` times, one optimizer step each, before new rollouts are generated. The prompts
+            the dataloader yields during the replayed steps are skipped.
+        minillm_kd_ratio (`float`, *optional*, defaults to `0.5`):
+            Loss on the off-policy completions: (1 - ratio) * cross-entropy + ratio * forward KL (MiniLLM's mixed
+            LM / KD loss); added with weight 1 to the policy-gradient and single-step terms.
+
+        > Reward-guided KD (`objective: pbkd`)
+
+        pbkd_bt_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the Bradley-Terry loss of the reward head (the confidence set as a penalty): the head minimizes
+            pbkd_bt_weight * BT(J(off-policy completion) > J(rollout)) - gap, with J(y) = sum_t q(s_t)[y_t]. The head
+            is the AMM Q-head (one head shared by both data kinds, `q_head_type`, `q_bound`, `q_head_features`,
+            `q_head_lr_multiplier` apply) and `amm_beta` weighs the off-policy vs on-policy gap.
+
         > Off-policy data
 
         off_policy_source (`str`, *optional*, defaults to `"dataset"`):
@@ -105,6 +164,17 @@ class AMMConfig(DistillationConfig):
         default="dataset", metadata={"help": "Off-policy completions source.", "choices": list(OFF_POLICY_SOURCES)}
     )
     off_policy_column: str = field(default="completion", metadata={"help": "Dataset column of off-policy completions."})
+    distillm_loss: str = field(default="skl", metadata={"help": "DistiLLM divergence.", "choices": list(DISTILLM_LOSSES)})
+    skew_alpha: float = field(default=0.1, metadata={"help": "Skew alpha of the DistiLLM divergences."})
+    distillm_init_threshold: float = field(default=0.0, metadata={"help": "Initial student-data threshold."})
+    distillm_loss_eps: float = field(default=0.1, metadata={"help": "Relative eval-loss improvement threshold."})
+    distillm_threshold_step: float = field(default=0.1, metadata={"help": "Threshold increment on a plateau."})
+    replay_buffer_size: int = field(default=1000, metadata={"help": "Replay buffer capacity (per process)."})
+    minillm_gamma: float = field(default=0.95, metadata={"help": "MiniLLM return discount."})
+    ppo_clip: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
+    ppo_epochs: int = field(default=1, metadata={"help": "Optimizer steps per MiniLLM rollout batch."})
+    minillm_kd_ratio: float = field(default=0.5, metadata={"help": "KD share of MiniLLM's reference-data loss."})
+    pbkd_bt_weight: float = field(default=1.0, metadata={"help": "PbKD Bradley-Terry penalty weight."})
     loss_chunk_tokens: int | None = field(default=None, metadata={"help": "Tokens per vocabulary projection chunk."})
 
     def __post_init__(self):
@@ -117,7 +187,8 @@ class AMMConfig(DistillationConfig):
 
         if self.objective not in OBJECTIVES:
             fail("objective", self.objective, f"choose one of {sorted(OBJECTIVES)}.")
-        for name in ("lmbda", "amm_beta"):
+        for name in ("lmbda", "amm_beta", "skew_alpha", "distillm_init_threshold", "minillm_gamma",
+                     "minillm_kd_ratio"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 fail(name, value, "it must lie in [0, 1].")
@@ -133,6 +204,18 @@ class AMMConfig(DistillationConfig):
             fail("pg_baseline", self.pg_baseline, f"choose one of {list(PG_BASELINES)}.")
         if self.pg_clip is not None and not self.pg_clip > 0:
             fail("pg_clip", self.pg_clip, "use a positive bound or null.")
+        if self.distillm_loss not in DISTILLM_LOSSES:
+            fail("distillm_loss", self.distillm_loss, f"choose one of {list(DISTILLM_LOSSES)}.")
+        for name in ("distillm_loss_eps", "distillm_threshold_step", "ppo_clip"):
+            if not getattr(self, name) > 0:
+                fail(name, getattr(self, name), "it must be > 0.")
+        for name in ("replay_buffer_size", "ppo_epochs"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                fail(name, getattr(self, name), "use an integer >= 1.")
+        if not self.pbkd_bt_weight >= 0:
+            fail("pbkd_bt_weight", self.pbkd_bt_weight, "it must be >= 0.")
+        if self.ppo_epochs > 1 and self.objective != "minillm":
+            fail("ppo_epochs", self.ppo_epochs, f"it applies to objective 'minillm' only, not {self.objective!r}.")
         if self.off_policy_source not in OFF_POLICY_SOURCES:
             fail("off_policy_source", self.off_policy_source, f"choose one of {list(OFF_POLICY_SOURCES)}.")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
@@ -143,7 +226,7 @@ class AMMConfig(DistillationConfig):
         if self.amm_policy_gradient and self.objective != "amm":
             fail("amm_policy_gradient", True, f"it applies to objective 'amm' only, not {self.objective!r}.")
         ds = self.deepspeed if isinstance(self.deepspeed, dict) else None
-        if ds is not None and "optimizer" in ds and self.objective == "amm":
+        if ds is not None and "optimizer" in ds and self.objective in ("amm", "pbkd"):
             fail("deepspeed", "{'optimizer': ...}", "remove the 'optimizer' section: the Q-heads need their own "
                  "parameter group, which only the Trainer-built optimizer gives (DeepSpeed still wraps it).")
 
@@ -154,7 +237,9 @@ class AMMConfig(DistillationConfig):
             return self.amm_beta < 1.0
         if self.objective in ("gkd", "imitkd"):
             return self.lmbda > 0.0
-        return self.objective in ("jsd", "rkl", "tvd")
+        if self.objective == "distillm":
+            return self.distillm_init_threshold > 0.0 or self.eval_strategy != "no"
+        return self.objective in ("jsd", "rkl", "tvd", "minillm", "pbkd")
 
     @property
     def uses_off_policy(self) -> bool:
@@ -162,7 +247,7 @@ class AMMConfig(DistillationConfig):
             return self.amm_beta > 0.0
         if self.objective in ("gkd", "imitkd"):
             return self.lmbda < 1.0
-        return self.objective in ("sft", "seqkd", "fkl")
+        return self.objective in ("sft", "seqkd", "fkl", "distillm", "minillm", "pbkd")
 
     @property
     def uses_teacher_logits(self) -> bool:

@@ -11,12 +11,17 @@ colocate or server rollouts and weight sync, ZeRO-3 teacher preparation, PEFT ha
   per-token loss, chunked over the vocabulary (`chunked.py`, losses in `objectives.py`).
 - `create_optimizer`: the Q-heads get their own parameter group (`q_head_lr_multiplier`).
 - `_save` / `_load_from_checkpoint`: Q-heads go to `amm_q_heads.safetensors`, so the saved student is a plain model.
+- `_prepare_inputs`: MiniLLM replays the buffered rollout batch for `ppo_epochs` optimizer steps.
+- `evaluate`, `_save_checkpoint`, `_load_optimizer_and_scheduler`: DistiLLM's adaptive threshold follows the eval loss;
+  its replay buffer and threshold are saved per rank in each checkpoint and restored on resume.
 """
 
+import copy
 import os
 import random
 import resource
 import time
+import warnings
 
 import torch
 from accelerate.utils import is_peft_model
@@ -25,6 +30,7 @@ from trl import DistillationTrainer
 from trl.generation.vllm_generation import VLLMGeneration
 from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import create_model_from_path, pad
 
 from . import objectives as O
@@ -32,8 +38,10 @@ from .chunked import ChunkedLoss, LossSpec, auto_chunk_size, project
 from .config import AMMConfig
 from .data import check_dataset, completion_token_ids
 from .qhead import HEADS_ATTRIBUTE, build_q_heads
+from .replay import DistillmState, student_probability
 
 HEADS_FILE = "amm_q_heads.safetensors"
+DISTILLM_STATE_FILE = "distillm_state_rank{rank}.pt"
 
 
 class HeadFreeVLLMGeneration(VLLMGeneration):
@@ -121,9 +129,13 @@ class AMMTrainer(DistillationTrainer):
         self.chunk_size = auto_chunk_size(self.vocab_size, args.loss_chunk_tokens)
 
         self.q_heads = None
-        if args.objective == "amm":
+        if args.objective in ("amm", "pbkd"):
             teacher_hidden = getattr(self, "_teacher_hidden_size", student_config.hidden_size)
-            heads = build_q_heads(args, self.model, teacher_hidden)
+            head_args = args
+            if args.objective == "pbkd":  # one reward head scores both data kinds
+                head_args = copy.copy(args)
+                head_args.q_head_shared = True
+            heads = build_q_heads(head_args, self.model, teacher_hidden)
             self.model.add_module(HEADS_ATTRIBUTE, heads)
             self.q_heads = heads
         # The loss reads the student `lm_head` and the Q-heads directly: a parameter-free submodule whose forward
@@ -136,6 +148,9 @@ class AMMTrainer(DistillationTrainer):
         if self.use_vllm:
             self.vllm_generation.__class__ = HeadFreeVLLMGeneration
         self._pending_metrics = {}
+        # DistiLLM's adaptive schedule: replay buffer of past rollouts and threshold (per process, checkpointed).
+        self.distillm = DistillmState(args.replay_buffer_size, args.distillm_init_threshold) \
+            if args.objective == "distillm" else None
 
     # ----------------------------------------------------------------------------------------------- setup
     @staticmethod
@@ -199,18 +214,50 @@ class AMMTrainer(DistillationTrainer):
             # Same draw on every rank and after a resume: seeded by the step, no RNG state to checkpoint.
             on = random.Random(args.seed * 1_000_003 + self.state.global_step).random() < args.lmbda
             return on, not on
+        if args.objective == "distillm":
+            if not self.model.training:  # the eval loss (which drives the threshold) is on the off-policy data
+                return False, True
+            on = random.Random(args.seed * 1_000_003 + self.state.global_step).random() < self._student_probability()
+            return on, not on
         return args.uses_rollouts, args.uses_off_policy
+
+    def _student_probability(self) -> float:
+        total = self.state.max_steps or self.args.max_steps  # state.max_steps is set once training starts
+        return student_probability(self.distillm.threshold, self.state.global_step, total)
 
     def _generate_and_score_completions(self, inputs):
         on, off = self._batch_kinds()
         device = self.accelerator.device
         mode = "train" if self.model.training else "eval"
+        replay = None
+        if self.distillm is not None and mode == "train":
+            # Not on student rollouts this step: past rollouts from the replay buffer once it holds a batch (the
+            # buffers of all ranks grow alike, so all ranks take the same branch), else the off-policy completions.
+            if not on and len(self.distillm.buffer) >= len(inputs):
+                rng = random.Random(f"{self.args.seed}-{self.state.global_step}-{self.accelerator.process_index}")
+                replay = self.distillm.buffer.sample(len(inputs), rng)
+            m = self._metrics[mode]
+            m["distillm/threshold"].append(self.distillm.threshold)
+            m["distillm/student_probability"].append(self._student_probability())
+            m["distillm/replay_size"].append(float(len(self.distillm.buffer)))
+            m["distillm/source"].append(2.0 if on else 1.0 if replay is not None else 0.0)  # 2 student 1 replay 0 ref
         if on:
             start = time.perf_counter()
             output = super()._generate_and_score_completions(inputs)
             elapsed = time.perf_counter() - start
             tokens = self.accelerator.gather(output["completion_mask"].sum()).sum().item()
             self._metrics[mode]["rollout/tokens_per_second"].append(tokens / max(elapsed, 1e-9))
+            if self.distillm is not None and mode == "train":
+                self._push_rollouts(output)
+            if self.args.objective == "minillm":
+                self._score_rollouts(output)
+        elif replay is not None:
+            prompt_ids = [torch.tensor(p, dtype=torch.long) for p, _ in replay]
+            output = {
+                "prompt_ids": pad(prompt_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
+                "prompt_mask": pad([torch.ones_like(ids) for ids in prompt_ids], padding_value=0,
+                                   padding_side="left").to(device),
+            }
         else:
             prompt_ids, _, _ = self._tokenize_prompts([x["prompt"] for x in inputs])
             prompt_ids = [torch.tensor(ids) for ids in prompt_ids]
@@ -220,7 +267,9 @@ class AMMTrainer(DistillationTrainer):
                                    padding_side="left").to(device),
             }
         if off:
-            if self.args.off_policy_source == "teacher":
+            if replay is not None:
+                completions = [c for _, c in replay]
+            elif self.args.off_policy_source == "teacher":
                 completions = self._teacher_completions(output["prompt_ids"], output["prompt_mask"])
             else:
                 completions = [
@@ -251,6 +300,62 @@ class AMMTrainer(DistillationTrainer):
             cut = next((i + 1 for i, t in enumerate(row) if t in end), len(row))
             completions.append(row[:cut])
         return completions
+
+    def _push_rollouts(self, output):
+        """DistiLLM: this step's student rollouts (unpadded prompt and completion ids) go into the replay buffer."""
+        for p_ids, p_mask, c_ids, c_mask in zip(output["prompt_ids"].tolist(), output["prompt_mask"].tolist(),
+                                                output["completion_ids"].tolist(), output["completion_mask"].tolist()):
+            self.distillm.buffer.push([t for t, m in zip(p_ids, p_mask) if m], [t for t, m in zip(c_ids, c_mask) if m])
+
+    @torch.no_grad()
+    def _score_rollouts(self, output):
+        """MiniLLM, at rollout time: the rollout policy's token log-probs (PPO's old log-probs) and the advantages.
+
+        r_t = log p_T(y_t|s_t) - log p_S(y_t|s_t); A = whiten(length_normalize(G)), G_t = sum_{k>t} gamma^(k-t-1) r_k
+        (the current token's reward is covered exactly by the single-step reverse KL term), whitened over this
+        process's generation batch. One no-grad student and teacher forward, log-probs through the chunked loss path.
+        """
+        args = self.args
+        c_ids, c_mask = output["completion_ids"], output["completion_mask"]
+        input_ids = torch.cat([output["prompt_ids"], c_ids], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], c_mask], dim=1)
+        width = c_ids.size(1)
+        valid = c_mask.bool()
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                         gather_deepspeed3_params=args.ds3_gather_for_generation) as student:
+            h_s = self._get_last_hidden_state(student, input_ids, attention_mask, width)
+            self.teacher_model.eval()
+            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+            h_t = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
+                                            unwrapped_teacher, input_ids, attention_mask, width)
+            fn, params, names = self._token_fn("on", self.accelerator.unwrap_model(self.model), plain=True)
+            weights = torch.zeros(int(valid.sum()), device=h_s.device)
+            _, metrics = self.loss_module([h_s[valid], c_ids[valid], h_t[valid]], weights,
+                                          LossSpec(fn, params, self.chunk_size))
+        old_logp = torch.zeros(valid.shape, device=h_s.device, dtype=torch.float32)
+        teacher_logp = torch.zeros_like(old_logp)
+        old_logp[valid] = metrics[:, names.index("logp_student")].float()
+        teacher_logp[valid] = metrics[:, names.index("logp_teacher")].float()
+        mask = valid.float()
+        rewards = (teacher_logp - old_logp) * mask
+        returns = O.reward_to_go(rewards, mask, gamma=args.minillm_gamma, include_current=False)
+        returns = O.length_normalize(returns, mask, include_current=False)
+        advantages = O.whiten(returns, mask) if mask.sum() > 1 else returns
+        output["minillm_old_logp"], output["minillm_advantages"] = old_logp, advantages
+        mode = "train" if self.model.training else "eval"
+        n = self.accelerator.gather(mask.sum()).sum().clamp(min=1)
+        self._metrics[mode]["minillm/reward"].append((self.accelerator.gather(rewards.sum()).sum() / n).item())
+        self._metrics[mode]["minillm/return"].append((self.accelerator.gather(returns.sum()).sum() / n).item())
+
+    def _prepare_inputs(self, generation_batch):
+        """MiniLLM's PPO epochs: the buffered rollout batch serves `ppo_epochs` optimizer steps (TRL regenerates every
+        `gradient_accumulation_steps` micro-steps; here only every `ppo_epochs` times that). The dataloader's prompts
+        of the replayed steps are not used."""
+        ga = self.args.gradient_accumulation_steps
+        if (self.model.training and self.args.ppo_epochs > 1 and self._buffered_inputs is not None
+                and self._step % (ga * self.args.ppo_epochs) != 0):
+            return self._buffered_inputs[self._step % ga]
+        return super()._prepare_inputs(generation_batch)
 
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -289,13 +394,18 @@ class AMMTrainer(DistillationTrainer):
         loss = torch.zeros((), device=h_student.device)
         entropy_sum = torch.zeros((), device=h_student.device)
         n_valid = torch.zeros((), device=h_student.device, dtype=torch.long)
+        records = {}
         for i, kind in enumerate(parts):
             rows = slice(i * batch, (i + 1) * batch)
-            part_loss, part_entropy, part_n = self._part_loss(
+            part_loss, part_entropy, part_n, metrics, names = self._part_loss(
                 kind, unwrapped_student, h_student[rows], None if h_teacher is None else h_teacher[rows],
                 completion_ids[rows], completion_mask[rows], inputs)
             loss = loss + part_loss
             entropy_sum, n_valid = entropy_sum + part_entropy, n_valid + part_n
+            records[kind] = (rows, metrics, names)
+        if self.args.objective == "pbkd" and len(parts) == 2 and self.args.pbkd_bt_weight > 0:
+            loss = loss + self._pbkd_preference_term(unwrapped_student, h_student, h_teacher, completion_ids,
+                                                     completion_mask, batch, records)
         return loss, entropy_sum, n_valid
 
     @staticmethod
@@ -314,7 +424,7 @@ class AMMTrainer(DistillationTrainer):
         else:
             denominator = valid.sum().clamp(min=1).float()
         coefficient = 1.0
-        if args.objective == "amm":
+        if args.objective in ("amm", "pbkd"):
             coefficient = args.amm_beta if kind == "off" else 1.0 - args.amm_beta
         weights = torch.full((int(valid.sum()),), coefficient, device=h_s.device) / denominator.to(h_s.device)
 
@@ -322,17 +432,23 @@ class AMMTrainer(DistillationTrainer):
         token_inputs = [h_s[valid], completion_ids[valid]]
         if h_t is not None:
             token_inputs.append(h_t[valid])
+        if args.objective == "minillm" and kind == "on":  # rollout-time advantages and log-probs, per token
+            width = completion_ids.size(1)
+            token_inputs += [torch.nn.functional.pad(inputs[key], (0, width - inputs[key].size(1)))[valid].float()
+                             for key in ("minillm_advantages", "minillm_old_logp")]
         loss, metrics = self.loss_module(token_inputs, weights, LossSpec(fn, params, self.chunk_size))
         for j, name in enumerate(names):
             self._add_metric(f"{name}/{kind}", metrics[:, j].sum(), metrics.size(0))
         if args.objective == "amm" and kind == "on" and args.amm_policy_gradient:
             loss = loss + self._score_function_term(student, h_s, completion_ids, valid, metrics[:, 0], weights)
         entropy = metrics[:, names.index("entropy")].sum()
-        return loss, entropy, valid.sum()
+        return loss, entropy, valid.sum(), metrics, names
 
-    def _token_fn(self, kind, student):
-        """The per-token loss `fn(h_s, y, [h_t], *params) -> (values, metrics)` of the objective, its params, and the
-        names of its metric columns."""
+    def _token_fn(self, kind, student, plain=False):
+        """The per-token loss `fn(h_s, y, [h_t], *extra, *params) -> (values, metrics)` of the objective, its params,
+        and the names of its metric columns. `plain`: no objective (values 0), only the common metrics (log-probs).
+
+        `extra` token inputs: MiniLLM's rollouts carry (advantage, old log-prob) per token."""
         args, vocab, temperature = self.args, self.vocab_size, self.temperature
         s_head = student.get_output_embeddings()
         params = [s_head.weight] + ([s_head.bias] if s_head.bias is not None else [])
@@ -351,15 +467,21 @@ class AMMTrainer(DistillationTrainer):
         t_head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings()
         params += [t_head.weight] + ([t_head.bias] if t_head.bias is not None else [])
         n_teacher = len(params) - n_student
-        head = self.q_heads.head(kind) if args.objective == "amm" else None
+        head = self.q_heads.head(kind) if args.objective in ("amm", "pbkd") and not plain else None
         if head is not None:
             params += list(head.parameters())
+        kd_ratio, alpha = args.minillm_kd_ratio, args.skew_alpha
         divergence = {
             "fkl": O.forward_kl, "imitkd": O.forward_kl, "rkl": O.reverse_kl, "tvd": O.total_variation,
             "gkd": lambda z_s, z_t: O.generalized_jsd(z_s, z_t, args.beta),
+            "distillm": (lambda z_s, z_t: O.skew_forward_kl(z_s, z_t, alpha)) if args.distillm_loss == "skl"
+            else (lambda z_s, z_t: O.skew_reverse_kl(z_s, z_t, alpha)),
         }.get(args.objective)
+        policy_gradient = args.objective == "minillm" and kind == "on" and not plain
+        n_extra = 2 if policy_gradient else 0
 
-        def fn(h_s, y, h_t, *p):
+        def fn(h_s, y, h_t, *rest):
+            extra_inputs, p = rest[:n_extra], rest[n_extra:]
             s_w, s_b = p[0], (p[1] if n_student == 2 else None)
             t_w, t_b = p[n_student], (p[n_student + 1] if n_teacher == 2 else None)
             z_s = _scaled(project(h_s, s_w, s_b, vocab), self._student_transform, temperature)
@@ -371,14 +493,76 @@ class AMMTrainer(DistillationTrainer):
                 q = head.q_values(features, list(p[n_student + n_teacher:]), s_w[:vocab])
                 values = O.amm_adversarial_gap(z_s, z_t, q)
                 extra = [q.detach().abs().mean(-1)]
+                if args.objective == "pbkd":  # token reward r(s_t, y_t) = q(s_t)[y_t] of the taken action
+                    extra.append(q.detach().gather(-1, y[:, None]).squeeze(-1))
+            elif policy_gradient:
+                # MiniLLM on rollouts: exact single-step reverse KL + PPO-clipped policy gradient of the future return
+                advantages, old_logp = extra_inputs
+                logp = O.token_log_probs(z_s, y)
+                pg, clipped = O.ppo_clipped_loss(logp, old_logp, advantages, args.ppo_clip)
+                rkl = O.reverse_kl(z_s, z_t)
+                values = rkl + pg
+                extra = [rkl, pg, torch.exp(logp - old_logp), clipped.float()]
+            elif plain:
+                values = torch.zeros(h_s.size(0), device=h_s.device)
+            elif args.objective == "minillm":  # reference data: MiniLLM's mixed LM / KD loss
+                values = (1.0 - kd_ratio) * O.cross_entropy(z_s, y) + kd_ratio * O.forward_kl(z_s, z_t)
             else:
                 values = divergence(z_s, z_t)
             metrics = [values, O.total_variation(z_s, z_t), -(log_p_s.exp() * log_p_s).sum(-1),
                        log_p_s.gather(-1, y[:, None]).squeeze(-1), log_p_t.gather(-1, y[:, None]).squeeze(-1)]
             return values, torch.stack(metrics + extra, dim=1).detach()
 
-        first = "amm_gap" if head is not None else args.objective
-        return fn, params, [first, "tv", "entropy", "logp_student", "logp_teacher"] + (["q_abs"] if head else [])
+        first = {"amm": "amm_gap", "pbkd": "pbkd_gap"}.get(args.objective, args.objective)
+        if args.objective == "minillm" and kind == "off":
+            first = "minillm_kd"
+        extra_names = []
+        if head is not None:
+            extra_names = ["q_abs"] + (["reward"] if args.objective == "pbkd" else [])
+        elif policy_gradient:
+            extra_names = ["minillm_rkl", "minillm_pg", "ppo_ratio", "ppo_clipped"]
+        return fn, params, [first, "tv", "entropy", "logp_student", "logp_teacher"] + extra_names
+
+    def _pbkd_preference_term(self, student, h_s, h_t, completion_ids, completion_mask, batch, records):
+        """PbKD's confidence set as a penalty: `pbkd_bt_weight` * Bradley-Terry loss of the reward head on the pairs
+        (off-policy completion preferred over the rollout of the same prompt), J(y) = sum_t q(s_t)[y_t].
+
+        BT is a function of whole-sequence sums, so it is linearized: its value comes from the rewards the main pass
+        already computed (metric column `reward`), its gradient from a second chunked pass over sum_t g_i q(s_t)[y_t]
+        with g_i = dBT/dJ_i (detached). The head gets exactly grad BT; the student none (features are detached)."""
+        args = self.args
+        valid = completion_mask.bool()
+        totals = {}
+        for kind in ("on", "off"):
+            rows, metrics, names = records[kind]
+            rewards = torch.zeros(valid[rows].shape, device=h_s.device, dtype=torch.float32)
+            rewards[valid[rows]] = metrics[:, names.index("reward")].float()
+            totals[kind] = rewards.sum(1)
+        chosen, rejected = totals["off"], totals["on"]
+        bt = O.bradley_terry_loss(chosen, rejected)
+        pairs = batch * (args.gradient_accumulation_steps if self.model.training else 1)
+        scale = args.pbkd_bt_weight / pairs
+        g = torch.sigmoid(rejected - chosen) * scale  # dBT/dJ(rejected) = -dBT/dJ(chosen)
+        row_weights = torch.cat([g if kind == "on" else -g for kind in records])  # rows are in `records` order
+        weights = row_weights[:, None].expand(valid.shape)[valid]
+        features = (h_s if args.q_head_features == "student" else h_t).detach()[valid]
+        head = self.q_heads.head("on")
+        s_head = student.get_output_embeddings()
+        params = [s_head.weight] + list(head.parameters())
+        vocab = self.vocab_size
+
+        def fn(f, y, *p):
+            q = head.q_values(f, list(p[1:]), p[0][:vocab])
+            values = q.gather(-1, y[:, None]).squeeze(-1)
+            return values, values.detach()[:, None]
+
+        surrogate, _ = self.loss_module([features, completion_ids[valid]], weights,
+                                        LossSpec(fn, params, self.chunk_size))
+        self._add_metric("pbkd/bt_loss", bt.sum(), bt.numel())
+        self._add_metric("pbkd/reward_chosen", chosen.sum(), chosen.numel())
+        self._add_metric("pbkd/reward_rejected", rejected.sum(), rejected.numel())
+        self._add_metric("pbkd/bt_accuracy", (chosen > rejected).float().sum(), chosen.numel())
+        return (bt.sum() * scale).detach() + surrogate - surrogate.detach()
 
     def _score_function_term(self, student, h_s, completion_ids, valid, gaps, weights):
         """sum_t log p_S(y_t|s_t) * A_t with A_t from the future moment gaps; value 0, gradient only."""
@@ -450,6 +634,41 @@ class AMMTrainer(DistillationTrainer):
             tmp = os.path.join(output_dir, HEADS_FILE + ".tmp")
             save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, tmp)
             os.replace(tmp, os.path.join(output_dir, HEADS_FILE))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.distillm is not None:  # every rank: buffers differ per rank
+            output_dir = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(output_dir, exist_ok=True)
+            path = os.path.join(output_dir, DISTILLM_STATE_FILE.format(rank=self.args.process_index))
+            torch.save(self.distillm.state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Runs on every resume path (plain, DDP, DeepSpeed), after the model is loaded.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._load_distillm_state(checkpoint)
+
+    def _load_distillm_state(self, checkpoint):
+        if self.distillm is None:
+            return
+        path = os.path.join(checkpoint, DISTILLM_STATE_FILE.format(rank=self.args.process_index))
+        if not os.path.exists(path):
+            warnings.warn(f"{path} not found: DistiLLM's replay buffer and threshold start afresh.")
+            return
+        self.distillm.load_state_dict(torch.load(path, weights_only=False))
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """DistiLLM: each evaluation's loss (the skew divergence on the eval off-policy completions, gathered over
+        ranks, so every rank updates alike) drives the adaptive threshold."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        key = f"{metric_key_prefix}_loss"
+        if self.distillm is not None and key in metrics:
+            args = self.args
+            metrics[f"{metric_key_prefix}_distillm_threshold"] = self.distillm.update_on_eval(
+                metrics[key], args.distillm_loss_eps, args.distillm_threshold_step)
+        return metrics
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
