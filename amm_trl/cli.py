@@ -129,8 +129,22 @@ def train(argv: list[str]):
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     if trainer.accelerator.is_main_process:
+        print(training_summary(trainer.state.log_history), flush=True)
         print(f"amm-trl: student saved to {args.output_dir}", flush=True)
     return trainer
+
+
+def training_summary(log_history: list[dict]) -> str:
+    """First and last logged value of the distances (head-estimated gaps, exact TV, the objective's loss)."""
+    logs = [h for h in log_history if "loss" in h]
+    if not logs:
+        return "amm-trl: nothing logged"
+    keys = [k for k in logs[-1] if k == "loss" or k.split("/")[0] in ("amm_gap", "tv", "logp_student", "q_abs")]
+    lines = [f"amm-trl: metric (step {logs[0]['step']} -> step {logs[-1]['step']})"]
+    for key in sorted(keys):
+        first = next((h[key] for h in logs if key in h), None)
+        lines.append(f"  {key:<20} {first:>9.4f} -> {logs[-1][key]:>9.4f}")
+    return "\n".join(lines)
 
 
 def generate(argv: list[str]):

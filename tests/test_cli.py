@@ -18,7 +18,11 @@ def test_every_recipe_parses_into_config_objects(name):
 
     from amm_trl.cli import TrainScriptArguments
 
-    script, args, model = parse_train_args(["--config", recipe_path(name), "--output_dir", "/tmp/amm-recipe-test"])
+    import torch
+
+    # GPU recipes (bf16) only build on a CPU machine with use_cpu, which changes nothing else that is checked here.
+    cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+    script, args, model = parse_train_args(["--config", recipe_path(name), "--output_dir", "/tmp/amm-recipe-test", *cpu])
     assert isinstance(script, TrainScriptArguments) and isinstance(args, AMMConfig) and isinstance(model, ModelConfig)
     assert model.model_name_or_path and script.dataset_name
     assert args.objective in name or name.startswith(("quickstart.", "openllama")) or args.objective == "amm"
