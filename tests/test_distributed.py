@@ -73,7 +73,7 @@ def test_zero3_lora_student_sync_merges_without_heads_or_adapters(zero3):
 
 def test_zero3_every_objective_runs_two_steps(zero3):
     assets, out = zero3
-    objectives = ["sft", "seqkd", "fkl", "rkl", "tvd", "gkd", "imitkd", "jsd"]
+    objectives = ["sft", "seqkd", "fkl", "rkl", "tvd", "gkd", "imitkd", "jsd", "distillm", "minillm", "pbkd"]
     result = torchrun("objectives", assets, out, *objectives)
     assert sorted(result["losses"]) == sorted(objectives)
 

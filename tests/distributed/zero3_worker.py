@@ -173,6 +173,10 @@ def main():
             overrides = {"objective": objective, "save_strategy": "no"}
             if objective == "seqkd":
                 overrides["off_policy_source"] = "teacher"
+            if objective == "distillm":  # seed 9: step 0 on rollouts (p = 1), step 1 on the replay buffer
+                overrides.update(distillm_init_threshold=1.0, seed=9)
+            if objective == "minillm":  # step 1 replays step 0's rollouts (second PPO epoch)
+                overrides["ppo_epochs"] = 2
             trainer = trainer_for(config(os.path.join(OUT, objective), **overrides))
             trainer.train()
             result["losses"][objective] = finite_losses(trainer)
