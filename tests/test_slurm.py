@@ -167,7 +167,7 @@ def test_requeued_job_resumes_from_checkpoint(cluster, assets, tmp_path):
     """The plain template driven by environment variables (torchrun + DS_CONFIG): requeued after its first
     checkpoint, the job restarts, resumes from that checkpoint and only runs the remaining steps."""
     out = str(tmp_path / "out")
-    max_steps, save_steps = 16, 4
+    max_steps, save_steps = 12, 4
     recipe = tiny_recipe(str(tmp_path / "recipe.yaml"), assets, out, max_steps=max_steps, save_steps=save_steps)
     env = _job_env(RECIPE=recipe, LAUNCHER="torchrun", DS_CONFIG=assets["ds_config"], USE_CPU=1, NUM_GPUS=2)
     t0 = time.monotonic()
