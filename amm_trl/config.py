@@ -24,7 +24,8 @@ OBJECTIVES = {
     "minillm": "MiniLLM (Gu et al., ICLR 2024): sequence-level reverse KL by policy gradient on student rollouts "
     "(discounted, length-normalized, whitened returns of log p_T - log p_S; PPO clipping `ppo_clip`, `ppo_epochs` "
     "optimizer steps per rollout batch) + the exact single-step reverse KL + a (1 - `minillm_kd_ratio`) CE + "
-    "`minillm_kd_ratio` forward-KL loss on the off-policy completions. No teacher-mixed sampling.",
+    "`minillm_kd_ratio` forward-KL loss on the off-policy completions; rollouts sampled from the teacher-student "
+    "mixture `minillm_teacher_mix` * p_T + (1 - mix) * p_S with importance weights p_S / mix.",
     "pbkd": "Reward-guided KD (our reading of Jia, arXiv 2505.18952): a token-level reward head q (the AMM Q-head) "
     "fit by a Bradley-Terry loss (weight `pbkd_bt_weight`) on pairs off-policy completion > student rollout, "
     "and pushed to maximize the moment gap <p_T - p_S, q>; the student minimizes that gap (maximizes E_{p_S} q).",
@@ -117,6 +118,12 @@ class AMMConfig(DistillationConfig):
             Optimizer steps per rollout batch: the buffered rollout batch (with its advantages and old log-probs) is
             replayed `ppo_epochs` times, one optimizer step each, before new rollouts are generated. The prompts
             the dataloader yields during the replayed steps are skipped.
+        minillm_teacher_mix (`float`, *optional*, defaults to `0.2`):
+            Teacher-mixed sampling: rollouts are sampled from mix * p_T + (1 - mix) * p_S (both at `temperature`; a
+            logits processor runs the teacher, with its KV cache, inside HF `generate`; not available with vLLM: set
+            0 there). The PPO ratio is then taken against the mixture's log-prob of the sampled token, so at the first
+            epoch it equals the importance weight p_S / mix, clipped by `ppo_clip` as MiniLLM clips it; the
+            single-step reverse-KL term is weighted by the same rollout-time weight. `0` samples from the student.
         minillm_kd_ratio (`float`, *optional*, defaults to `0.5`):
             Loss on the off-policy completions: (1 - ratio) * cross-entropy + ratio * forward KL (MiniLLM's mixed
             LM / KD loss); added with weight 1 to the policy-gradient and single-step terms.
@@ -164,7 +171,8 @@ class AMMConfig(DistillationConfig):
         default="dataset", metadata={"help": "Off-policy completions source.", "choices": list(OFF_POLICY_SOURCES)}
     )
     off_policy_column: str = field(default="completion", metadata={"help": "Dataset column of off-policy completions."})
-    distillm_loss: str = field(default="skl", metadata={"help": "DistiLLM divergence.", "choices": list(DISTILLM_LOSSES)})
+    distillm_loss: str = field(default="skl",
+                               metadata={"help": "DistiLLM divergence.", "choices": list(DISTILLM_LOSSES)})
     skew_alpha: float = field(default=0.1, metadata={"help": "Skew alpha of the DistiLLM divergences."})
     distillm_init_threshold: float = field(default=0.0, metadata={"help": "Initial student-data threshold."})
     distillm_loss_eps: float = field(default=0.1, metadata={"help": "Relative eval-loss improvement threshold."})
@@ -173,6 +181,7 @@ class AMMConfig(DistillationConfig):
     minillm_gamma: float = field(default=0.95, metadata={"help": "MiniLLM return discount."})
     ppo_clip: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
     ppo_epochs: int = field(default=1, metadata={"help": "Optimizer steps per MiniLLM rollout batch."})
+    minillm_teacher_mix: float = field(default=0.2, metadata={"help": "Teacher share of MiniLLM's sampling mixture."})
     minillm_kd_ratio: float = field(default=0.5, metadata={"help": "KD share of MiniLLM's reference-data loss."})
     pbkd_bt_weight: float = field(default=1.0, metadata={"help": "PbKD Bradley-Terry penalty weight."})
     loss_chunk_tokens: int | None = field(default=None, metadata={"help": "Tokens per vocabulary projection chunk."})
@@ -188,7 +197,7 @@ class AMMConfig(DistillationConfig):
         if self.objective not in OBJECTIVES:
             fail("objective", self.objective, f"choose one of {sorted(OBJECTIVES)}.")
         for name in ("lmbda", "amm_beta", "skew_alpha", "distillm_init_threshold", "minillm_gamma",
-                     "minillm_kd_ratio"):
+                     "minillm_kd_ratio", "minillm_teacher_mix"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 fail(name, value, "it must lie in [0, 1].")
@@ -216,6 +225,9 @@ class AMMConfig(DistillationConfig):
             fail("pbkd_bt_weight", self.pbkd_bt_weight, "it must be >= 0.")
         if self.ppo_epochs > 1 and self.objective != "minillm":
             fail("ppo_epochs", self.ppo_epochs, f"it applies to objective 'minillm' only, not {self.objective!r}.")
+        if self.objective == "minillm" and self.minillm_teacher_mix > 0 and self.use_vllm:
+            fail("minillm_teacher_mix", self.minillm_teacher_mix, "teacher-mixed sampling runs the teacher inside HF "
+                 "`generate`; with use_vllm set it to 0 (rollouts from the student alone).")
         if self.off_policy_source not in OFF_POLICY_SOURCES:
             fail("off_policy_source", self.off_policy_source, f"choose one of {list(OFF_POLICY_SOURCES)}.")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:

@@ -12,11 +12,13 @@ colocate or server rollouts and weight sync, ZeRO-3 teacher preparation, PEFT ha
 - `create_optimizer`: the Q-heads get their own parameter group (`q_head_lr_multiplier`).
 - `_save` / `_load_from_checkpoint`: Q-heads go to `amm_q_heads.safetensors`, so the saved student is a plain model.
 - `_prepare_inputs`: MiniLLM replays the buffered rollout batch for `ppo_epochs` optimizer steps.
+- `_generate_single_turn`: MiniLLM's teacher-mixed sampling (`TeacherMixProcessor` inside HF `generate`).
 - `evaluate`, `_save_checkpoint`, `_load_optimizer_and_scheduler`: DistiLLM's adaptive threshold follows the eval loss;
   its replay buffer and threshold are saved per rank in each checkpoint and restored on resume.
 """
 
 import copy
+import math
 import os
 import random
 import resource
@@ -30,6 +32,7 @@ from trl import DistillationTrainer
 from trl.generation.vllm_generation import VLLMGeneration
 from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import create_model_from_path, pad
 
@@ -60,6 +63,41 @@ class HeadFreeVLLMGeneration(VLLMGeneration):
                 continue
             with self._dist.gather_params([param]):
                 yield self._fix_param_name_to_vllm(name), param.data
+
+
+class TeacherMixProcessor(LogitsProcessor):
+    """MiniLLM's teacher-mixed sampling inside HF `generate`: replaces the student's next-token scores by
+    temperature * log(mix * p_T + (1 - mix) * p_S), p = softmax(logits / temperature), so that `generate`'s own
+    temperature warper (which runs after custom processors) samples from the mixture. The teacher runs one token at a
+    time with its KV cache; positions follow the left-padded prompt mask. Tokens the earlier processors suppressed
+    (score -inf) stay suppressed. Vocabulary entries beyond the shared `vocab` are -inf."""
+
+    def __init__(self, teacher, mix: float, temperature: float, vocab: int, prompt_mask: torch.Tensor):
+        self.teacher, self.mix, self.temperature, self.vocab = teacher, mix, temperature, vocab
+        self.mask, self.past = prompt_mask, None
+
+    @torch.no_grad()
+    def __call__(self, input_ids, scores):
+        if self.past is None:
+            ids, mask = input_ids, self.mask
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        else:
+            ids = input_ids[:, -1:]
+            mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+            positions = mask.sum(-1, keepdim=True) - 1
+        self.mask = mask
+        out = self.teacher(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.past,
+                           use_cache=True, logits_to_keep=1)
+        self.past = out.past_key_values
+        v = self.vocab
+        log_p_t = torch.log_softmax(out.logits[:, -1, :v].float() / self.temperature, -1)
+        student = scores[:, :v].float()
+        log_p_s = torch.log_softmax(student / self.temperature, -1)
+        log_mix = torch.logaddexp(log_p_t + math.log(self.mix), log_p_s + math.log1p(-self.mix))
+        log_mix = torch.where(torch.isneginf(student), torch.full_like(log_mix, -math.inf), log_mix)
+        mixed = torch.full_like(scores, -math.inf)
+        mixed[:, :v] = (log_mix * self.temperature).to(scores.dtype)
+        return mixed
 
 
 def _logit_transform(config) -> tuple[float, float | None]:
@@ -253,8 +291,9 @@ class AMMTrainer(DistillationTrainer):
                 self._score_rollouts(output)
         elif replay is not None:
             prompt_ids = [torch.tensor(p, dtype=torch.long) for p, _ in replay]
+            pad_id = self._tokenizer.pad_token_id
             output = {
-                "prompt_ids": pad(prompt_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
+                "prompt_ids": pad(prompt_ids, padding_value=pad_id, padding_side="left").to(device),
                 "prompt_mask": pad([torch.ones_like(ids) for ids in prompt_ids], padding_value=0,
                                    padding_side="left").to(device),
             }
@@ -337,15 +376,46 @@ class AMMTrainer(DistillationTrainer):
         old_logp[valid] = metrics[:, names.index("logp_student")].float()
         teacher_logp[valid] = metrics[:, names.index("logp_teacher")].float()
         mask = valid.float()
+        is_weight = mask.clone()
+        behaviour_logp = old_logp
+        mix = args.minillm_teacher_mix
+        if mix > 0 and not self.use_vllm:
+            # sampled from mix * p_T + (1 - mix) * p_S: PPO's old policy is the mixture; weight w = p_S / mixture
+            behaviour_logp = torch.logaddexp(teacher_logp + math.log(mix), old_logp + math.log1p(-mix)) * mask
+            is_weight = O.teacher_mix_weights(old_logp, teacher_logp, mix) * mask
         rewards = (teacher_logp - old_logp) * mask
         returns = O.reward_to_go(rewards, mask, gamma=args.minillm_gamma, include_current=False)
         returns = O.length_normalize(returns, mask, include_current=False)
         advantages = O.whiten(returns, mask) if mask.sum() > 1 else returns
-        output["minillm_old_logp"], output["minillm_advantages"] = old_logp, advantages
+        output["minillm_old_logp"], output["minillm_advantages"] = behaviour_logp, advantages
+        output["minillm_is_weight"] = is_weight
         mode = "train" if self.model.training else "eval"
         n = self.accelerator.gather(mask.sum()).sum().clamp(min=1)
         self._metrics[mode]["minillm/reward"].append((self.accelerator.gather(rewards.sum()).sum() / n).item())
         self._metrics[mode]["minillm/return"].append((self.accelerator.gather(returns.sum()).sum() / n).item())
+        self._metrics[mode]["minillm/is_weight"].append((self.accelerator.gather(is_weight.sum()).sum() / n).item())
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        """MiniLLM with `minillm_teacher_mix` > 0: TRL's HF-`generate` rollout path with `TeacherMixProcessor` added
+        (the student's `generate` is wrapped for the duration of the call)."""
+        mix = self.args.minillm_teacher_mix
+        if self.args.objective != "minillm" or mix == 0 or self.use_vllm:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        student = self.accelerator.unwrap_model(self.model)
+        original = student.generate
+        temperature = self.temperature
+
+        def generate(*args, **kwargs):
+            processor = TeacherMixProcessor(teacher, mix, temperature, self.vocab_size, kwargs["attention_mask"])
+            return original(*args, logits_processor=LogitsProcessorList([processor]), **kwargs)
+
+        with unwrap_model_for_generation(self.teacher_model, self.accelerator,
+                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation) as teacher:
+            student.generate = generate
+            try:
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+            finally:
+                del student.generate
 
     def _prepare_inputs(self, generation_batch):
         """MiniLLM's PPO epochs: the buffered rollout batch serves `ppo_epochs` optimizer steps (TRL regenerates every
@@ -435,7 +505,7 @@ class AMMTrainer(DistillationTrainer):
         if args.objective == "minillm" and kind == "on":  # rollout-time advantages and log-probs, per token
             width = completion_ids.size(1)
             token_inputs += [torch.nn.functional.pad(inputs[key], (0, width - inputs[key].size(1)))[valid].float()
-                             for key in ("minillm_advantages", "minillm_old_logp")]
+                             for key in ("minillm_advantages", "minillm_old_logp", "minillm_is_weight")]
         loss, metrics = self.loss_module(token_inputs, weights, LossSpec(fn, params, self.chunk_size))
         for j, name in enumerate(names):
             self._add_metric(f"{name}/{kind}", metrics[:, j].sum(), metrics.size(0))
@@ -478,7 +548,7 @@ class AMMTrainer(DistillationTrainer):
             else (lambda z_s, z_t: O.skew_reverse_kl(z_s, z_t, alpha)),
         }.get(args.objective)
         policy_gradient = args.objective == "minillm" and kind == "on" and not plain
-        n_extra = 2 if policy_gradient else 0
+        n_extra = 3 if policy_gradient else 0
 
         def fn(h_s, y, h_t, *rest):
             extra_inputs, p = rest[:n_extra], rest[n_extra:]
@@ -497,11 +567,12 @@ class AMMTrainer(DistillationTrainer):
                     extra.append(q.detach().gather(-1, y[:, None]).squeeze(-1))
             elif policy_gradient:
                 # MiniLLM on rollouts: exact single-step reverse KL + PPO-clipped policy gradient of the future return
-                advantages, old_logp = extra_inputs
+                # (with teacher-mixed sampling: old_logp is the mixture's, the single-step term weighted by p_S / mix)
+                advantages, old_logp, is_weight = extra_inputs
                 logp = O.token_log_probs(z_s, y)
                 pg, clipped = O.ppo_clipped_loss(logp, old_logp, advantages, args.ppo_clip)
                 rkl = O.reverse_kl(z_s, z_t)
-                values = rkl + pg
+                values = is_weight * rkl + pg
                 extra = [rkl, pg, torch.exp(logp - old_logp), clipped.float()]
             elif plain:
                 values = torch.zeros(h_s.size(0), device=h_s.device)

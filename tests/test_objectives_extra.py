@@ -170,7 +170,8 @@ def test_distillm_replay_buffer_and_threshold_survive_checkpoint_resume(tiny, ti
 
 # -------------------------------------------------------------------------------------------------- MiniLLM
 def test_minillm_advantages_and_old_logp_equal_objectives_computation(tiny, tiny_dataset, tmp_path):
-    trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="minillm", minillm_gamma=0.9)
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="minillm", minillm_gamma=0.9,
+                           minillm_teacher_mix=0.0)
     inputs = fixed_batch(trainer, tiny_dataset)
     with torch.no_grad():
         z_s, z_t, y, valid, _ = naive_logits(trainer, inputs, "completion_ids", "completion_mask")
@@ -199,7 +200,8 @@ def test_minillm_advantages_and_old_logp_equal_objectives_computation(tiny, tiny
 
 
 def test_minillm_first_epoch_ratio_is_one_and_gradient_is_reinforce(tiny, tiny_dataset, tmp_path):
-    trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="minillm", minillm_kd_ratio=0.3)
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="minillm", minillm_kd_ratio=0.3,
+                           minillm_teacher_mix=0.0)
     inputs = fixed_batch(trainer, tiny_dataset)
     params = student_params(trainer)
     trainer.model.zero_grad()
@@ -230,7 +232,7 @@ def test_minillm_first_epoch_ratio_is_one_and_gradient_is_reinforce(tiny, tiny_d
 
 
 def test_minillm_clipping_engages_away_from_old_policy(tiny, tiny_dataset, tmp_path):
-    trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="minillm")
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="minillm", minillm_teacher_mix=0.0)
     inputs = fixed_batch(trainer, tiny_dataset)
     inputs["minillm_old_logp"] = inputs["minillm_old_logp"] - 1.0  # ratio e > 1 + clip: positive-A tokens clip
     with torch.no_grad():
@@ -241,9 +243,50 @@ def test_minillm_clipping_engages_away_from_old_policy(tiny, tiny_dataset, tmp_p
     assert metric(trainer, "ppo_clipped/on") == pytest.approx(positive, abs=1e-6) and positive > 0
 
 
+def test_teacher_mix_processor_scores_are_the_tempered_mixture(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from amm_trl.trainer import TeacherMixProcessor
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    ids = torch.tensor([[3, 3, 10, 11, 12], [13, 14, 15, 16, 17]])  # first row left-padded
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    processor = TeacherMixProcessor(teacher, 0.2, 0.7, 64, mask)
+    for step in range(3):  # the first call runs the prompt, later ones one token each with the KV cache
+        scores = torch.randn(2, 64)
+        scores[0, 7] = -math.inf  # a token suppressed by an earlier processor
+        mixed = processor(ids, scores)
+        full_mask = torch.cat([mask, torch.ones(2, step, dtype=torch.long)], 1)
+        with torch.no_grad():
+            z_t = teacher(input_ids=ids, attention_mask=full_mask,
+                          position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        want = 0.2 * torch.softmax(z_t / 0.7, -1) + 0.8 * torch.softmax(scores / 0.7, -1)
+        want[0, 7] = 0.0
+        got = torch.softmax(mixed / 0.7, -1)  # generate's temperature warper runs after the processor
+        torch.testing.assert_close(got, want / want.sum(-1, keepdim=True), rtol=1e-4, atol=1e-6)
+        ids = torch.cat([ids, torch.multinomial(got, 1)], 1)
+
+
+def test_minillm_teacher_mixed_rollouts_use_mixture_as_old_policy(tiny, tiny_dataset, tmp_path):
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="minillm", minillm_teacher_mix=0.2)
+    inputs = fixed_batch(trainer, tiny_dataset)
+    with torch.no_grad():
+        z_s, z_t, y, valid, _ = naive_logits(trainer, inputs, "completion_ids", "completion_mask")
+    p_s = torch.softmax(z_s, -1).gather(-1, y[:, None]).squeeze(-1)
+    p_t = torch.softmax(z_t, -1).gather(-1, y[:, None]).squeeze(-1)
+    mixture = 0.2 * p_t + 0.8 * p_s
+    torch.testing.assert_close(inputs["minillm_old_logp"][valid], mixture.log(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inputs["minillm_is_weight"][valid], p_s / mixture, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, inputs)
+    # first epoch: the PPO ratio p_S / old policy is exactly the importance weight
+    assert metric(trainer, "ppo_ratio/on") == pytest.approx((p_s / mixture).mean().item(), rel=1e-4)
+
+
 def test_minillm_ppo_epochs_replay_the_rollout_batch(tiny, tiny_dataset, tmp_path, monkeypatch):
     trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="minillm", ppo_epochs=2, max_steps=4,
-                           gradient_accumulation_steps=2, per_device_train_batch_size=2)
+                           minillm_teacher_mix=0.0, gradient_accumulation_steps=2, per_device_train_batch_size=2)
     calls = []
     original = trainer._generate_and_score_completions
     monkeypatch.setattr(trainer, "_generate_and_score_completions", lambda b: calls.append(1) or original(b))
@@ -368,6 +411,7 @@ def test_new_objectives_train(tiny, tiny_dataset, tmp_path, objective, overrides
     ("minillm_gamma", 1.1, r"AMMConfig.minillm_gamma=1.1 is invalid"),
     ("minillm_kd_ratio", -1.0, r"AMMConfig.minillm_kd_ratio=-1.0 is invalid"),
     ("pbkd_bt_weight", -1.0, r"AMMConfig.pbkd_bt_weight=-1.0 is invalid"),
+    ("minillm_teacher_mix", 1.5, r"AMMConfig.minillm_teacher_mix=1.5 is invalid"),
 ])
 def test_invalid_new_fields_are_named(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
