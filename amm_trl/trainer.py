@@ -732,10 +732,13 @@ class AMMTrainer(DistillationTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """DistiLLM: each evaluation's loss (the skew divergence on the eval off-policy completions, gathered over
-        ranks, so every rank updates alike) drives the adaptive threshold."""
+        ranks, so every rank updates alike) drives the adaptive threshold. Explicit calls with another prefix (or a
+        second eval set) leave it alone."""
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         key = f"{metric_key_prefix}_loss"
-        if self.distillm is not None and key in metrics:
+        # With several eval sets (a dict), the Trainer calls `evaluate` once per set: the first one drives.
+        driving = ("eval", f"eval_{next(iter(self.eval_dataset))}" if isinstance(self.eval_dataset, dict) else None)
+        if self.distillm is not None and key in metrics and metric_key_prefix in driving:
             args = self.args
             metrics[f"{metric_key_prefix}_distillm_threshold"] = self.distillm.update_on_eval(
                 metrics[key], args.distillm_loss_eps, args.distillm_threshold_step)
