@@ -3,8 +3,8 @@
 # (docs/benchmarks.md "Running on the GPU machine"; ../shared/gpu/README.md). Consecutive device runs:
 #
 #   run 1, carry [.gpu, .whl, .vl1]:  bash bench/run_gpu.sh run1   env install models estimate tests_gpu step_hf build7b3b
-#   run 2, carry [.gpu, .vl2]:        bash bench/run_gpu.sh run2   install tests_vllm rollout 7b3b_sleep
-#   run 3, carry [.gpu]:              bash bench/run_gpu.sh run3   7b3b_sleep step_vllm 7b3b 7b3b_offload step_vllm_zero3
+#   run 2, carry [.gpu, .vl2]:        bash bench/run_gpu.sh run2   install tests_vllm rollout 7b3b_offload
+#   run 3, carry [.gpu]:              bash bench/run_gpu.sh run3   7b3b_offload step_vllm 7b3b_sleep 7b3b step_vllm_zero3
 #
 # Each run must start while the machine from the previous one is still up (it stays warm ~30 s after a call):
 # /tmp/site, /tmp/vllm-parts and the models in /tmp survive only then; if it was given back, start again from run 1.
@@ -153,8 +153,8 @@ phase() {
 run_stage() {
   case $1 in
     run1) phase env install models estimate tests_gpu step_hf build7b3b ;;
-    run2) phase install tests_vllm rollout 7b3b_sleep ;;
-    run3) phase 7b3b_sleep step_vllm 7b3b 7b3b_offload step_vllm_zero3 ;;
+    run2) phase install tests_vllm rollout 7b3b_offload ;;
+    run3) phase 7b3b_offload step_vllm 7b3b_sleep 7b3b step_vllm_zero3 ;;
     env) stage env 5 60 env_info ;;
     install) stage install 40 300 do_install ;;
     models) stage models 45 240 build_kit_models ;;
@@ -170,7 +170,8 @@ run_stage() {
     7b3b_sleep) stage 7b3b_sleep 150 330 $PY bench/bench_7b3b.py --vllm-enable-sleep-mode 1 \
         --profile-out "$WORK/7b3b_sleep_profile.txt" --json "$WORK/7b3b_sleep.json" ;;
     7b3b) stage 7b3b 150 330 $PY bench/bench_7b3b.py --json "$WORK/7b3b.json" ;;
-    7b3b_offload) stage 7b3b_offload 150 330 $PY bench/bench_7b3b.py --offload-optimizer cpu --json "$WORK/7b3b_offload.json" ;;
+    7b3b_offload) stage 7b3b_offload 150 330 $PY bench/bench_7b3b.py --offload-optimizer cpu \
+        --profile-out "$WORK/7b3b_offload_profile.txt" --json "$WORK/7b3b_offload.json" ;;
     7b3b_hf) stage 7b3b_hf 150 330 $PY bench/bench_7b3b.py --use-vllm 0 --json "$WORK/7b3b_hf.json" ;;
     smoke) stage smoke 60 600 smoke ;;
     *) echo "unknown stage $1"; exit 2 ;;
