@@ -698,6 +698,8 @@ class AMMTrainer(DistillationTrainer):
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
         heads = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if self.q_heads.off is self.q_heads.on:  # one shared head (pbkd, q_head_shared): stored once, as `on.*`
+            heads = {k: v for k, v in heads.items() if not k.startswith("off.")}
         student = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
         super()._save(output_dir, state_dict=student)
         if heads and self.args.should_save:
@@ -749,4 +751,7 @@ class AMMTrainer(DistillationTrainer):
         # DeepSpeed restores the heads from its own engine checkpoint; other paths read the heads file.
         path = os.path.join(resume_from_checkpoint, HEADS_FILE)
         if self.q_heads is not None and not self.is_deepspeed_enabled and os.path.exists(path):
-            self.q_heads.load_state_dict(load_file(path, device=str(self.args.device)))
+            heads = load_file(path, device=str(self.args.device))
+            if self.q_heads.off is self.q_heads.on:
+                heads.update({"off." + k[3:]: v for k, v in heads.items() if k.startswith("on.")})
+            self.q_heads.load_state_dict(heads)

@@ -388,6 +388,25 @@ def test_pbkd_trains_with_heads_in_their_own_group(tiny, tiny_dataset, tmp_path)
     assert len(groups) == 1 and groups[0]["initial_lr"] == pytest.approx(1e-3 * 10.0)
 
 
+def test_pbkd_checkpoint_stores_the_shared_head_once_and_resume_restores_it(tiny, tiny_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    from amm_trl.trainer import HEADS_FILE
+
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="pbkd", max_steps=2, save_strategy="steps",
+                           save_steps=2)
+    trainer.train()
+    checkpoint = os.path.join(trainer.args.output_dir, "checkpoint-2")
+    heads = load_file(os.path.join(checkpoint, HEADS_FILE))
+    assert set(heads) == {"on.weight", "on.bias"}
+    trainer.save_model(str(tmp_path / "final"))  # the end-of-training save too
+    resumed = make_trainer(tiny, tiny_dataset, tmp_path, objective="pbkd", max_steps=2)
+    resumed._load_from_checkpoint(checkpoint)
+    assert resumed.q_heads.on is resumed.q_heads.off
+    for name, p in resumed.q_heads.on.state_dict().items():
+        torch.testing.assert_close(p, heads[f"on.{name}"], rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------- training, config
 @pytest.mark.parametrize("objective,overrides", [
     ("distillm", {"distillm_init_threshold": 0.7}),
