@@ -70,6 +70,10 @@ def digest(stage, r):
                          f"{mem(m)}, init {t['init_s']} s")
         for key in sorted(k for k in r if k.startswith("ratio_")):
             lines.append(f"  {key}: {r[key]}")
+    elif bench == "check_gpu_workers_cpu":
+        lines.append(f"  all_ok: {r['all_ok']} ({r['note']})")
+        for name, c in r["cases"].items():
+            lines.append(f"  {name}: {'ok' if c['ok'] else 'FAILED'} {c.get('error') or ''}")
     elif bench == "7b3b" and r.get("mode") == "estimate-only":
         est = r["deepspeed_estimator"]
         p = r["params"]

@@ -10,7 +10,8 @@
 # /tmp/site, /tmp/vllm-parts and the models in /tmp survive only then; if it was given back, start again from run 1.
 # Stages that succeeded are remembered on the machine (/tmp/amm-gpu-out/done): run1/run2/run3 skip them, so run 3
 # picks up whatever run 2 had no time for. Any stage can be named alone (always runs), e.g.
-# `bash bench/run_gpu.sh install 7b3b_sleep`. `smoke` runs every bench in --tiny mode (CPU is fine).
+# `bash bench/run_gpu.sh install 7b3b_sleep`. `smoke` runs every bench in --tiny mode and `check_workers` the GPU
+# tests' workers against a stand-in vLLM (bench/check_gpu_workers_cpu.py); both are meant for a CPU machine.
 #
 # Budget: the run stops starting stages once fewer seconds are left than a stage needs (BUDGET_S, default 530 s
 # from the start, so one device command stays under its 600 s limit); skipped stages are listed in the summary.
@@ -174,6 +175,7 @@ run_stage() {
         --profile-out "$WORK/7b3b_offload_profile.txt" --json "$WORK/7b3b_offload.json" ;;
     7b3b_hf) stage 7b3b_hf 150 330 $PY bench/bench_7b3b.py --use-vllm 0 --json "$WORK/7b3b_hf.json" ;;
     smoke) stage smoke 60 600 smoke ;;
+    check_workers) stage check_workers 60 600 $PY bench/check_gpu_workers_cpu.py --json "$WORK/check_workers.json" ;;
     *) echo "unknown stage $1"; exit 2 ;;
   esac
 }

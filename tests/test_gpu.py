@@ -165,10 +165,7 @@ def test_zero3_bf16_amm_step_on_gpu(gpu_assets, tmp_path):
     """NOT YET RUN ON A GPU. ZeRO-3 (one rank, NCCL, every parameter partitioned), bf16, two AMM steps without vLLM:
     finite losses, student and heads partitioned and changed (compared gathered)."""
     report = run_worker("train", gpu_assets, tmp_path, "--zero3", "--no-vllm", torchrun=True)
-    assert report["zero3_active"] and report["partitioned"]
-    assert len(report["losses"]) == 2 and all(math.isfinite(x) for x in report["losses"])
-    assert report["heads_changed"] == report["heads_total"] > 0
-    assert report["student_matrices_unchanged"] == []
+    check_zero3_step_report(report)
 
 
 @pytest.mark.gpu
@@ -188,19 +185,7 @@ def test_colocated_vllm_weights_equal_trainer_after_sync(gpu_assets, tmp_path, z
     vLLM still generates after the sync."""
     flags = (["--zero3"] if zero3 else []) + (["--lora"] if lora else [])
     report = run_worker("train", gpu_assets, tmp_path, *flags, torchrun=zero3)
-    assert report["zero3_active"] == zero3
-    assert all(math.isfinite(x) for x in report["losses"]) and len(report["losses"]) == 2
-    assert report["unmapped_vllm_params"] == [] and report["unchecked_trainer_params"] == []
-    assert report["before_sync"]["mismatched"], "vLLM already equal before the sync: the check cannot see changes"
-    assert report["after_sync"]["mismatched"] == [], report["after_sync"]
-    assert report["after_sync"]["checked"] == report["vllm_param_count"] > 0
-    assert report["streamed_heads"] == [] and report["streamed_adapters"] == []
-    assert report["streamed_missing"] == [] and report["streamed_unexpected"] == []
-    assert report["vllm_head_params"] == []
-    assert report["generated_tokens"] > 0
-    if lora:
-        assert report["lora_delta_max"] > 0 and report["merged_differs_from_base"]
-        assert report["unmerge_drift"]["outside_bound"] == [], report["unmerge_drift"]
+    check_sync_report(report, zero3, lora)
 
 
 @pytest.mark.gpu
@@ -218,6 +203,34 @@ def test_server_mode_unreachable_fails_clearly_within_timeout(gpu_assets, tmp_pa
     timeout = 5
     url = f"http://127.0.0.1:{free_port()}" if where == "refused" else "http://192.0.2.1:8000"
     report = run_worker("server", gpu_assets, tmp_path, url, str(timeout), timeout=timeout + 120)
+    check_server_report(report, url, timeout)
+
+
+# ------------------------------------------- assertions on the workers' reports (bench/check_gpu_workers_cpu.py too)
+def check_zero3_step_report(report):
+    assert report["zero3_active"] and report["partitioned"]
+    assert len(report["losses"]) == 2 and all(math.isfinite(x) for x in report["losses"])
+    assert report["heads_changed"] == report["heads_total"] > 0
+    assert report["student_matrices_unchanged"] == []
+
+
+def check_sync_report(report, zero3, lora):
+    assert report["zero3_active"] == zero3
+    assert all(math.isfinite(x) for x in report["losses"]) and len(report["losses"]) == 2
+    assert report["unmapped_vllm_params"] == [] and report["unchecked_trainer_params"] == []
+    assert report["before_sync"]["mismatched"], "vLLM already equal before the sync: the check cannot see changes"
+    assert report["after_sync"]["mismatched"] == [], report["after_sync"]
+    assert report["after_sync"]["checked"] == report["vllm_param_count"] > 0
+    assert report["streamed_heads"] == [] and report["streamed_adapters"] == []
+    assert report["streamed_missing"] == [] and report["streamed_unexpected"] == []
+    assert report["vllm_head_params"] == []
+    assert report["generated_tokens"] > 0
+    if lora:
+        assert report["lora_delta_max"] > 0 and report["merged_differs_from_base"]
+        assert report["unmerge_drift"]["outside_bound"] == [], report["unmerge_drift"]
+
+
+def check_server_report(report, url, timeout):
     assert report["raised"], f"no error: {report}"
     assert url in report["message"], report["message"]
     assert report["seconds"] <= timeout + 25, f"error after {report['seconds']:.1f}s (timeout {timeout}s): {report}"
