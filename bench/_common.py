@@ -149,6 +149,25 @@ def make_dataset(n_rows, prompt_words, completion_words, vocab=VOCAB, seed=0):
 
 
 # ------------------------------------------------------------------------------------------ distributed / deepspeed
+def die_with_parent(sig=9):
+    """Linux: deliver `sig` to this process when its parent exits. torchrun starts its workers in their own session,
+    so killing torchrun's process group leaves them running (holding the GPU, blocked on a dead rendezvous store);
+    workers call this with SIGKILL, and spawned torchrun processes get SIGTERM (which they forward to their workers)
+    through `preexec_fn=die_with_parent_term`."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        return
+    if os.getppid() == 1:  # the parent is already gone
+        os._exit(1)
+
+
+def die_with_parent_term():
+    die_with_parent(15)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

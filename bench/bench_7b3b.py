@@ -360,6 +360,7 @@ def main():
         subprocess.run([sys.executable, SCRIPT, *sys.argv[1:], "--build-only"], check=True)
         C.reexec_under_torchrun_if_needed(SCRIPT, sys.argv[1:])
 
+    C.die_with_parent()  # the torchrun rank must not outlive torchrun
     try:
         result = train(a, report)
     except Exception as exc:  # before training started (config, imports): still one RESULT line

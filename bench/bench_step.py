@@ -77,7 +77,7 @@ def build_trainer(spec, dataset, callbacks):
 
 
 def worker(spec):
-    import torch
+    C.die_with_parent()
 
     if spec["vllm_eager"]:  # test-only speed-up of the engine start; off by default (it changes the throughput)
         import functools
@@ -156,6 +156,7 @@ def run_worker(spec, log_dir, timeout):
     try:
         with open(log, "w") as f:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=C.ROOT,
+                                  preexec_fn=C.die_with_parent_term,
                                   env={**os.environ, "PYTHONPATH": C.ROOT + os.pathsep + os.environ.get("PYTHONPATH",
                                                                                                         "")})
         rc = proc.returncode

@@ -127,6 +127,7 @@ def install_stand_in(drop=None):
 
 
 def worker(argv):
+    C.die_with_parent()
     os.environ["AMM_GPU_TEST_EAGER"] = "0"  # nothing to patch: the stand-in has no enforce_eager
     drop = os.environ.get("STAND_IN_DROP")
     install_stand_in(drop)
@@ -152,6 +153,7 @@ def run_case(name, assets, out_dir, flags, torchrun=False, env=None):
     cmd = C.torchrun_cmd(SCRIPT, argv) if torchrun else [sys.executable, SCRIPT, *argv]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=C.ROOT, capture_output=True, text=True, timeout=600,
+                          preexec_fn=C.die_with_parent_term,
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                                "PYTHONPATH": C.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})})
     seconds = round(time.perf_counter() - start, 1)

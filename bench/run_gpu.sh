@@ -15,7 +15,8 @@
 #
 # Budget: the run stops starting stages once fewer seconds are left than a stage needs (BUDGET_S, default 530 s
 # from the start, so one device command stays under its 600 s limit); skipped stages are listed in the summary.
-# Each stage runs in its own process group and is killed with everything it started when its limit passes.
+# Each stage runs in its own process group, stopped (SIGTERM, then SIGKILL 20 s later) when its limit passes; the
+# bench and test workers die with their parent (PR_SET_PDEATHSIG), so torchrun ranks do not outlive a killed stage.
 # Logs and JSON go to /tmp/amm-gpu-out/<tag>/; at exit $OUT (default /tmp/amm-gpu-out/out) receives three files:
 #   <tag>_summary.txt   stage, rc, seconds, GPU memory in use after it; bench/digest.py of the results; pytest's summary
 #   <tag>_results.jsonl one {"stage", "result"} object per RESULT line
@@ -86,7 +87,10 @@ stage() {
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     if [ "$waited" -ge "$lim" ]; then
-      kill -TERM -- "-$pid" 2>/dev/null; sleep 5; kill -KILL -- "-$pid" 2>/dev/null
+      # SIGTERM first: torchrun stops its ranks (they run in their own session, out of this group's reach)
+      kill -TERM -- "-$pid" 2>/dev/null
+      for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+      kill -KILL -- "-$pid" 2>/dev/null
       break
     fi
     sleep 1; waited=$(( waited + 1 ))

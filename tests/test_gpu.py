@@ -88,6 +88,23 @@ def gpu_assets(tmp_path_factory):
     return build_gpu_assets(str(tmp_path_factory.mktemp("gpu_assets")))
 
 
+def die_with_parent(sig=9):
+    """Linux: `sig` reaches this process when its parent exits (torchrun starts its ranks in their own session, so a
+    rank must not outlive torchrun: it would hold the GPU and block on a dead rendezvous store)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        return
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def _term_with_parent():
+    die_with_parent(15)  # torchrun forwards SIGTERM to its ranks
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,15 +122,31 @@ def run_worker(kind, assets, tmp_path, *flags, torchrun=False, timeout=420):
         cmd = [sys.executable, *argv]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.perf_counter()
+    # Own process group, and SIGTERM if pytest dies; the worker (or each torchrun rank) dies with its parent.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=_term_with_parent)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                              start_new_session=True)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"worker {kind} {flags} did not finish within {timeout}s:\n{(exc.stdout or '')[-3000:]}")
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 15)  # torchrun stops its ranks on SIGTERM
+        try:
+            stdout, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            try:
+                stdout, stderr = proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                stdout, stderr = "", "(no output: the pipes stayed open)"
+        pytest.fail(f"worker {kind} {flags} did not finish within {timeout}s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, 9)  # whatever a finished worker left in its group
+        except (ProcessLookupError, PermissionError):
+            pass
     wall = time.perf_counter() - start
     assert proc.returncode == 0 and os.path.exists(out), (
-        f"worker {kind} {flags} failed (rc {proc.returncode}) after {wall:.0f}s:\n{proc.stdout[-4000:]}\n"
-        f"{proc.stderr[-8000:]}")
+        f"worker {kind} {flags} failed (rc {proc.returncode}) after {wall:.0f}s:\n{stdout[-4000:]}\n"
+        f"{stderr[-8000:]}")
     with open(out) as f:
         report = json.load(f)
     print(f"\n[{kind} {' '.join(flags)}] {wall:.0f}s: " + json.dumps(report)[:3000])
@@ -488,6 +521,7 @@ def _server_worker(assets_root, url, timeout):
 
 
 def main(argv):
+    die_with_parent()
     kind, assets_root, out = argv[:3]
     flags = argv[3:]
     if kind == "train":
