@@ -98,6 +98,10 @@ def train(argv: list[str]):
     from .trainer import AMMTrainer
 
     script, args, model_args = parse_train_args(argv)
+    if args.use_cpu or not torch.cuda.is_available():
+        # Flush denormals to zero on CPU: Adam's second moments of rarely-updated rows (the vocab-sized Q-heads)
+        # decay into denormal floats, which x86 handles ~100x slower; step times grew 7 s -> 66 s without this.
+        torch.set_flush_denormal(True)
     _resolve_assets(script, args, model_args)
     if model_args.model_name_or_path is None:
         raise ValueError("model_name_or_path: set the student model in the recipe or on the command line.")

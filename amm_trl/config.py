@@ -148,6 +148,10 @@ class AMMConfig(DistillationConfig):
 
         > Memory
 
+        q_head_warmup_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps at the start during which only the Q-heads learn (the student's gradient from the moment
+            gap is masked), so the student first meets an informed adversary rather than a near-zero one.
+
         loss_chunk_tokens (`int` or `None`, *optional*, defaults to `None`):
             Tokens projected to the vocabulary at once in the loss (logits are never materialized for the whole
             batch; each chunk is recomputed in the backward). `None` picks about 2^25 / vocab_size tokens.
@@ -184,6 +188,7 @@ class AMMConfig(DistillationConfig):
     minillm_teacher_mix: float = field(default=0.2, metadata={"help": "Teacher share of MiniLLM's sampling mixture."})
     minillm_kd_ratio: float = field(default=0.5, metadata={"help": "KD share of MiniLLM's reference-data loss."})
     pbkd_bt_weight: float = field(default=1.0, metadata={"help": "PbKD Bradley-Terry penalty weight."})
+    q_head_warmup_steps: int = field(default=0, metadata={"help": "Initial steps in which only the Q-heads learn."})
     loss_chunk_tokens: int | None = field(default=None, metadata={"help": "Tokens per vocabulary projection chunk."})
 
     def __post_init__(self):
@@ -230,6 +235,8 @@ class AMMConfig(DistillationConfig):
                  "`generate`; with use_vllm set it to 0 (rollouts from the student alone).")
         if self.off_policy_source not in OFF_POLICY_SOURCES:
             fail("off_policy_source", self.off_policy_source, f"choose one of {list(OFF_POLICY_SOURCES)}.")
+        if self.q_head_warmup_steps < 0:
+            fail("q_head_warmup_steps", self.q_head_warmup_steps, "use 0 or a positive number of steps.")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             fail("loss_chunk_tokens", self.loss_chunk_tokens, "use a positive number of tokens or null (auto).")
         if self.uses_off_policy and self.off_policy_source == "none":

@@ -290,21 +290,9 @@ class AMMTrainer(DistillationTrainer):
             if self.args.objective == "minillm":
                 self._score_rollouts(output)
         elif replay is not None:
-            prompt_ids = [torch.tensor(p, dtype=torch.long) for p, _ in replay]
-            pad_id = self._tokenizer.pad_token_id
-            output = {
-                "prompt_ids": pad(prompt_ids, padding_value=pad_id, padding_side="left").to(device),
-                "prompt_mask": pad([torch.ones_like(ids) for ids in prompt_ids], padding_value=0,
-                                   padding_side="left").to(device),
-            }
+            output = self._padded_prompts([p for p, _ in replay])
         else:
-            prompt_ids, _, _ = self._tokenize_prompts([x["prompt"] for x in inputs])
-            prompt_ids = [torch.tensor(ids) for ids in prompt_ids]
-            output = {
-                "prompt_ids": pad(prompt_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
-                "prompt_mask": pad([torch.ones_like(ids) for ids in prompt_ids], padding_value=0,
-                                   padding_side="left").to(device),
-            }
+            output = self._padded_prompts(self._tokenize_prompts([x["prompt"] for x in inputs])[0])
         if off:
             if replay is not None:
                 completions = [c for _, c in replay]
@@ -325,6 +313,15 @@ class AMMTrainer(DistillationTrainer):
             self._metrics[mode]["off_policy/mean_length"].append(
                 self.accelerator.gather(output["off_completion_mask"].sum(1).float()).mean().item())
         return output
+
+    def _padded_prompts(self, prompt_ids: list[list[int]]) -> dict:
+        """Left-padded prompt ids and mask, as TRL lays out a batch (for steps without student rollouts)."""
+        ids = [torch.tensor(p, dtype=torch.long) for p in prompt_ids]
+        device = self.accelerator.device
+        return {
+            "prompt_ids": pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
+            "prompt_mask": pad([torch.ones_like(i) for i in ids], padding_value=0, padding_side="left").to(device),
+        }
 
     @torch.no_grad()
     def _teacher_completions(self, prompt_ids, prompt_mask) -> list[list[int]]:
@@ -550,6 +547,8 @@ class AMMTrainer(DistillationTrainer):
         policy_gradient = args.objective == "minillm" and kind == "on" and not plain
         n_extra = 3 if policy_gradient else 0
 
+        head_warmup = head is not None and self.state.global_step < args.q_head_warmup_steps
+
         def fn(h_s, y, h_t, *rest):
             extra_inputs, p = rest[:n_extra], rest[n_extra:]
             s_w, s_b = p[0], (p[1] if n_student == 2 else None)
@@ -561,7 +560,9 @@ class AMMTrainer(DistillationTrainer):
             if head is not None:
                 features = (h_s if args.q_head_features == "student" else h_t).detach()
                 q = head.q_values(features, list(p[n_student + n_teacher:]), s_w[:vocab])
-                values = O.amm_adversarial_gap(z_s, z_t, q)
+                # While the heads warm up only they learn: a near-zero adversary gives the student noise that Adam
+                # would rescale into full-size steps.
+                values = O.amm_adversarial_gap(z_s.detach() if head_warmup else z_s, z_t, q)
                 extra = [q.detach().abs().mean(-1)]
                 if args.objective == "pbkd":  # token reward r(s_t, y_t) = q(s_t)[y_t] of the taken action
                     extra.append(q.detach().gather(-1, y[:, None]).squeeze(-1))

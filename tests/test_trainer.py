@@ -292,3 +292,18 @@ def test_low_rank_head_and_teacher_features_train(tiny, tiny_dataset, tmp_path):
     assert trainer.q_heads.on.fc1.in_features == 48  # teacher hidden size
     trainer.train()
     assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_head_warmup_trains_only_the_heads(tiny, tiny_dataset, tmp_path):
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, q_head_warmup_steps=3)
+    for p in trainer.q_heads.parameters():
+        p.data.normal_(0, 0.5)
+    inputs = fixed_batch(trainer, tiny_dataset)
+    student = [p for n, p in trainer.model.named_parameters() if "amm_q_heads" not in n]
+    for step, student_learns in ((2, False), (3, True)):
+        trainer.state.global_step = step
+        trainer.model.zero_grad()
+        trainer.compute_loss(trainer.model, inputs).backward()
+        student_grad = sum(float(p.grad.abs().sum()) for p in student if p.grad is not None)
+        assert (student_grad > 0) == student_learns, (step, student_grad)
+        assert sum(float(p.grad.abs().sum()) for p in trainer.q_heads.parameters()) > 0
