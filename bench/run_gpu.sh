@@ -101,6 +101,7 @@ stage() {
   echo "=== $name rc=$rc in $(( $(date +%s) - t ))s gpu_used_after=$(gpu_used)" | tee -a "$SUMMARY"
   [ "$rc" = 0 ] && touch "$DONE/$name"
   $PY bench/digest.py "$WORK/$name.log" 2>/dev/null
+  case $name in env|install) tail -n 20 "$WORK/$name.log" | tee -a "$SUMMARY" ;; esac
   [ "$rc" = 0 ] || grep -v -e "^INFO" -e "it/s]" -e "Warning" "$WORK/$name.log" | tail -n 25
   return 0
 }
@@ -110,14 +111,17 @@ do_install() {
     echo "the GPU kit is not at $KIT: mkdir -p .gpu && cp ../shared/gpu/*.sh ../shared/gpu/*.py .gpu/ (and carry .gpu)"
     return 1
   fi
-  WITH_DEEPSPEED=1 bash "$KIT/install_on_gpu.sh" 2>&1 | grep -v "Running pip as the 'root'"
+  set -o pipefail
+  WITH_DEEPSPEED=1 bash "$KIT/install_on_gpu.sh" 2>&1 | grep -v "Running pip as the 'root'" || return 1
   $PY -c "
-import importlib
+import importlib, sys
+missing = []
 for n in ('torch', 'transformers', 'trl', 'deepspeed', 'datasets', 'peft', 'accelerate', 'vllm'):
     try:
         m = importlib.import_module(n); print(n, getattr(m, '__version__', '?'))
     except Exception as e:
-        print(n, 'MISSING', type(e).__name__, str(e)[:120])
+        print(n, 'MISSING', type(e).__name__, str(e)[:120]); missing.append(n)
+sys.exit(1 if set(missing) & {'trl', 'deepspeed', 'datasets'} else 0)  # vLLM arrives in run 2
 "
 }
 
