@@ -360,10 +360,7 @@ class AMMTrainer(DistillationTrainer):
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                          gather_deepspeed3_params=args.ds3_gather_for_generation) as student:
             h_s = self._get_last_hidden_state(student, input_ids, attention_mask, width)
-            self.teacher_model.eval()
-            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-            h_t = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
-                                            unwrapped_teacher, input_ids, attention_mask, width)
+            h_t = self._teacher_hidden_states(input_ids, attention_mask, width)
             fn, params, names = self._token_fn("on", self.accelerator.unwrap_model(self.model), plain=True)
             weights = torch.zeros(int(valid.sum()), device=h_s.device)
             _, metrics = self.loss_module([h_s[valid], c_ids[valid], h_t[valid]], weights,
@@ -387,10 +384,10 @@ class AMMTrainer(DistillationTrainer):
         output["minillm_old_logp"], output["minillm_advantages"] = behaviour_logp, advantages
         output["minillm_is_weight"] = is_weight
         mode = "train" if self.model.training else "eval"
-        n = self.accelerator.gather(mask.sum()).sum().clamp(min=1)
-        self._metrics[mode]["minillm/reward"].append((self.accelerator.gather(rewards.sum()).sum() / n).item())
-        self._metrics[mode]["minillm/return"].append((self.accelerator.gather(returns.sum()).sum() / n).item())
-        self._metrics[mode]["minillm/is_weight"].append((self.accelerator.gather(is_weight.sum()).sum() / n).item())
+        sums = torch.stack([mask.sum(), rewards.sum(), returns.sum(), is_weight.sum()])
+        n, reward, ret, weight = self.accelerator.gather(sums[None]).sum(0).tolist()  # one collective
+        for name, total in (("reward", reward), ("return", ret), ("is_weight", weight)):
+            self._metrics[mode][f"minillm/{name}"].append(total / max(n, 1.0))
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         """MiniLLM with `minillm_teacher_mix` > 0: TRL's HF-`generate` rollout path with `TeacherMixProcessor` added
@@ -451,12 +448,7 @@ class AMMTrainer(DistillationTrainer):
         h_student = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, width)
         h_teacher = None
         if self.args.uses_teacher_logits:
-            self.teacher_model.eval()
-            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-            with torch.no_grad():
-                h_teacher = self._forward_redirection(self.teacher_model, unwrapped_teacher,
-                                                      self._get_last_hidden_state, unwrapped_teacher, input_ids,
-                                                      attention_mask, width)
+            h_teacher = self._teacher_hidden_states(input_ids, attention_mask, width)
 
         loss = torch.zeros((), device=h_student.device)
         entropy_sum = torch.zeros((), device=h_student.device)
@@ -474,6 +466,15 @@ class AMMTrainer(DistillationTrainer):
             loss = loss + self._pbkd_preference_term(unwrapped_student, h_student, h_teacher, completion_ids,
                                                      completion_mask, batch, records)
         return loss, entropy_sum, n_valid
+
+    @torch.no_grad()
+    def _teacher_hidden_states(self, input_ids, attention_mask, width):
+        """The frozen teacher's last hidden states over the last `width` positions, through its own engine (so
+        ZeRO-3 gathers its layers), as TRL runs it."""
+        self.teacher_model.eval()
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        return self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state, teacher, input_ids,
+                                         attention_mask, width)
 
     @staticmethod
     def _key(kind, what):

@@ -244,6 +244,27 @@ def time_method(obj, name, sink: list):
     return original
 
 
+def instrument_rollouts(trainer, rollout_s: list, sync_s: list, tokens: list):
+    """Times each rollout batch (TRL's `_generate_and_score_completions`, vLLM weight sync included) and the sync
+    alone, and records the batch's token counts (prompt, rollout and off-policy tokens, sequences)."""
+    original = trainer._generate_and_score_completions
+
+    def generate_and_count(inputs):
+        cuda_sync()
+        t = time.perf_counter()
+        out = original(inputs)
+        cuda_sync()
+        rollout_s.append(time.perf_counter() - t)
+        count = {k: int(out[k].sum()) for k in ("prompt_mask", "completion_mask", "off_completion_mask") if k in out}
+        count["sequences"] = int(out["prompt_ids"].size(0))
+        tokens.append(count)
+        return out
+
+    trainer._generate_and_score_completions = generate_and_count
+    if getattr(trainer, "vllm_generation", None) is not None:
+        time_method(trainer.vllm_generation, "sync_weights", sync_s)
+
+
 class DeviceMemoryMonitor:
     """Polls the device's used memory (NVML, else cudaMemGetInfo) in a thread: the peak includes vLLM's pool,
     NCCL buffers and the CUDA context, which `torch.cuda.max_memory_allocated` does not see."""

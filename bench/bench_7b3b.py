@@ -236,23 +236,7 @@ def train(a, report):
                                      ["prompt"]), callbacks=callbacks)
             result["init_s"] = round(time.perf_counter() - start, 1)
             result["memory_after_init"] = {**C.torch_memory(), "device_used_peak_gib": monitor.peak_gib()}
-            original = trainer._generate_and_score_completions
-
-            def generate_and_count(inputs):
-                C.cuda_sync()
-                t = time.perf_counter()
-                out = original(inputs)
-                C.cuda_sync()
-                rollout_s.append(time.perf_counter() - t)
-                count = {k: int(out[k].sum()) for k in ("prompt_mask", "completion_mask", "off_completion_mask")
-                         if k in out}
-                count["sequences"] = int(out["prompt_ids"].size(0))
-                tokens.append(count)
-                return out
-
-            trainer._generate_and_score_completions = generate_and_count
-            if getattr(trainer, "vllm_generation", None) is not None:
-                C.time_method(trainer.vllm_generation, "sync_weights", sync_s)
+            C.instrument_rollouts(trainer, rollout_s, sync_s, tokens)
             from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
             result["deepspeed_zero3_active"] = bool(trainer.is_deepspeed_enabled and is_deepspeed_zero3_enabled())

@@ -93,22 +93,7 @@ def worker(spec):
         trainer = build_trainer(spec, dataset, [timer])
         init_s = time.perf_counter() - start
         rollout_s, sync_s, tokens = [], [], []
-        original = trainer._generate_and_score_completions
-
-        def generate_and_count(inputs):  # rollout time (vLLM sync included) and the token counts of the batch
-            C.cuda_sync()
-            t = time.perf_counter()
-            out = original(inputs)
-            C.cuda_sync()
-            rollout_s.append(time.perf_counter() - t)
-            count = {k: int(out[k].sum()) for k in ("prompt_mask", "completion_mask", "off_completion_mask")
-                     if k in out}
-            tokens.append(count)
-            return out
-
-        trainer._generate_and_score_completions = generate_and_count
-        if getattr(trainer, "vllm_generation", None) is not None:
-            C.time_method(trainer.vllm_generation, "sync_weights", sync_s)
+        C.instrument_rollouts(trainer, rollout_s, sync_s, tokens)
         t = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - t

@@ -274,6 +274,16 @@ def test_dataset_without_prompt_column_is_refused(tiny, tiny_dataset, tmp_path):
     ("objective", "ppo", r"AMMConfig.objective='ppo' is invalid: choose one of"),
     ("q_head_type", "mlp", r"AMMConfig.q_head_type='mlp' is invalid"),
     ("beta", 2.0, r"beta must be in \[0.0, 1.0\]"),
+    ("skew_alpha", 1.5, r"AMMConfig.skew_alpha=1.5 is invalid: it must lie in \[0, 1\]"),
+    ("distillm_loss", "kl", r"AMMConfig.distillm_loss='kl' is invalid: choose one of"),
+    ("distillm_init_threshold", -0.1, r"AMMConfig.distillm_init_threshold=-0.1 is invalid"),
+    ("replay_buffer_size", 0, r"AMMConfig.replay_buffer_size=0 is invalid: use an integer >= 1"),
+    ("ppo_clip", 0.0, r"AMMConfig.ppo_clip=0.0 is invalid: it must be > 0"),
+    ("ppo_epochs", 0, r"AMMConfig.ppo_epochs=0 is invalid"),
+    ("minillm_gamma", 1.1, r"AMMConfig.minillm_gamma=1.1 is invalid"),
+    ("minillm_kd_ratio", -1.0, r"AMMConfig.minillm_kd_ratio=-1.0 is invalid"),
+    ("pbkd_bt_weight", -1.0, r"AMMConfig.pbkd_bt_weight=-1.0 is invalid"),
+    ("minillm_teacher_mix", 1.5, r"AMMConfig.minillm_teacher_mix=1.5 is invalid"),
 ])
 def test_invalid_fields_are_named(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
