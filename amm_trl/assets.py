@@ -10,6 +10,7 @@ directory (``$AMM_TRL_CACHE`` or ``~/.cache/amm-trl``):
   113M params). Measured on 16 alpaca eval answers: mean token log-prob -4.01 (teacher -1.96). Dropping more is
   far worse without an SFT "healing" phase (every third layer kept: -14.3; every other: -13.7), and a student
   that far off gives moment matching almost no gradient toward the teacher's tokens (it scales with p_S).
+  Measured with `python bench/student_layers.py`.
   Same tokenizer, so it is a genuine distillation pair.
 * ``alpaca-demo-train`` / ``alpaca-demo-eval``: ``data/alpaca_en_demo.json`` (999 rows) from the llamafactory
   0.9.5 sdist, converted to TRL's conversational prompt-completion jsonl; 100 eval rows picked with a fixed seed.
