@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
+from .objectives import VLLM_IS_MODES
+
 # objective -> (uses student rollouts, uses off-policy completions). "mix" = per step, with probability `lmbda`
 # the batch is student rollouts, otherwise off-policy completions (GKD / ImitKD data schedule).
 OBJECTIVES = {
@@ -146,6 +148,31 @@ class AMMConfig(DistillationConfig):
             Dataset column holding the off-policy completion: text for standard prompts, or a list of assistant
             messages for conversational prompts.
 
+        > vLLM sampling correction (TRL GRPO's fields, same names and meaning; only with `use_vllm`)
+
+        vllm_importance_sampling_correction (`bool`, *optional*, defaults to `False`):
+            Weight the student-rollout part of the loss by the importance ratio exp(log p_trainer - log p_vLLM) of the
+            sampled tokens, which corrects for vLLM's sampling log-probs differing from the trainer's (bf16 kernels,
+            another attention implementation). vLLM then returns the sampled tokens' log-probs (`logprobs=0`) and the
+            rollout-time student scores them in one extra no-grad forward per generation batch; logs
+            `sampling/sampling_logp_difference/{mean,max}` and `sampling/importance_sampling_ratio/{min,mean,max}`.
+            Off-policy completions are not weighted. Not with objective `jsd` (TRL's loss takes no token weights).
+            Off by default (on in GRPO): the distillation losses are full-distribution divergences at each visited
+            prefix, so the mismatch only shifts which prefixes are visited, a second-order effect, while the weights
+            add variance and discard data (`*_mask`); GRPO's policy gradient instead reads the sampled tokens'
+            probabilities directly. Turn it on for the policy-gradient terms (`minillm`, `amm_policy_gradient`), or
+            when the logged difference is large.
+        vllm_importance_sampling_mode (`str`, *optional*, defaults to `"sequence_mask"`):
+            `"token_truncate"` / `"token_mask"`: per-token ratios, clipped to [C_min, C_max] / set to 0 outside it;
+            `"sequence_truncate"` / `"sequence_mask"`: one ratio per rollout (the product over its tokens) for all its
+            tokens, clipped / the rollout dropped outside [C_min, C_max]. For divergence losses the sequence modes are
+            the principled ones (the probability of reaching a prefix is a product over the tokens before it); the
+            token modes follow GRPO's per-token approximation.
+        vllm_importance_sampling_clip_max (`float` or `None`, *optional*, defaults to `3.0`):
+            Upper bound C_max of the ratio (`None`: none).
+        vllm_importance_sampling_clip_min (`float` or `None`, *optional*, defaults to `None`):
+            Lower bound C_min of the ratio (`None`: none).
+
         > Memory
 
         q_head_warmup_steps (`int`, *optional*, defaults to `0`):
@@ -190,6 +217,13 @@ class AMMConfig(DistillationConfig):
     pbkd_bt_weight: float = field(default=1.0, metadata={"help": "PbKD Bradley-Terry penalty weight."})
     q_head_warmup_steps: int = field(default=0, metadata={"help": "Initial steps in which only the Q-heads learn."})
     loss_chunk_tokens: int | None = field(default=None, metadata={"help": "Tokens per vocabulary projection chunk."})
+    vllm_importance_sampling_correction: bool = field(
+        default=False, metadata={"help": "Weight rollout tokens by exp(logp_trainer - logp_vLLM) (clipped/masked)."})
+    vllm_importance_sampling_mode: str = field(
+        default="sequence_mask", metadata={"help": "Per-token or per-sequence ratio, clipped or masked.",
+                                           "choices": list(VLLM_IS_MODES)})
+    vllm_importance_sampling_clip_max: float | None = field(default=3.0, metadata={"help": "Ratio upper bound."})
+    vllm_importance_sampling_clip_min: float | None = field(default=None, metadata={"help": "Ratio lower bound."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -244,6 +278,18 @@ class AMMConfig(DistillationConfig):
                  f"lmbda={self.lmbda}) trains on off-policy completions: use 'dataset' or 'teacher'.")
         if self.amm_policy_gradient and self.objective != "amm":
             fail("amm_policy_gradient", True, f"it applies to objective 'amm' only, not {self.objective!r}.")
+        if self.vllm_importance_sampling_mode not in VLLM_IS_MODES:
+            fail("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode,
+                 f"choose one of {list(VLLM_IS_MODES)}.")
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if low is not None and high is not None and not low < high:
+            fail("vllm_importance_sampling_clip_min", low, f"it must be < vllm_importance_sampling_clip_max={high}.")
+        if low is None and high is None and self.vllm_importance_sampling_mode.endswith("truncate"):
+            fail("vllm_importance_sampling_clip_max", None, "a '*_truncate' mode needs a bound: set it or "
+                 "vllm_importance_sampling_clip_min.")
+        if self.vllm_importance_sampling_correction and self.objective == "jsd":
+            fail("vllm_importance_sampling_correction", True, "objective 'jsd' runs TRL's loss, which takes no "
+                 "token weights: use 'gkd' with lmbda 1.0 (the same loss) or set it to false.")
         ds = self.deepspeed if isinstance(self.deepspeed, dict) else None
         if ds is not None and "optimizer" in ds and self.objective in ("amm", "pbkd"):
             fail("deepspeed", "{'optimizer': ...}", "remove the 'optimizer' section: the Q-heads need their own "

@@ -40,6 +40,8 @@ __all__ = [
     "ppo_clipped_loss",
     "teacher_mix_weights",
     "bradley_terry_loss",
+    "VLLM_IS_MODES",
+    "vllm_importance_weights",
 ]
 
 
@@ -390,3 +392,49 @@ def bradley_terry_loss(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor
         )
     dtype = _compute_dtype(reward_chosen, reward_rejected)
     return -F.logsigmoid(_as(reward_chosen, dtype) - _as(reward_rejected, dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampler / trainer mismatch (vLLM rollouts)
+# ----------------------------------------------------------------------------------------------------------
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def vllm_importance_weights(
+    logp_trainer: Tensor,
+    logp_sampler: Tensor,
+    mask: Tensor,
+    mode: str = "sequence_mask",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> Tensor:
+    r"""Per-token importance weights that correct for the sampler (vLLM) / trainer log-prob mismatch, as TRL's GRPO
+    ``vllm_importance_sampling_*`` options. ``(B, T)`` inputs: log-probs of the sampled tokens, 0/1 ``mask``.
+
+    .. math::
+        d_t = m_t (\log \pi_{train}(y_t) - \log \pi_{vLLM}(y_t)) \quad (0 \text{ where the sampler's is NaN}),
+        \qquad r_t = e^{d_t} \ (\texttt{token\_*}), \qquad r_t = e^{\sum_k d_k} \ (\texttt{sequence\_*})
+
+    ``*_truncate``: :math:`w_t = \operatorname{clip}(r_t, C_{min}, C_{max})`;
+    ``*_mask``: :math:`w_t = r_t \, [C_{min} \le r_t \le C_{max}]` (a missing bound is no bound).
+    Returns :math:`w_t m_t` (0 at padding), detached.
+    """
+    if mode not in VLLM_IS_MODES:
+        raise ValueError(f"mode must be one of {list(VLLM_IS_MODES)}, got {mode!r}")
+    _check_seq("logp_trainer", logp_trainer, mask)
+    _check_seq("logp_sampler", logp_sampler, mask)
+    dtype = _compute_dtype(logp_trainer, logp_sampler)
+    m = _as(mask, dtype)
+    diff = torch.nan_to_num((_as(logp_trainer.detach(), dtype) - _as(logp_sampler.detach(), dtype)) * m, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        if clip_min is None and clip_max is None:
+            raise ValueError(f"mode {mode!r} needs clip_min or clip_max")
+        ratio = ratio.clamp(min=clip_min, max=clip_max)
+    else:
+        low = -math.inf if clip_min is None else clip_min
+        high = math.inf if clip_max is None else clip_max
+        ratio = ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+    return ratio.expand_as(m) * m

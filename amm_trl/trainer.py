@@ -4,9 +4,11 @@ What TRL already does is kept: the generation buffer (rollouts once per optimize
 colocate or server rollouts and weight sync, ZeRO-3 teacher preparation, PEFT handling, logging. The hooks overridden:
 
 - `__init__`: loads the teacher itself (so a padded vocabulary, e.g. 151936 vs 152064, can share the tokenizer's
-  rows), attaches the Q-heads to the student (one DeepSpeed engine, one backward) and keeps them out of vLLM syncs.
+  rows), attaches the Q-heads to the student (one DeepSpeed engine, one backward) and keeps them out of vLLM syncs;
+  in vLLM server mode it first waits for the server within `vllm_server_timeout` (TRL's health check may hang).
 - `_generate_and_score_completions`: adds the off-policy completions (dataset column or online teacher generation)
-  next to the student rollouts, as each objective's data schedule asks.
+  next to the student rollouts, as each objective's data schedule asks; with vLLM, the importance weights of the
+  rollout tokens (`vllm_importance_sampling_correction`, from the sampled tokens' log-probs vLLM returns).
 - `_compute_loss`: one student and one teacher forward over rollouts + off-policy completions, then the objective's
   per-token loss, chunked over the vocabulary (`chunked.py`, losses in `objectives.py`).
 - `create_optimizer`: the Q-heads get their own parameter group (`q_head_lr_multiplier`).
@@ -24,6 +26,7 @@ import random
 import resource
 import time
 import warnings
+from urllib.parse import urlparse
 
 import torch
 from accelerate.utils import is_peft_model
@@ -48,10 +51,18 @@ DISTILLM_STATE_FILE = "distillm_state_rank{rank}.pt"
 
 
 class HeadFreeVLLMGeneration(VLLMGeneration):
-    """TRL's vLLM generator whose weight-sync stream skips the Q-heads (vLLM's model has no such weights).
+    """TRL's vLLM generator whose weight-sync stream skips the Q-heads (vLLM's model has no such weights), and which
+    keeps the sampled tokens' log-probs of the last `generate` (TRL's distillation trainer discards them).
 
     Without PEFT each parameter is gathered one at a time, so heads are skipped *before* their gather.
     """
+
+    last_logprobs = None
+
+    def generate(self, *args, **kwargs):
+        prompt_ids, completion_ids, logprobs, logprob_token_ids = super().generate(*args, **kwargs)
+        self.last_logprobs = logprobs  # per completion, per token: [log-prob of the sampled token] (logprobs=0)
+        return prompt_ids, completion_ids, logprobs, logprob_token_ids
 
     def _iter_named_params(self):
         prefix = HEADS_ATTRIBUTE + "."
@@ -100,6 +111,40 @@ class TeacherMixProcessor(LogitsProcessor):
         return mixed
 
 
+def wait_for_vllm_server(args, model) -> None:
+    """Server mode: polls the server's `/health` until `vllm_server_timeout`, each request bounded by the time left,
+    and raises an error naming the fields to fix. TRL's client polls with `requests.get` without a timeout, so a host
+    that accepts connections but never answers (or silently drops packets) would block it far past the timeout."""
+    import requests  # TRL's dependency for server mode
+
+    if args.vllm_server_base_url is not None:
+        url, where = args.vllm_server_base_url.rstrip("/"), f"vllm_server_base_url={args.vllm_server_base_url!r}"
+    else:
+        url = f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+        where = f"vllm_server_host={args.vllm_server_host!r}, vllm_server_port={args.vllm_server_port}"
+    deadline = time.monotonic() + float(args.vllm_server_timeout)
+    while True:
+        try:
+            response = requests.get(f"{url}/health", timeout=max(deadline - time.monotonic(), 0.1))
+            if response.status_code == 200:
+                return
+            problem = f"GET /health answered {response.status_code}"
+        except requests.RequestException as exc:
+            problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(1.0, left))
+    name = model if isinstance(model, str) else getattr(model, "name_or_path", "STUDENT")
+    raise ConnectionError(
+        f"No vLLM server answered at {url} ({where}) within vllm_server_timeout={args.vllm_server_timeout} s "
+        f"(last attempt: {problem}). Start the server first, on GPUs the trainer does not use, e.g. "
+        f"`CUDA_VISIBLE_DEVICES=1 trl vllm-serve --model {name} --port {urlparse(url).port or 8000}`, and point "
+        f"vllm_server_base_url (or vllm_server_host and vllm_server_port) at it; raise vllm_server_timeout if it is "
+        f"still loading."
+    )
+
+
 def _logit_transform(config) -> tuple[float, float | None]:
     """(scale, softcap) that the model's own forward applies to its logits (Cohere/Granite/Gemma styles)."""
     scale = getattr(config, "logit_scale", None) or getattr(config, "output_multiplier", None)
@@ -140,6 +185,8 @@ class AMMTrainer(DistillationTrainer):
         off_column = args.off_policy_column if args.uses_off_policy and args.off_policy_source == "dataset" else None
         check_dataset(train_dataset, "train_dataset", off_column)
         check_dataset(eval_dataset, "eval_dataset", off_column)
+        if args.use_vllm and args.vllm_mode == "server" and args.process_index == 0:  # the process TRL's client runs on
+            wait_for_vllm_server(args, model)  # before loading any model: fail fast
         needs_teacher = args.uses_teacher_logits or args.off_policy_source == "teacher" and args.uses_off_policy
         if needs_teacher and teacher_model is None:
             raise ValueError(f"teacher_model is required for objective {args.objective!r}.")
@@ -185,12 +232,27 @@ class AMMTrainer(DistillationTrainer):
             [head.weight, head.bias] + (list(self.q_heads.parameters()) if self.q_heads is not None else []))
         if self.use_vllm:
             self.vllm_generation.__class__ = HeadFreeVLLMGeneration
+            if args.vllm_importance_sampling_correction:
+                self.vllm_generation.logprobs = 0  # TRL's distillation asks for none; the ratio needs the sampled ones
+                if args.vllm_mode == "server" and self.accelerator.is_main_process:
+                    self._check_server_logprobs_mode()
         self._pending_metrics = {}
         # DistiLLM's adaptive schedule: replay buffer of past rollouts and threshold (per process, checkpointed).
         self.distillm = DistillmState(args.replay_buffer_size, args.distillm_init_threshold) \
             if args.objective == "distillm" else None
 
     # ----------------------------------------------------------------------------------------------- setup
+    def _check_server_logprobs_mode(self):
+        """As TRL's GRPO: the ratio needs log-probs after temperature and logit processing (`trl vllm-serve` starts
+        vLLM with `--logprobs-mode processed_logprobs`; plain `vllm serve` does not)."""
+        try:
+            mode = self.vllm_generation.vllm_client.get_server_info()["model_config"]["logprobs_mode"]
+        except Exception as exc:  # noqa: BLE001 - `/server_info` needs VLLM_SERVER_DEV_MODE=1
+            mode = f"unknown ({type(exc).__name__})"
+        if mode != "processed_logprobs":
+            warnings.warn(f"The vLLM server's logprobs mode is {mode}, not processed_logprobs: the importance ratios "
+                          "of vllm_importance_sampling_correction are biased (start it with `trl vllm-serve`).")
+
     @staticmethod
     def _load_teacher(teacher_model, args):
         if not isinstance(teacher_model, str):
@@ -289,6 +351,8 @@ class AMMTrainer(DistillationTrainer):
                 self._push_rollouts(output)
             if self.args.objective == "minillm":
                 self._score_rollouts(output)
+            if self.use_vllm and self.args.vllm_importance_sampling_correction:
+                self._vllm_importance_weights(output)
         elif replay is not None:
             output = self._padded_prompts([p for p, _ in replay])
         else:
@@ -352,24 +416,8 @@ class AMMTrainer(DistillationTrainer):
         process's generation batch. One no-grad student and teacher forward, log-probs through the chunked loss path.
         """
         args = self.args
-        c_ids, c_mask = output["completion_ids"], output["completion_mask"]
-        input_ids = torch.cat([output["prompt_ids"], c_ids], dim=1)
-        attention_mask = torch.cat([output["prompt_mask"], c_mask], dim=1)
-        width = c_ids.size(1)
-        valid = c_mask.bool()
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                         gather_deepspeed3_params=args.ds3_gather_for_generation) as student:
-            h_s = self._get_last_hidden_state(student, input_ids, attention_mask, width)
-            h_t = self._teacher_hidden_states(input_ids, attention_mask, width)
-            fn, params, names = self._token_fn("on", self.accelerator.unwrap_model(self.model), plain=True)
-            weights = torch.zeros(int(valid.sum()), device=h_s.device)
-            _, metrics = self.loss_module([h_s[valid], c_ids[valid], h_t[valid]], weights,
-                                          LossSpec(fn, params, self.chunk_size))
-        old_logp = torch.zeros(valid.shape, device=h_s.device, dtype=torch.float32)
-        teacher_logp = torch.zeros_like(old_logp)
-        old_logp[valid] = metrics[:, names.index("logp_student")].float()
-        teacher_logp[valid] = metrics[:, names.index("logp_teacher")].float()
-        mask = valid.float()
+        old_logp, teacher_logp = self._rollout_log_probs(output, teacher=True)
+        mask = output["completion_mask"].float()
         is_weight = mask.clone()
         behaviour_logp = old_logp
         mix = args.minillm_teacher_mix
@@ -388,6 +436,68 @@ class AMMTrainer(DistillationTrainer):
         n, reward, ret, weight = self.accelerator.gather(sums[None]).sum(0).tolist()  # one collective
         for name, total in (("reward", reward), ("return", ret), ("is_weight", weight)):
             self._metrics[mode][f"minillm/{name}"].append(total / max(n, 1.0))
+
+    @torch.no_grad()
+    def _rollout_log_probs(self, output, teacher=False) -> list[torch.Tensor]:
+        """Log-probs of the rollout tokens under the rollout-time student (and the teacher), (B, T) fp32, 0 at
+        padding: one no-grad forward each, projected as the loss projects (shared vocabulary, logit transform,
+        temperature)."""
+        c_ids, c_mask = output["completion_ids"], output["completion_mask"]
+        input_ids = torch.cat([output["prompt_ids"], c_ids], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], c_mask], dim=1)
+        width, valid = c_ids.size(1), c_mask.bool()
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation) as student:
+            h_s = self._get_last_hidden_state(student, input_ids, attention_mask, width)
+            token_inputs = [h_s[valid], c_ids[valid]]
+            if teacher:
+                token_inputs.append(self._teacher_hidden_states(input_ids, attention_mask, width)[valid])
+            fn, params, names = self._token_fn("on", self.accelerator.unwrap_model(self.model), plain=True,
+                                               teacher=teacher)
+            weights = torch.zeros(int(valid.sum()), device=h_s.device)
+            _, metrics = self.loss_module(token_inputs, weights, LossSpec(fn, params, self.chunk_size))
+        result = []
+        for name in ("logp_student", "logp_teacher")[:1 + teacher]:
+            logp = torch.zeros(valid.shape, device=h_s.device, dtype=torch.float32)
+            logp[valid] = metrics[:, names.index(name)].float()
+            result.append(logp)
+        return result
+
+    def _vllm_importance_weights(self, output):
+        """`vllm_importance_sampling_correction`: per-token weights of the rollouts' loss from the ratio
+        exp(log p_trainer - log p_vLLM) of the sampled tokens (`O.vllm_importance_weights`), the trainer's log-probs
+        from the rollout-time student. Stored in the batch (`vllm_is_weight`), so TRL's shuffle and split over the
+        gradient-accumulation steps and MiniLLM's replays keep them aligned with their tokens."""
+        args, mask = self.args, output["completion_mask"]
+        sampled, self.vllm_generation.last_logprobs = self.vllm_generation.last_logprobs, None
+        if sampled is None or [len(s) for s in sampled] != mask.sum(1).tolist():
+            raise RuntimeError("vLLM returned no sampled-token log-probs matching the completions; "
+                               "vllm_importance_sampling_correction cannot be applied.")
+        logp_vllm = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        for i, seq in enumerate(sampled):  # vLLM reports a NaN log-prob as None: NaN here, ratio 1 below
+            logp_vllm[i, :len(seq)] = torch.tensor([math.nan if lp[0] is None else lp[0] for lp in seq])
+        # MiniLLM has already scored the rollouts with the rollout-time student (with vLLM there is no teacher mix).
+        logp = output["minillm_old_logp"] if "minillm_old_logp" in output else self._rollout_log_probs(output)[0]
+        token_level = args.vllm_importance_sampling_mode.startswith("token")
+        weights = O.vllm_importance_weights(logp, logp_vllm, mask, args.vllm_importance_sampling_mode,
+                                            args.vllm_importance_sampling_clip_min,
+                                            args.vllm_importance_sampling_clip_max)
+        output["vllm_is_weight"] = weights
+        valid = mask.bool()
+        delta = (logp - logp_vllm).abs()[valid]
+        delta = delta[~delta.isnan()]  # tokens vLLM could not score do not count
+        ratio = weights[valid] if token_level else weights[valid.any(1)].amax(1)  # a rollout's weight, once
+        zero, inf = delta.new_zeros(1), delta.new_full((1,), math.inf)
+        stats = torch.stack([delta.sum(), delta.new_tensor(delta.numel()), torch.cat([delta, zero]).max(),
+                             ratio.sum(), ratio.new_tensor(ratio.numel()), torch.cat([ratio, inf]).min(),
+                             torch.cat([ratio, zero]).max()])
+        (d_sum, d_n, d_max, r_sum, r_n, r_min, r_max) = self.accelerator.gather(stats[None]).T  # one collective
+        m = self._metrics["train" if self.model.training else "eval"]
+        m["sampling/sampling_logp_difference/mean"].append((d_sum.sum() / d_n.sum().clamp(min=1)).item())
+        m["sampling/sampling_logp_difference/max"].append(d_max.max().item())
+        m["sampling/importance_sampling_ratio/min"].append(r_min.min().item())
+        m["sampling/importance_sampling_ratio/mean"].append((r_sum.sum() / r_n.sum().clamp(min=1)).item())
+        m["sampling/importance_sampling_ratio/max"].append(r_max.max().item())
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         """MiniLLM with `minillm_teacher_mix` > 0: TRL's HF-`generate` rollout path with `TeacherMixProcessor` added
@@ -495,6 +605,10 @@ class AMMTrainer(DistillationTrainer):
         if args.objective in ("amm", "pbkd"):
             coefficient = args.amm_beta if kind == "off" else 1.0 - args.amm_beta
         weights = torch.full((int(valid.sum()),), coefficient, device=h_s.device) / denominator.to(h_s.device)
+        if kind == "on" and "vllm_is_weight" in inputs:  # vLLM sampling correction: rollout tokens only, detached
+            is_weight = inputs["vllm_is_weight"]
+            weights = weights * torch.nn.functional.pad(is_weight, (0, completion_ids.size(1) - is_weight.size(1)))[
+                valid].to(weights.device)
 
         fn, params, names = self._token_fn(kind, student)
         token_inputs = [h_s[valid], completion_ids[valid]]
@@ -512,16 +626,17 @@ class AMMTrainer(DistillationTrainer):
         entropy = metrics[:, names.index("entropy")].sum()
         return loss, entropy, valid.sum(), metrics, names
 
-    def _token_fn(self, kind, student, plain=False):
+    def _token_fn(self, kind, student, plain=False, teacher=True):
         """The per-token loss `fn(h_s, y, [h_t], *extra, *params) -> (values, metrics)` of the objective, its params,
-        and the names of its metric columns. `plain`: no objective (values 0), only the common metrics (log-probs).
+        and the names of its metric columns. `plain`: no objective (values 0), only the common metrics (log-probs);
+        `plain` without `teacher`: the student's only (no `h_t`).
 
         `extra` token inputs: MiniLLM's rollouts carry (advantage, old log-prob) per token."""
         args, vocab, temperature = self.args, self.vocab_size, self.temperature
         s_head = student.get_output_embeddings()
         params = [s_head.weight] + ([s_head.bias] if s_head.bias is not None else [])
         n_student = len(params)
-        if not args.uses_teacher_logits:
+        if not args.uses_teacher_logits or (plain and not teacher):
             def fn(h_s, y, *p):
                 z_s = _scaled(project(h_s, p[0], p[1] if n_student == 2 else None, vocab), self._student_transform,
                               temperature)

@@ -1,6 +1,7 @@
 """GPU tests: colocated vLLM holds exactly the trainer's weights after each sync (plain and LoRA students, with and
-without ZeRO-3), the Q-heads never reach vLLM, bf16 AMM steps on the GPU (plain and ZeRO-3), and server mode's error
-when the server cannot be reached.
+without ZeRO-3), the Q-heads never reach vLLM, vLLM's sampling log-probs agree with the trainer's
+(`vllm_importance_sampling_correction`), bf16 AMM steps on the GPU (plain and ZeRO-3), and server mode's error when
+the server cannot be reached.
 
 NOT YET RUN ON A GPU. These tests were written in a session without a GPU and have only been collected and skipped
 on CPU (tests/conftest.py skips `gpu` / `vllm` tests without CUDA; the `vllm` ones also skip without vLLM). Their
@@ -227,16 +228,29 @@ def test_colocated_vllm_weights_equal_trainer_after_sync(gpu_assets, tmp_path, z
 @pytest.mark.parametrize("where", ["refused", "blackhole"])
 def test_server_mode_unreachable_fails_clearly_within_timeout(gpu_assets, tmp_path, where):
     """NOT YET RUN ON A GPU. `vllm_mode="server"` with a server that is not there: trainer construction fails with an
-    error that names the URL, within `vllm_server_timeout` (5 s) plus a margin for loading the tiny models.
+    error that names the URL, the fields and how to start a server, within `vllm_server_timeout` (5 s) plus a margin.
 
-    `refused`: a closed localhost port (connection refused at once, TRL retries every 2 s until the timeout).
-    `blackhole`: 192.0.2.1 (TEST-NET-1, never routed). TRL 1.16's health check calls `requests.get` without a
+    `refused`: a closed localhost port (connection refused at once, retried every second until the timeout).
+    `blackhole`: 192.0.2.1 (TEST-NET-1, never routed). TRL 1.16's own health check calls `requests.get` without a
     timeout, so where packets to it are silently dropped one attempt can block for the OS connect timeout (minutes);
-    this case fails then, which is the finding (the fix is a bounded probe before TRL's client is built)."""
+    `AMMTrainer` probes `/health` first with requests bounded by the time left (`trainer.wait_for_vllm_server`, also
+    tested on CPU in tests/test_vllm_server.py, with a server that accepts connections and never answers)."""
     timeout = 5
     url = f"http://127.0.0.1:{free_port()}" if where == "refused" else "http://192.0.2.1:8000"
     report = run_worker("server", gpu_assets, tmp_path, url, str(timeout), timeout=timeout + 120)
     check_server_report(report, url, timeout)
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+@needs_vllm
+def test_colocated_vllm_sampling_logprobs_match_trainer(gpu_assets, tmp_path):
+    """NOT YET RUN ON A GPU. Two bf16 AMM steps with colocated vLLM and `vllm_importance_sampling_correction` (default
+    mode `sequence_mask`): vLLM returns the sampled tokens' log-probs, the trainer scores the same tokens with the
+    weights it has just synced, and the logged `sampling/sampling_logp_difference/mean` is finite and small
+    (< 0.1 nats: both sides run the same bf16 weights, only the kernels differ); the ratio metrics are finite."""
+    report = run_worker("train", gpu_assets, tmp_path, "--is-correction")
+    check_is_correction_report(report)
 
 
 # ------------------------------------------- assertions on the workers' reports (bench/check_gpu_workers_cpu.py too)
@@ -265,8 +279,19 @@ def check_sync_report(report, zero3, lora):
 
 def check_server_report(report, url, timeout):
     assert report["raised"], f"no error: {report}"
-    assert url in report["message"], report["message"]
-    assert report["seconds"] <= timeout + 25, f"error after {report['seconds']:.1f}s (timeout {timeout}s): {report}"
+    for text in (url, "vllm_server_base_url", f"vllm_server_timeout={timeout:g}", "trl vllm-serve --model"):
+        assert text in report["message"], (text, report["message"])
+    assert report["seconds"] <= timeout + 10, f"error after {report['seconds']:.1f}s (timeout {timeout}s): {report}"
+
+
+def check_is_correction_report(report):
+    assert len(report["losses"]) == 2 and all(math.isfinite(x) for x in report["losses"]), report["losses"]
+    sampling = report["sampling"]
+    diffs = sampling["sampling/sampling_logp_difference/mean"]
+    assert len(diffs) == 2 and all(math.isfinite(x) and 0 <= x < 0.1 for x in diffs), sampling
+    for key in ("sampling/sampling_logp_difference/max", "sampling/importance_sampling_ratio/min",
+                "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/max"):
+        assert len(sampling[key]) == 2 and all(math.isfinite(x) for x in sampling[key]), sampling
 
 
 # ------------------------------------------------------------------------------------------------- workers
@@ -376,7 +401,7 @@ def torch_equal_cast(v, exp, dtype):
     return torch.equal(v, exp.to(dtype).float())
 
 
-def _train_worker(assets_root, out, zero3, lora, use_vllm):
+def _train_worker(assets_root, out, zero3, lora, use_vllm, is_correction=False):
     import contextlib
     import functools
 
@@ -404,7 +429,8 @@ def _train_worker(assets_root, out, zero3, lora, use_vllm):
                      max_completion_length=16, learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1,
                      save_strategy="no", report_to="none", gradient_checkpointing=False, seed=0,
                      use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=0.15,
-                     vllm_max_model_length=128, deepspeed=deepspeed_cfg)
+                     vllm_max_model_length=128, deepspeed=deepspeed_cfg,
+                     vllm_importance_sampling_correction=is_correction)
     peft_config = None
     if lora:
         from peft import LoraConfig
@@ -423,6 +449,12 @@ def _train_worker(assets_root, out, zero3, lora, use_vllm):
         start = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
     trainer.train()
     report["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if is_correction:
+        report["sampling"] = {k: [h[k] for h in trainer.state.log_history if k in h] for k in (
+            "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
+            "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
+            "sampling/importance_sampling_ratio/max")}
+        return report
     if zero3:
         report["partitioned"] = all(getattr(p, "ds_numel", 0) > 0 and p.numel() == 0 for p in model.parameters())
     with _gathered(model, zero3):
@@ -526,7 +558,7 @@ def main(argv):
     flags = argv[3:]
     if kind == "train":
         report = _train_worker(assets_root, out, zero3="--zero3" in flags, lora="--lora" in flags,
-                               use_vllm="--no-vllm" not in flags)
+                               use_vllm="--no-vllm" not in flags, is_correction="--is-correction" in flags)
     elif kind == "server":
         report = _server_worker(assets_root, flags[0], float(flags[1]))
     elif kind == "assets":

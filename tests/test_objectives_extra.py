@@ -423,3 +423,37 @@ def test_new_objectives_train(tiny, tiny_dataset, tmp_path, objective, overrides
 def test_ppo_epochs_only_for_minillm(tmp_path):
     with pytest.raises(ValueError, match="AMMConfig.ppo_epochs=2 is invalid: it applies to objective 'minillm'"):
         make_config(tmp_path, objective="rkl", ppo_epochs=2)
+
+
+# ------------------------------------------------------------------------ vLLM importance-sampling correction
+def test_vllm_importance_weights_hand_computed_in_all_four_modes():
+    """d = log p_trainer - log p_vLLM per token; rows: [ln2, -ln2, ln4], [-ln8, NaN (vLLM could not score), pad],
+    [ln2, 0, pad]; bounds [0.2, 3]. Token ratios [2, .5, 4], [.125, 1], [2, 1]; sequence ratios 4, 1/8, 2."""
+    ln = math.log
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0]])
+    d = torch.tensor([[ln(2), -ln(2), ln(4)], [-ln(8), 0.0, 0.0], [ln(2), 0.0, 0.0]], dtype=torch.float64)
+    sampler = torch.full((3, 3), -1.5, dtype=torch.float64)
+    sampler[1, 1] = math.nan
+    sampler[1, 2] = sampler[2, 2] = 123.0  # padding: never read
+    trainer = (sampler + d).masked_fill(mask == 0, 0.0)
+    trainer[1, 1] = -0.7
+    expected = {
+        "token_truncate": [[2, .5, 3], [.2, 1, 0], [2, 1, 0]],
+        "token_mask": [[2, .5, 0], [0, 1, 0], [2, 1, 0]],
+        "sequence_truncate": [[3, 3, 3], [.2, .2, 0], [2, 2, 0]],
+        "sequence_mask": [[0, 0, 0], [0, 0, 0], [2, 2, 0]],
+    }
+    for mode, want in expected.items():
+        got = O.vllm_importance_weights(trainer.requires_grad_(), sampler, mask, mode, clip_min=0.2, clip_max=3.0)
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+        assert not got.requires_grad, mode  # a constant weight
+        trainer = trainer.detach()
+    # One bound only: *_mask without a lower bound keeps small ratios; *_truncate without an upper one keeps big ones.
+    torch.testing.assert_close(O.vllm_importance_weights(trainer, sampler, mask, "token_mask", None, 3.0)[1],
+                               torch.tensor([.125, 1, 0], dtype=torch.float64))
+    torch.testing.assert_close(O.vllm_importance_weights(trainer, sampler, mask, "sequence_truncate", 0.2, None)[0],
+                               torch.tensor([4., 4., 4.], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"mode must be one of \['token_truncate', 'token_mask', 'sequence_trunc"):
+        O.vllm_importance_weights(trainer, sampler, mask, "tokens")
+    with pytest.raises(ValueError, match="needs clip_min or clip_max"):
+        O.vllm_importance_weights(trainer, sampler, mask, "token_truncate", None, None)

@@ -32,9 +32,11 @@ def fixed_batch(trainer, dataset, n=4):
     return trainer._generate_and_score_completions([dataset[i] for i in range(n)])
 
 
-def reference_amm_loss(trainer, inputs):
+def reference_amm_loss(trainer, inputs, on_weights=None):
     """AMM loss written naively: full logits, plain autograd, explicit stop-gradients. Returns (D, student-side
-    surrogate, head-side surrogate) whose gradients are what each player should receive."""
+    surrogate, head-side surrogate) whose gradients are what each player should receive. `on_weights`: (B, T) token
+    weights of the rollouts' terms (vLLM importance sampling); each kind is divided by its loss-token count of the
+    generation batch (`num_items_in_batch` / `num_off_items`, as `_prepare_inputs` left them)."""
     model, teacher = trainer.model, trainer.teacher_model
     total_d, student_side, head_side = 0.0, 0.0, 0.0
     for kind, ids_key, mask_key, coef in (("on", "completion_ids", "completion_mask", 1 - trainer.args.amm_beta),
@@ -51,10 +53,11 @@ def reference_amm_loss(trainer, inputs):
         p_t = torch.softmax(teacher.lm_head(h_t[valid]).float(), -1)
         head = trainer.q_heads.head(kind)
         q = trainer.args.q_bound * torch.tanh(torch.nn.functional.linear(h_s[valid].detach(), head.weight, head.bias))
-        n = valid.sum()
-        total_d = total_d + coef * ((p_t - p_s) * q).sum() / n
-        student_side = student_side + coef * ((p_t - p_s) * q.detach()).sum() / n
-        head_side = head_side - coef * ((p_t - p_s).detach() * q).sum() / n
+        n = inputs["num_items_in_batch" if kind == "on" else "num_off_items"]
+        w = on_weights[valid][:, None] if kind == "on" and on_weights is not None else 1.0
+        total_d = total_d + coef * (w * (p_t - p_s) * q).sum() / n
+        student_side = student_side + coef * (w * (p_t - p_s) * q.detach()).sum() / n
+        head_side = head_side - coef * (w * (p_t - p_s).detach() * q).sum() / n
     return total_d, student_side, head_side
 
 
@@ -284,6 +287,10 @@ def test_dataset_without_prompt_column_is_refused(tiny, tiny_dataset, tmp_path):
     ("minillm_kd_ratio", -1.0, r"AMMConfig.minillm_kd_ratio=-1.0 is invalid"),
     ("pbkd_bt_weight", -1.0, r"AMMConfig.pbkd_bt_weight=-1.0 is invalid"),
     ("minillm_teacher_mix", 1.5, r"AMMConfig.minillm_teacher_mix=1.5 is invalid"),
+    ("vllm_importance_sampling_mode", "token", r"AMMConfig.vllm_importance_sampling_mode='token' is invalid: choose "
+     r"one of \['token_truncate', 'token_mask', 'sequence_truncate', 'sequence_mask'\]"),
+    ("vllm_importance_sampling_clip_min", 5.0,
+     r"AMMConfig.vllm_importance_sampling_clip_min=5.0 is invalid: it must be < vllm_importance_sampling_clip_max"),
 ])
 def test_invalid_fields_are_named(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
