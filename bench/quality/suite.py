@@ -56,7 +56,7 @@ def planned_runs(suite: dict) -> list[dict]:
     for group in ("method", "ablation"):  # the methods over all seeds first: they are the main table
         for seed in suite["seeds"]:
             runs += [{**run, "group": group, "seed": seed} for run in suite["runs"]
-                     if run.get("group", "method") == group]
+                     if run.get("group", "method") == group and seed in run.get("seeds", suite["seeds"])]
     return runs
 
 
