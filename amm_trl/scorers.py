@@ -14,6 +14,7 @@ import re
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _ANSWER_IS = re.compile(r"answer\s+is", re.IGNORECASE)
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 def normalize_number(text: str) -> str | None:
@@ -33,10 +34,14 @@ def normalize_number(text: str) -> str | None:
 
 def extract_final_answer(text: str) -> str | None:
     """The final numeric answer of a GSM-style solution, normalized (``normalize_number``): the number after the last
-    ``####`` (on that line); else after the last "answer is"; else the last number in the text. None if none."""
+    ``####`` (on that line); else in the last ``\\boxed{...}`` (the format instruct models such as Qwen2.5 use even
+    when asked for ``####``); else after the last "answer is"; else the last number in the text. None if none."""
     if "####" in text:
         tail = text.rsplit("####", 1)[1].strip()
         return normalize_number(tail.splitlines()[0]) if tail else None
+    boxed = _BOXED.findall(text)
+    if boxed and normalize_number(boxed[-1]) is not None:
+        return normalize_number(boxed[-1])
     found = list(_ANSWER_IS.finditer(text))
     if found:
         answer = normalize_number(text[found[-1].end():])
@@ -58,7 +63,7 @@ def _score_answer():
 def gsm_symbolic(prediction: str, reference: str, row: dict) -> float:
     """Accuracy scorer for reasoning-gym ``gsm_symbolic`` rows: 1.0 if the final answer is right, else 0.0.
 
-    The final answer is extracted with ``extract_final_answer`` (after the last ``####``, else after "answer is",
+    The final answer is extracted with ``extract_final_answer`` (after the last ``####``, else ``\\boxed{}``, else after "answer is",
     else the last number) and normalized (commas, ``$``, trailing ``.0`` / ``.``), then scored by reasoning-gym's own
     ``score_answer`` against the entry stored in ``row["entry"]`` (JSON, as the ``gsm-symbolic-*`` assets write it).
     Without an ``entry`` column the row's ``answer``, or else the reference's own final answer, is the oracle.

@@ -32,6 +32,10 @@ def _row(entries, pred):
     ("no number at all", None),
     ("####", None),
     ("#### -5", "-5"),
+    ("Total: 3 + 4 = 7. Thus $\\boxed{1,050}$ apples, 2 left.", "1050"),
+    ("\\boxed{3} first, then \\boxed{12}", "12"),
+    ("\\boxed{x} and finally 9", "9"),
+    ("#### 4 beats \\boxed{5}", "4"),
 ])
 def test_extract_final_answer(text, expected):
     assert scorers.extract_final_answer(text) == expected
