@@ -4,34 +4,11 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
-from .objectives import VLLM_IS_MODES
+from .objectives import OBJECTIVES as OBJECTIVE_UNITS
+from .objectives import VLLM_IS_MODES, Objective, get_objective
 
-# objective -> (uses student rollouts, uses off-policy completions). "mix" = per step, with probability `lmbda`
-# the batch is student rollouts, otherwise off-policy completions (GKD / ImitKD data schedule).
-OBJECTIVES = {
-    "amm": "Adversarial moment matching: on- and off-policy Q-head distances mixed by `amm_beta` (Jia, NeurIPS 2024).",
-    "jsd": "TRL's own on-policy generalized JSD(`beta`) loss, unchanged (the reference trainer's objective).",
-    "sft": "Cross-entropy on the off-policy completions (dataset references).",
-    "seqkd": "Sequence-level KD: cross-entropy on teacher-generated completions (`off_policy_source: teacher`, or a "
-    "dataset written by `amm-trl generate`).",
-    "fkl": "Word-level KD: forward KL(p_T || p_S) on the off-policy completions.",
-    "rkl": "Reverse KL(p_S || p_T) on student rollouts.",
-    "tvd": "Total variation 0.5*sum|p_T - p_S| on student rollouts.",
-    "gkd": "Generalized JSD(`beta`) on student rollouts with probability `lmbda`, else on off-policy completions.",
-    "imitkd": "Forward KL on student rollouts with probability `lmbda`, else on off-policy completions.",
-    "distillm": "DistiLLM (Ko et al., ICML 2024): skew KL (`distillm_loss: skl`) or skew reverse KL (`srkl`) with "
-    "`skew_alpha`, on student rollouts with probability threshold * (1 - step/max_steps), otherwise on a replay "
-    "buffer of past rollouts (`replay_buffer_size`) or the off-policy completions; the threshold rises by 0.1 "
-    "when the eval loss stops improving (fixed without an eval set).",
-    "minillm": "MiniLLM (Gu et al., ICLR 2024): sequence-level reverse KL by policy gradient on student rollouts "
-    "(discounted, length-normalized, whitened returns of log p_T - log p_S; PPO clipping `ppo_clip`, `ppo_epochs` "
-    "optimizer steps per rollout batch) + the exact single-step reverse KL + a (1 - `minillm_kd_ratio`) CE + "
-    "`minillm_kd_ratio` forward-KL loss on the off-policy completions; rollouts sampled from the teacher-student "
-    "mixture `minillm_teacher_mix` * p_T + (1 - mix) * p_S with importance weights p_S / mix.",
-    "pbkd": "Reward-guided KD (our reading of Jia, arXiv 2505.18952): a token-level reward head q (the AMM Q-head) "
-    "fit by a Bradley-Terry loss (weight `pbkd_bt_weight`) on pairs off-policy completion > student rollout, "
-    "and pushed to maximize the moment gap <p_T - p_S, q>; the student minimizes that gap (maximizes E_{p_S} q).",
-}
+# objective name -> what it trains (the `amm-trl` help text); each is an `Objective` in `amm_trl/objectives/`.
+OBJECTIVES = {name: unit.description for name, unit in OBJECTIVE_UNITS.items()}
 DISTILLM_LOSSES = ("skl", "srkl")
 OFF_POLICY_SOURCES = ("dataset", "teacher", "none")
 Q_HEAD_TYPES = ("linear", "low_rank")
@@ -262,11 +239,11 @@ class AMMConfig(DistillationConfig):
                 fail(name, getattr(self, name), "use an integer >= 1.")
         if not self.pbkd_bt_weight >= 0:
             fail("pbkd_bt_weight", self.pbkd_bt_weight, "it must be >= 0.")
-        if self.ppo_epochs > 1 and self.objective != "minillm":
-            fail("ppo_epochs", self.ppo_epochs, f"it applies to objective 'minillm' only, not {self.objective!r}.")
-        if self.objective == "minillm" and self.minillm_teacher_mix > 0 and self.use_vllm:
-            fail("minillm_teacher_mix", self.minillm_teacher_mix, "teacher-mixed sampling runs the teacher inside HF "
-                 "`generate`; with use_vllm set it to 0 (rollouts from the student alone).")
+        for name, default in (("ppo_epochs", 1), ("amm_policy_gradient", False)):  # fields of one objective only
+            owners = [n for n, unit in OBJECTIVE_UNITS.items() if name in unit.own_fields]
+            if getattr(self, name) != default and self.objective not in owners:
+                fail(name, getattr(self, name), f"it applies to objective {' or '.join(map(repr, owners))} only, "
+                     f"not {self.objective!r}.")
         if self.off_policy_source not in OFF_POLICY_SOURCES:
             fail("off_policy_source", self.off_policy_source, f"choose one of {list(OFF_POLICY_SOURCES)}.")
         if self.q_head_warmup_steps < 0:
@@ -276,8 +253,14 @@ class AMMConfig(DistillationConfig):
         if self.uses_off_policy and self.off_policy_source == "none":
             fail("off_policy_source", "none", f"objective {self.objective!r} (amm_beta={self.amm_beta}, "
                  f"lmbda={self.lmbda}) trains on off-policy completions: use 'dataset' or 'teacher'.")
-        if self.amm_policy_gradient and self.objective != "amm":
-            fail("amm_policy_gradient", True, f"it applies to objective 'amm' only, not {self.objective!r}.")
+        self._validate_vllm_sampling(fail)
+        self.objective_unit.validate(fail)
+        ds = self.deepspeed if isinstance(self.deepspeed, dict) else None
+        if ds is not None and "optimizer" in ds and self.objective_unit.needs_q_heads:
+            fail("deepspeed", "{'optimizer': ...}", "remove the 'optimizer' section: the Q-heads need their own "
+                 "parameter group, which only the Trainer-built optimizer gives (DeepSpeed still wraps it).")
+
+    def _validate_vllm_sampling(self, fail):
         if self.vllm_importance_sampling_mode not in VLLM_IS_MODES:
             fail("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode,
                  f"choose one of {list(VLLM_IS_MODES)}.")
@@ -287,33 +270,20 @@ class AMMConfig(DistillationConfig):
         if low is None and high is None and self.vllm_importance_sampling_mode.endswith("truncate"):
             fail("vllm_importance_sampling_clip_max", None, "a '*_truncate' mode needs a bound: set it or "
                  "vllm_importance_sampling_clip_min.")
-        if self.vllm_importance_sampling_correction and self.objective == "jsd":
-            fail("vllm_importance_sampling_correction", True, "objective 'jsd' runs TRL's loss, which takes no "
-                 "token weights: use 'gkd' with lmbda 1.0 (the same loss) or set it to false.")
-        ds = self.deepspeed if isinstance(self.deepspeed, dict) else None
-        if ds is not None and "optimizer" in ds and self.objective in ("amm", "pbkd"):
-            fail("deepspeed", "{'optimizer': ...}", "remove the 'optimizer' section: the Q-heads need their own "
-                 "parameter group, which only the Trainer-built optimizer gives (DeepSpeed still wraps it).")
 
-    # Data schedule of the objective: whether it needs student rollouts / off-policy completions at all.
+    # The data schedule is the objective's (see `amm_trl.objectives.base.Objective`).
+    @property
+    def objective_unit(self) -> Objective:
+        return get_objective(self)
+
     @property
     def uses_rollouts(self) -> bool:
-        if self.objective == "amm":
-            return self.amm_beta < 1.0
-        if self.objective in ("gkd", "imitkd"):
-            return self.lmbda > 0.0
-        if self.objective == "distillm":
-            return self.distillm_init_threshold > 0.0 or self.eval_strategy != "no"
-        return self.objective in ("jsd", "rkl", "tvd", "minillm", "pbkd")
+        return self.objective_unit.uses_rollouts
 
     @property
     def uses_off_policy(self) -> bool:
-        if self.objective == "amm":
-            return self.amm_beta > 0.0
-        if self.objective in ("gkd", "imitkd"):
-            return self.lmbda < 1.0
-        return self.objective in ("sft", "seqkd", "fkl", "distillm", "minillm", "pbkd")
+        return self.objective_unit.uses_off_policy
 
     @property
     def uses_teacher_logits(self) -> bool:
-        return self.objective not in ("sft", "seqkd")
+        return self.objective_unit.needs_teacher

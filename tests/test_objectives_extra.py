@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from amm_trl import AMMTrainer
 from amm_trl import objectives as O
-from amm_trl.replay import DistillmState, ReplayBuffer, next_threshold, student_probability
-from amm_trl.trainer import DISTILLM_STATE_FILE
+from amm_trl.objectives.base import STATE_FILE
+from amm_trl.objectives.distillm import DistillmState, ReplayBuffer, next_threshold, student_probability
 from tests.test_trainer import fixed_batch, grads, make_config, make_trainer
 
 
@@ -97,19 +97,19 @@ def test_distillm_schedule_student_replay_reference(tiny, tiny_dataset, tmp_path
     sources = []
     for step in range(12):
         trainer.state.global_step = step
-        on, _ = trainer._batch_kinds()
+        size_before = len(trainer.objective_unit.state.buffer)
+        out = trainer._generate_and_score_completions(batch)
+        on = "completion_ids" in out
         # the draw is the step-seeded one, with probability threshold * (1 - step / max_steps)
         assert on == (random.Random(3 * 1_000_003 + step).random() < 0.8 * (1 - step / 20))
-        size_before = len(trainer.distillm.buffer)
-        out = trainer._generate_and_score_completions(batch)
         source = metric(trainer, "distillm/source")
         sources.append(source)
         if on:
             assert source == 2.0 and "completion_ids" in out and "off_completion_ids" not in out
-            assert len(trainer.distillm.buffer) == size_before + 4
+            assert len(trainer.objective_unit.state.buffer) == size_before + 4
         elif size_before >= 4:  # replayed past rollouts: prompts and completions from the buffer
             assert source == 1.0 and "off_completion_ids" in out
-            items = {(tuple(p), tuple(c)) for p, c in trainer.distillm.buffer.items}
+            items = {(tuple(p), tuple(c)) for p, c in trainer.objective_unit.state.buffer.items}
             for p, pm, c, cm in zip(out["prompt_ids"].tolist(), out["prompt_mask"].tolist(),
                                     out["off_completion_ids"].tolist(), out["off_completion_mask"].tolist()):
                 item = (tuple(t for t, m in zip(p, pm) if m), tuple(t for t, m in zip(c, cm) if m))
@@ -118,10 +118,10 @@ def test_distillm_schedule_student_replay_reference(tiny, tiny_dataset, tmp_path
             assert source == 0.0 and "off_completion_ids" in out
     assert {0.0, 1.0, 2.0} <= set(sources) or (2.0 in sources and 1.0 in sources)
     # eval batches are always the reference completions and never touch the buffer
-    size = len(trainer.distillm.buffer)
+    size = len(trainer.objective_unit.state.buffer)
     trainer.model.eval()
     out = trainer._generate_and_score_completions(batch)
-    assert "completion_ids" not in out and len(trainer.distillm.buffer) == size
+    assert "completion_ids" not in out and len(trainer.objective_unit.state.buffer) == size
 
 
 def test_distillm_threshold_rises_when_eval_loss_plateaus(tiny, tiny_dataset, tmp_path):
@@ -129,10 +129,10 @@ def test_distillm_threshold_rises_when_eval_loss_plateaus(tiny, tiny_dataset, tm
                            per_device_eval_batch_size=4)
     trainer.eval_dataset = tiny_dataset.select(range(8))
     first = trainer.evaluate()
-    assert trainer.distillm.threshold == 0.2 and first["eval_distillm_threshold"] == 0.2
+    assert trainer.objective_unit.state.threshold == 0.2 and first["eval_distillm_threshold"] == 0.2
     second = trainer.evaluate()  # same model, same loss: no 10% improvement
     assert second["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
-    assert trainer.distillm.threshold == pytest.approx(0.3) and second["eval_distillm_threshold"] == pytest.approx(0.3)
+    assert trainer.objective_unit.state.threshold == pytest.approx(0.3) and second["eval_distillm_threshold"] == pytest.approx(0.3)
 
 
 def test_distillm_replay_buffer_and_threshold_survive_checkpoint_resume(tiny, tiny_dataset, tmp_path):
@@ -148,21 +148,21 @@ def test_distillm_replay_buffer_and_threshold_survive_checkpoint_resume(tiny, ti
 
     trainer = build(3)
     trainer.train()
-    saved = trainer.distillm.state_dict()
+    saved = trainer.objective_unit.state.state_dict()
     assert len(saved["buffer"]["items"]) > 0 and saved["threshold"] == pytest.approx(1.0)
     assert saved["previous_eval_loss"] is not None
     checkpoint = os.path.join(trainer.args.output_dir, "checkpoint-3")
-    path = os.path.join(checkpoint, DISTILLM_STATE_FILE.format(rank=0))
+    path = os.path.join(checkpoint, STATE_FILE.format(name="distillm", rank=0))
     assert torch.load(path, weights_only=False) == saved
 
     captured = {}
 
     class Capture(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            captured.update(step=state.global_step, state=resumed.distillm.state_dict())
+            captured.update(step=state.global_step, state=resumed.objective_unit.state.state_dict())
 
     resumed = build(4)
-    assert len(resumed.distillm.buffer) == 0 and resumed.distillm.threshold == 0.9
+    assert len(resumed.objective_unit.state.buffer) == 0 and resumed.objective_unit.state.threshold == 0.9
     resumed.add_callback(Capture())
     resumed.train(resume_from_checkpoint=checkpoint)
     assert captured["step"] == 3 and captured["state"] == saved
@@ -246,7 +246,7 @@ def test_minillm_clipping_engages_away_from_old_policy(tiny, tiny_dataset, tmp_p
 def test_teacher_mix_processor_scores_are_the_tempered_mixture(tiny):
     from transformers import AutoModelForCausalLM
 
-    from amm_trl.trainer import TeacherMixProcessor
+    from amm_trl.objectives.minillm import TeacherMixProcessor
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.float32).eval()
     torch.manual_seed(0)

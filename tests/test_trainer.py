@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from amm_trl import AMMConfig, AMMTrainer
-from amm_trl.trainer import HEADS_FILE, HeadFreeVLLMGeneration
+from amm_trl.objectives import get_objective
+from amm_trl.objectives.base import Step
+from amm_trl.trainer import HEADS_FILE
 
 
 def make_config(tmp_path, **overrides):
@@ -183,17 +185,6 @@ def test_checkpoint_keeps_heads_out_of_the_student_and_resume_restores_them(tiny
         torch.testing.assert_close(p, heads[name], rtol=0, atol=0)
 
 
-def test_vllm_sync_stream_has_no_head(tiny, tiny_dataset, tmp_path):
-    from trl.distributed import DistributedBackend
-
-    trainer = make_trainer(tiny, tiny_dataset, tmp_path)
-    generator = object.__new__(HeadFreeVLLMGeneration)
-    generator.model, generator._dist = trainer.model, DistributedBackend(trainer.accelerator)
-    names = [n for n, _ in generator._iter_named_params()]
-    expected = [n for n, _ in trainer.model.named_parameters() if not n.startswith("amm_q_heads.")]
-    assert names == expected and len(names) > 0
-
-
 def test_policy_gradient_term_changes_gradient_not_loss(tiny, tiny_dataset, tmp_path):
     plain = make_trainer(tiny, tiny_dataset, tmp_path / "a", amm_beta=0.0)
     pg = make_trainer(tiny, tiny_dataset, tmp_path / "b", amm_beta=0.0, amm_policy_gradient=True, pg_clip=5.0)
@@ -232,16 +223,17 @@ def test_every_objective_trains_and_uses_its_data(tiny, tiny_dataset, tmp_path, 
         assert trainer.teacher_model is None
 
 
-def test_lmbda_schedule_is_seeded_by_step(tiny, tiny_dataset, tmp_path):
-    trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="gkd", lmbda=0.5)
-    draws = []
-    for step in range(40):
-        trainer.state.global_step = step
-        draws.append(trainer._batch_kinds())
-    trainer.state.global_step = 7
-    assert trainer._batch_kinds() == draws[7]  # same draw after a resume at step 7
-    on = sum(kinds[0] for kinds in draws)
-    assert all(kinds[0] != kinds[1] for kinds in draws) and 10 < on < 30
+def test_lmbda_schedule_is_seeded_by_step(tmp_path):
+    """GKD's data kind per optimizer step: rollouts with probability lmbda, else off-policy data; the same draw on
+    every rank and in a fresh (resumed) run."""
+    gkd = get_objective(make_config(tmp_path, objective="gkd", lmbda=0.5))
+    draws = [gkd.schedule(4, Step(step, 40, 0, True)) for step in range(40)]
+    resumed = get_objective(make_config(tmp_path, objective="gkd", lmbda=0.5))
+    assert resumed.schedule(4, Step(7, 40, 1, True)) == draws[7]  # step 7 after a resume, on rank 1
+    on = sum(d.rollouts for d in draws)
+    assert all(d.rollouts != d.off_policy and d.replay is None for d in draws) and 10 < on < 30
+    always = get_objective(make_config(tmp_path, objective="gkd", lmbda=1.0))
+    assert all(always.schedule(4, Step(step, 40, 0, True)).rollouts for step in range(40))
 
 
 def test_padded_teacher_vocab_shares_tokenizer_rows(tmp_path, tiny_dataset):

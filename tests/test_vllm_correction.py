@@ -184,6 +184,26 @@ def test_minillm_reuses_its_rollout_scoring_for_the_weights(tiny, tiny_dataset, 
     assert math.isfinite(weighted) and abs(weighted - plain) > 1e-6
 
 
+def test_weight_sync_sends_the_student_without_the_heads(tiny, tiny_dataset, tmp_path, standin_vllm):
+    """TRL's colocated `sync_weights` through the trainer's generator: the engine receives exactly the weights of a
+    plain student (names of a `from_pretrained` copy, values of the trained model), never a Q-head."""
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, use_vllm=True, vllm_mode="colocate")
+    for p in trainer.q_heads.parameters():
+        p.data.normal_(0, 1.0)  # heads that differ from every student tensor
+    engine = trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
+    received = []
+    engine.load_weights = lambda weights: received.extend((n, t.detach().clone()) for n, t in weights)
+    trainer.vllm_generation.sync_weights()
+    plain = AutoModelForCausalLM.from_pretrained(tiny["student"])
+    assert [n for n, _ in received] == [n for n, _ in plain.named_parameters()]
+    model = dict(trainer.model.named_parameters())
+    for name, tensor in received:
+        torch.testing.assert_close(tensor, model[name], rtol=0, atol=0)
+    assert len(list(trainer.q_heads.parameters())) > 0
+
+
 def test_importance_sampling_correction_config_errors(tmp_path):
     from tests.test_trainer import make_config
 

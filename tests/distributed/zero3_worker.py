@@ -58,7 +58,7 @@ def sync_stream(trainer):
     """Runs the vLLM weight-sync iterator exactly as `VLLMGeneration.sync_weights` does (all ranks iterate)."""
     from trl.distributed import DistributedBackend
 
-    from amm_trl.trainer import HeadFreeVLLMGeneration
+    from amm_trl.rollouts import HeadFreeVLLMGeneration
 
     generator = object.__new__(HeadFreeVLLMGeneration)  # no vLLM engine on CPU: only the iterator is exercised
     generator.model = trainer.accelerator.unwrap_model(trainer.model_wrapped)

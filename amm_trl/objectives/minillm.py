@@ -1,0 +1,212 @@
+"""MiniLLM (Gu et al., ICLR 2024): sequence-level reverse KL by policy gradient on student rollouts, plus the exact
+single-step reverse KL, plus a mixed LM / KD loss on the off-policy completions; rollouts sampled from the
+teacher-student mixture with importance weights.
+
+Our reading of the method: returns G_t = sum_{k>t} gamma^(k-t-1) r_k, r_k = log p_T(y_k) - log p_S(y_k) (computed once,
+at rollout time, with the rollout-time student), divided by the number of future tokens and whitened; PPO clipping
+against the rollout policy; `ppo_epochs` optimizer steps per rollout batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from transformers import LogitsProcessor
+
+from .base import (Batch, Objective, RolloutScorer, Step, Tokens, _as, _check_seq, _check_unit, _compute_dtype,
+                   _log_mixture, cross_entropy, length_normalize, reward_to_go, token_log_probs)
+from .divergences import forward_kl, reverse_kl
+
+__all__ = ["whiten", "ppo_clipped_loss", "teacher_mix_weights", "TeacherMixProcessor"]
+
+
+def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    r"""Masked whitening (mean / std over the valid entries of the whole tensor), as TRL's ``masked_whiten``.
+
+    .. math:: \hat v = (v - \mu) / \sqrt{\sigma^2 + \epsilon} \; (+\mu \text{ if not shift\_mean})
+
+    mu and sigma^2 (unbiased, Bessel-corrected) are taken over entries with mask = 1; masked entries return 0.
+    """
+    _check_seq("values", values, mask)
+    dtype = _compute_dtype(values)
+    m = _as(mask, dtype)
+    v = _as(values, dtype)
+    n = m.sum()
+    if n.item() < 1:
+        raise ValueError("whiten needs at least one valid (mask = 1) entry")
+    mean = (v * m).sum() / n
+    centered = (v - mean) * m
+    var = (centered**2).sum() / (n - 1).clamp(min=1.0)
+    out = (v - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+def ppo_clipped_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    r"""PPO clipped surrogate, per token (to be masked and reduced by the caller).
+
+    .. math::
+        \rho = \exp(\log\pi - \log\pi_{old}), \qquad
+        \ell = -\min(\rho A, \operatorname{clip}(\rho, 1-\epsilon, 1+\epsilon) A)
+
+    Returns ``(loss, clipped)``; ``clipped`` is a bool tensor, True where the clipped branch is selected and
+    differs from the unclipped one (so the token gets no gradient).
+    """
+    if not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    if not (logp.shape == old_logp.shape == advantages.shape):
+        raise ValueError(
+            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages "
+            f"{tuple(advantages.shape)} must have the same shape"
+        )
+    dtype = _compute_dtype(logp, old_logp, advantages)
+    ratio = torch.exp(_as(logp, dtype) - _as(old_logp, dtype))
+    adv = _as(advantages, dtype)
+    unclipped = -ratio * adv
+    clipped_loss = -ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
+    return torch.maximum(unclipped, clipped_loss), clipped_loss > unclipped
+
+
+def teacher_mix_weights(student_token_logp: Tensor, teacher_token_logp: Tensor, mix: float = 0.2) -> Tensor:
+    r"""Importance weight of tokens sampled from the teacher-student mixture (MiniLLM), in log space.
+
+    .. math:: w = \frac{p_S(y)}{\lambda p_T(y) + (1-\lambda) p_S(y)}, \quad \lambda = \text{mix}
+
+    Takes per-token log-probs of the sampled tokens. Gradients flow through the inputs; detach them if the
+    weight is meant as a constant (as in MiniLLM).
+    """
+    _check_unit("mix", mix)
+    if student_token_logp.shape != teacher_token_logp.shape:
+        raise ValueError(
+            f"student_token_logp {tuple(student_token_logp.shape)} and teacher_token_logp "
+            f"{tuple(teacher_token_logp.shape)} must have the same shape"
+        )
+    dtype = _compute_dtype(student_token_logp, teacher_token_logp)
+    ls = _as(student_token_logp, dtype)
+    lt = _as(teacher_token_logp, dtype)
+    return torch.exp(ls - _log_mixture(lt, ls, float(mix)))
+
+
+class TeacherMixProcessor(LogitsProcessor):
+    """MiniLLM's teacher-mixed sampling inside HF `generate`: replaces the student's next-token scores by
+    temperature * log(mix * p_T + (1 - mix) * p_S), p = softmax(logits / temperature), so that `generate`'s own
+    temperature warper (which runs after custom processors) samples from the mixture. The teacher runs one token at a
+    time with its KV cache; positions follow the left-padded prompt mask. Tokens the earlier processors suppressed
+    (score -inf) stay suppressed. Vocabulary entries beyond the shared `vocab` are -inf."""
+
+    def __init__(self, teacher, mix: float, temperature: float, vocab: int, prompt_mask: torch.Tensor):
+        self.teacher, self.mix, self.temperature, self.vocab = teacher, mix, temperature, vocab
+        self.mask, self.past = prompt_mask, None
+
+    @torch.no_grad()
+    def __call__(self, input_ids, scores):
+        if self.past is None:
+            ids, mask = input_ids, self.mask
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        else:
+            ids = input_ids[:, -1:]
+            mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+            positions = mask.sum(-1, keepdim=True) - 1
+        self.mask = mask
+        out = self.teacher(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.past,
+                           use_cache=True, logits_to_keep=1)
+        self.past = out.past_key_values
+        v = self.vocab
+        log_p_t = torch.log_softmax(out.logits[:, -1, :v].float() / self.temperature, -1)
+        student = scores[:, :v].float()
+        log_p_s = torch.log_softmax(student / self.temperature, -1)
+        log_mix = torch.logaddexp(log_p_t + math.log(self.mix), log_p_s + math.log1p(-self.mix))
+        log_mix = torch.where(torch.isneginf(student), torch.full_like(log_mix, -math.inf), log_mix)
+        mixed = torch.full_like(scores, -math.inf)
+        mixed[:, :v] = (log_mix * self.temperature).to(scores.dtype)
+        return mixed
+
+
+ROLLOUT_KEYS = ("minillm_advantages", "minillm_old_logp", "minillm_is_weight")
+
+
+class MiniLLM(Objective):
+    name = "minillm"
+    description = ("MiniLLM (Gu et al., ICLR 2024): sequence-level reverse KL by policy gradient on student rollouts "
+                   "(discounted, length-normalized, whitened returns of log p_T - log p_S; PPO clipping `ppo_clip`, "
+                   "`ppo_epochs` optimizer steps per rollout batch) + the exact single-step reverse KL + a "
+                   "(1 - `minillm_kd_ratio`) CE + `minillm_kd_ratio` forward-KL loss on the off-policy completions; "
+                   "rollouts sampled from the teacher-student mixture `minillm_teacher_mix` * p_T + (1 - mix) * p_S "
+                   "with importance weights p_S / mix.")
+    own_fields = ("ppo_epochs",)
+
+    @property
+    def uses_rollouts(self) -> bool:
+        return True
+
+    @property
+    def uses_off_policy(self) -> bool:
+        return True
+
+    @property
+    def generation_batch_reuse(self) -> int:
+        return self.args.ppo_epochs
+
+    def validate(self, fail):
+        if self.args.minillm_teacher_mix > 0 and self.args.use_vllm:
+            fail("minillm_teacher_mix", self.args.minillm_teacher_mix, "teacher-mixed sampling runs the teacher "
+                 "inside HF `generate`; with use_vllm set it to 0 (rollouts from the student alone).")
+
+    @property
+    def samples_with_teacher(self) -> bool:
+        return self.args.minillm_teacher_mix > 0
+
+    def logits_processor(self, teacher, vocab, temperature, attention_mask):
+        return TeacherMixProcessor(teacher, self.args.minillm_teacher_mix, temperature, vocab, attention_mask)
+
+    @torch.no_grad()
+    def on_rollouts(self, batch: Batch, scorer: RolloutScorer, step: Step):
+        """At rollout time: the rollout policy's token log-probs (PPO's old log-probs) and the advantages.
+
+        r_t = log p_T(y_t|s_t) - log p_S(y_t|s_t); A = whiten(length_normalize(G)), G_t = sum_{k>t} gamma^(k-t-1) r_k
+        (the current token's reward is covered exactly by the single-step reverse KL term), whitened over this
+        process's generation batch."""
+        old_logp, teacher_logp = scorer.student_and_teacher()
+        mask = batch["completion_mask"].float()
+        is_weight, behaviour_logp = mask.clone(), old_logp
+        mix = self.args.minillm_teacher_mix
+        if mix > 0 and not self.args.use_vllm:
+            # sampled from mix * p_T + (1 - mix) * p_S: PPO's old policy is the mixture; weight w = p_S / mixture
+            behaviour_logp = torch.logaddexp(teacher_logp + math.log(mix), old_logp + math.log1p(-mix)) * mask
+            is_weight = teacher_mix_weights(old_logp, teacher_logp, mix) * mask
+        rewards = (teacher_logp - old_logp) * mask
+        returns = reward_to_go(rewards, mask, gamma=self.args.minillm_gamma, include_current=False)
+        returns = length_normalize(returns, mask, include_current=False)
+        advantages = whiten(returns, mask) if mask.sum() > 1 else returns
+        batch["minillm_old_logp"], batch["minillm_advantages"] = behaviour_logp, advantages
+        batch["minillm_is_weight"] = is_weight
+        n = mask.sum()
+        return {"minillm/reward": (rewards.sum(), n), "minillm/return": (returns.sum(), n),
+                "minillm/is_weight": (is_weight.sum(), n)}
+
+    def token_input_keys(self, kind: str) -> tuple[str, ...]:
+        return ROLLOUT_KEYS if kind == "on" else ()
+
+    def loss_name(self, kind: str) -> str:
+        return "minillm" if kind == "on" else "minillm_kd"
+
+    def metric_names(self, kind: str) -> list[str]:
+        return ["minillm_rkl", "minillm_pg", "ppo_ratio", "ppo_clipped"] if kind == "on" else []
+
+    def token_loss(self, tokens: Tokens, kind: str):
+        z_s, z_t, y = tokens.student_logits, tokens.teacher_logits, tokens.target_ids
+        if kind == "off":  # reference data: MiniLLM's mixed LM / KD loss
+            ratio = self.args.minillm_kd_ratio
+            return (1.0 - ratio) * cross_entropy(z_s, y) + ratio * forward_kl(z_s, z_t), []
+        # rollouts: exact single-step reverse KL + PPO-clipped policy gradient of the future return (with teacher-mixed
+        # sampling: old_logp is the mixture's, the single-step term weighted by p_S / mix)
+        advantages, old_logp, is_weight = (tokens.inputs[key] for key in ROLLOUT_KEYS)
+        logp = token_log_probs(z_s, y)
+        pg, clipped = ppo_clipped_loss(logp, old_logp, advantages, self.args.ppo_clip)
+        rkl = reverse_kl(z_s, z_t)
+        return is_weight * rkl + pg, [rkl, pg, torch.exp(logp - old_logp), clipped.float()]
