@@ -227,6 +227,15 @@ class AMMConfig(DistillationConfig):
             fail("q_head_features", self.q_head_features, f"choose one of {list(Q_HEAD_FEATURES)}.")
         if self.pg_baseline not in PG_BASELINES:
             fail("pg_baseline", self.pg_baseline, f"choose one of {list(PG_BASELINES)}.")
+        self._validate_objective_fields(fail)
+        self._validate_vllm_sampling(fail)
+        self.objective_unit.validate(fail)
+        ds = self.deepspeed if isinstance(self.deepspeed, dict) else None
+        if ds is not None and "optimizer" in ds and self.objective_unit.needs_q_heads:
+            fail("deepspeed", "{'optimizer': ...}", "remove the 'optimizer' section: the Q-heads need their own "
+                 "parameter group, which only the Trainer-built optimizer gives (DeepSpeed still wraps it).")
+
+    def _validate_objective_fields(self, fail):
         if self.pg_clip is not None and not self.pg_clip > 0:
             fail("pg_clip", self.pg_clip, "use a positive bound or null.")
         if self.distillm_loss not in DISTILLM_LOSSES:
@@ -253,12 +262,6 @@ class AMMConfig(DistillationConfig):
         if self.uses_off_policy and self.off_policy_source == "none":
             fail("off_policy_source", "none", f"objective {self.objective!r} (amm_beta={self.amm_beta}, "
                  f"lmbda={self.lmbda}) trains on off-policy completions: use 'dataset' or 'teacher'.")
-        self._validate_vllm_sampling(fail)
-        self.objective_unit.validate(fail)
-        ds = self.deepspeed if isinstance(self.deepspeed, dict) else None
-        if ds is not None and "optimizer" in ds and self.objective_unit.needs_q_heads:
-            fail("deepspeed", "{'optimizer': ...}", "remove the 'optimizer' section: the Q-heads need their own "
-                 "parameter group, which only the Trainer-built optimizer gives (DeepSpeed still wraps it).")
 
     def _validate_vllm_sampling(self, fail):
         if self.vllm_importance_sampling_mode not in VLLM_IS_MODES:

@@ -6,11 +6,15 @@ entry, which makes E_{a~p}[f(s, a)] = <p, f(s, .)> exact for a white-box teacher
 function (see `chunked.py`), which gathers them under ZeRO-3 like TRL gathers `lm_head`.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 HEADS_ATTRIBUTE = "amm_q_heads"  # submodule name on the student; weight-sync and save paths filter on it
+HEADS_FILE = "amm_q_heads.safetensors"  # beside the saved student, which stays a plain `from_pretrained` model
 
 
 class LinearQHead(nn.Module):
@@ -96,3 +100,32 @@ def build_q_heads(args, student: nn.Module, teacher_hidden_size: int) -> QHeads:
             f"`model_init_kwargs.dtype`) to match the bf16/fp16 setting."
         )
     return heads
+
+
+def split_heads(state_dict: dict, heads: QHeads) -> tuple[dict, dict]:
+    """(the student's own entries, the heads' entries without the attribute prefix) of a student state dict. One
+    shared head (pbkd, `q_head_shared`) is stored once, as `on.*`."""
+    prefix = HEADS_ATTRIBUTE + "."
+    head_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if heads.off is heads.on:
+        head_state = {k: v for k, v in head_state.items() if not k.startswith("off.")}
+    return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}, head_state
+
+
+def save_heads(head_state: dict, output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = os.path.join(output_dir, HEADS_FILE + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in head_state.items()}, tmp)
+    os.replace(tmp, os.path.join(output_dir, HEADS_FILE))
+
+
+def load_heads(heads: QHeads, directory: str, device: str) -> bool:
+    """Loads `save_heads`' file from `directory` into `heads`; False if there is none."""
+    path = os.path.join(directory, HEADS_FILE)
+    if not os.path.exists(path):
+        return False
+    state = load_file(path, device=device)
+    if heads.off is heads.on:
+        state.update({"off." + k[3:]: v for k, v in state.items() if k.startswith("on.")})
+    heads.load_state_dict(state)
+    return True

@@ -25,13 +25,12 @@ import time
 from collections.abc import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DistillationTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import create_model_from_path, pad
+from trl.trainer.utils import pad
 
 from .chunked import ChunkedLoss, LossSpec, auto_chunk_size
 from .config import AMMConfig
@@ -39,11 +38,11 @@ from .data import check_dataset, completion_token_ids
 from .objectives import Objective, get_objective
 from .objectives.base import KINDS, LossContext, Part, Projection, RolloutScorer, Step, load_state, logit_transform
 from .objectives.base import save_state, token_function
-from .qhead import HEADS_ATTRIBUTE
+from .qhead import HEADS_ATTRIBUTE, HEADS_FILE, load_heads, save_heads, split_heads
+from .teacher import load_teacher, shared_vocab_size
 from .rollouts import (HeadFreeVLLMGeneration, check_server_logprobs_mode, extra_logits_processor, sampled_log_probs,
                        teacher_completions, vllm_correction, wait_for_vllm_server)
 
-HEADS_FILE = "amm_q_heads.safetensors"
 __all__ = ["AMMTrainer", "ObjectiveCallback", "HEADS_FILE", "HeadFreeVLLMGeneration", "wait_for_vllm_server"]
 
 
@@ -94,7 +93,7 @@ class AMMTrainer(DistillationTrainer):
         check_dataset(eval_dataset, "eval_dataset", off_column)
         if args.use_vllm and args.vllm_mode == "server" and args.process_index == 0:  # the process TRL's client runs on
             wait_for_vllm_server(args, model)  # before loading any model: fail fast
-        teacher = self._load_teacher(teacher_model, args, objective)
+        teacher = load_teacher(teacher_model, args, objective)
         super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
@@ -111,30 +110,6 @@ class AMMTrainer(DistillationTrainer):
         self.add_callback(ObjectiveCallback(objective, lambda: self.eval_dataset))
 
     # ----------------------------------------------------------------------------------------------- setup
-    @staticmethod
-    def _load_teacher(teacher_model, args, objective):
-        """The teacher as TRL loads it (`create_model_from_path`, same kwargs handling), but in the training precision
-        by default (fp32 would double a frozen teacher's memory under bf16). None if the objective never reads it
-        (sft, seqkd on cached teacher data)."""
-        needs_teacher = objective.needs_teacher or args.off_policy_source == "teacher" and objective.uses_off_policy
-        if needs_teacher and teacher_model is None:
-            raise ValueError(f"teacher_model is required for objective {args.objective!r}.")
-        if teacher_model is None or not needs_teacher:
-            return None
-        if not isinstance(teacher_model, str):
-            if args.teacher_model_init_kwargs is not None:
-                raise ValueError("teacher_model_init_kwargs is set but teacher_model is already instantiated.")
-            return teacher_model
-        kwargs = dict(args.teacher_model_init_kwargs or {})
-        dtype = kwargs.get("dtype") or ("bfloat16" if args.bf16 else "float16" if args.fp16 else "float32")
-        kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
-        if args.teacher_model_revision is not None:
-            kwargs.setdefault("revision", args.teacher_model_revision)
-        if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
-            kwargs["device_map"] = None
-        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        return create_model_from_path(teacher_model, **kwargs)
-
     def _setup_teacher(self, teacher):
         student_config = self.model.config.get_text_config()
         self.vocab_size, self._teacher_hidden_size = student_config.vocab_size, student_config.hidden_size
@@ -142,7 +117,8 @@ class AMMTrainer(DistillationTrainer):
         self.teacher_model = None
         if teacher is not None:
             teacher_config = teacher.config.get_text_config()
-            self.vocab_size = self._shared_vocab_size(student_config.vocab_size, teacher_config.vocab_size)
+            self.vocab_size = shared_vocab_size(student_config.vocab_size, teacher_config.vocab_size,
+                                                len(self._tokenizer), self.objective_unit)
             self._teacher_hidden_size = teacher_config.hidden_size
             self._transforms = (self._transforms[0], logit_transform(teacher_config))
             teacher.requires_grad_(False)  # frozen: no gradient buffers, and no gradient computed for its lm_head
@@ -151,26 +127,6 @@ class AMMTrainer(DistillationTrainer):
             else:
                 self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.chunk_size = auto_chunk_size(self.vocab_size, self.args.loss_chunk_tokens)
-
-    def _shared_vocab_size(self, student_vocab: int, teacher_vocab: int) -> int:
-        if student_vocab == teacher_vocab:
-            return student_vocab
-        tokenizer_vocab = len(self._tokenizer)
-        if tokenizer_vocab > min(student_vocab, teacher_vocab):
-            raise ValueError(
-                f"The student has vocab_size {student_vocab} and the teacher {teacher_vocab}, and the tokenizer has "
-                f"{tokenizer_vocab} tokens: the two models do not share a vocabulary. Distillation compares full "
-                f"next-token distributions; use a teacher with the student's tokenizer (or TRL's GOLD trainer for "
-                f"cross-tokenizer distillation)."
-            )
-        if self.objective_unit.uses_trl_loss:
-            raise ValueError(
-                f"objective {self.args.objective!r} runs TRL's kernel, which needs equal vocab sizes ({student_vocab} "
-                f"vs {teacher_vocab}); use objective 'gkd' with lmbda 1.0 (same loss, compares the {tokenizer_vocab} "
-                f"shared tokenizer rows)."
-            )
-        # Same tokenizer, embedding matrices padded differently (e.g. Qwen 151936 vs 152064): compare the real rows.
-        return tokenizer_vocab
 
     def _setup_objective_modules(self):
         self.q_heads = self.objective_unit.build_modules(self.model, self._teacher_hidden_size)
@@ -444,18 +400,12 @@ class AMMTrainer(DistillationTrainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.q_heads is None:
             return super()._save(output_dir, state_dict)
-        prefix = HEADS_ATTRIBUTE + "."
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
-        heads = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if self.q_heads.off is self.q_heads.on:  # one shared head (pbkd, q_head_shared): stored once, as `on.*`
-            heads = {k: v for k, v in heads.items() if not k.startswith("off.")}
-        super()._save(output_dir, state_dict={k: v for k, v in state_dict.items() if not k.startswith(prefix)})
+        student, heads = split_heads(state_dict, self.q_heads)
+        super()._save(output_dir, state_dict=student)
         if heads and self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-            tmp = os.path.join(output_dir, HEADS_FILE + ".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, tmp)
-            os.replace(tmp, os.path.join(output_dir, HEADS_FILE))
+            save_heads(heads, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Runs on every resume path (plain, DDP, DeepSpeed), after the model is loaded; no callback event gets the
@@ -467,12 +417,8 @@ class AMMTrainer(DistillationTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         # DeepSpeed restores the heads from its own engine checkpoint; other paths read the heads file.
-        path = os.path.join(resume_from_checkpoint, HEADS_FILE)
-        if self.q_heads is not None and not self.is_deepspeed_enabled and os.path.exists(path):
-            heads = load_file(path, device=str(self.args.device))
-            if self.q_heads.off is self.q_heads.on:
-                heads.update({"off." + k[3:]: v for k, v in heads.items() if k.startswith("on.")})
-            self.q_heads.load_state_dict(heads)
+        if self.q_heads is not None and not self.is_deepspeed_enabled:
+            load_heads(self.q_heads, resume_from_checkpoint, str(self.args.device))
 
 
 def _per_token(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -446,3 +446,34 @@ def test_bradley_terry_loss():
     ref = [math.log1p(math.exp(-1.0)), math.log1p(math.exp(2.0)), math.log(2.0), 0.0, 1000.0]
     ref = torch.tensor(ref, dtype=torch.float64)
     close(O.bradley_terry_loss(rc, rr), ref)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
+def test_divergences_match_trls_chunked_kernel(beta):
+    """FKL (beta 0), RKL (beta 1) and GKD's JSD as our per-token functions equal TRL's chunked divergence kernel on
+    the same hidden states and heads (logit scale, softcap and temperature included), in value and gradient. Ours
+    stay separate because TRL's kernel takes no per-token weights (amm_beta, vLLM importance weights) and projects
+    the whole `lm_head` (no shared-vocabulary rows of a padded one)."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    from amm_trl.objectives.base import project, scale_logits
+
+    torch.manual_seed(0)
+    h_s, h_t = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
+    w_s = torch.randn(16, 8, requires_grad=True)
+    w_t = torch.randn(16, 12)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    scale, softcap, temperature = 1.5, 20.0, 0.7
+    trl_loss, _, _ = _chunked_divergence_loss(h_s, h_t, w_s, w_t, mask, beta, student_logit_scale=scale,
+                                              teacher_logit_scale=scale, student_final_logit_softcapping=softcap,
+                                              teacher_final_logit_softcapping=softcap, temperature=temperature)
+    trl_grad, = torch.autograd.grad(trl_loss, w_s)
+    valid = mask.bool()
+    z_s = scale_logits(project(h_s[valid], w_s, None, 16), (scale, softcap), temperature)
+    z_t = scale_logits(project(h_t[valid], w_t, None, 16), (scale, softcap), temperature)
+    ours = O.generalized_jsd(z_s, z_t, beta).mean()
+    if beta in (0.0, 1.0):
+        torch.testing.assert_close((O.forward_kl if beta == 0.0 else O.reverse_kl)(z_s, z_t).mean(), ours)
+    our_grad, = torch.autograd.grad(ours, w_s)
+    torch.testing.assert_close(ours, trl_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(our_grad, trl_grad, rtol=1e-4, atol=1e-6)

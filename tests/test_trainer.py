@@ -316,3 +316,33 @@ def test_head_warmup_trains_only_the_heads(tiny, tiny_dataset, tmp_path):
         student_grad = sum(float(p.grad.abs().sum()) for p in student if p.grad is not None)
         assert (student_grad > 0) == student_learns, (step, student_grad)
         assert sum(float(p.grad.abs().sum()) for p in trainer.q_heads.parameters()) > 0
+
+
+@pytest.mark.parametrize("attributes", [
+    {}, {"logit_scale": 0.0}, {"logit_scale": None, "output_multiplier": 2.0}, {"lm_head_multiplier": 0.5},
+    {"logits_scaling": 4.0}, {"logits_scaling": 4.0, "model_type": "hyperclovax"}, {"final_logit_softcapping": 30.0},
+    {"logit_scale": 3.0, "lm_head_multiplier": 5.0, "logits_scaling": 2.0},
+])
+def test_logit_transform_is_the_one_trl_applies(tiny, tiny_dataset, tmp_path, monkeypatch, attributes):
+    """The (scale, softcap) our projection applies equals what TRL's own `_compute_loss` passes to its kernel."""
+    import trl.trainer.distillation_trainer as dt
+
+    from amm_trl.objectives.base import logit_transform
+
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="jsd", max_steps=1)
+    inputs = fixed_batch(trainer, tiny_dataset)
+    captured = {}
+
+    def kernel(*args, **kwargs):
+        captured.update(kwargs)
+        raise StopIteration
+
+    monkeypatch.setattr(dt, "_chunked_divergence_loss", kernel)
+    for model in (trainer.model, trainer.teacher_model):
+        for name, value in attributes.items():
+            setattr(model.config.get_text_config(), name, value)
+    with pytest.raises(StopIteration):
+        dt.DistillationTrainer._compute_loss(trainer, trainer.model, inputs, None)
+    for who, model in (("student", trainer.model), ("teacher", trainer.teacher_model)):
+        want = (captured[f"{who}_logit_scale"], captured[f"{who}_final_logit_softcapping"])
+        assert logit_transform(model.config.get_text_config()) == want
