@@ -13,20 +13,29 @@ import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
 
+from trl import ScriptArguments
+
 RECIPES = resources.files("amm_trl") / "recipes"
 
 
 @dataclass
-class TrainScriptArguments:
-    """Data arguments of `amm-trl train` (the model arguments are TRL's `ModelConfig`)."""
+class TrainScriptArguments(ScriptArguments):
+    """Data arguments of `amm-trl train`: TRL's `ScriptArguments` (`dataset_name`: a .jsonl/.json file, a
+    `save_to_disk` folder or a hub dataset; `dataset_config`, `dataset_train_split`) plus the fields below. The model
+    arguments are TRL's `ModelConfig`."""
 
-    dataset_name: str | None = field(default=None, metadata={
-        "help": "Training prompts: a .jsonl/.json file, a `save_to_disk` folder or a hub dataset name."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split used for training."})
     eval_dataset_name: str | None = field(default=None, metadata={"help": "Optional evaluation prompts."})
     eval_dataset_split: str = field(default="train", metadata={"help": "Split of `eval_dataset_name`."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+
+    def __post_init__(self):
+        # TRL's fields that `amm-trl train` does not read: refused rather than silently ignored.
+        unused = {"dataset_test_split": ("test", "use eval_dataset_name / eval_dataset_split"),
+                  "dataset_streaming": (False, "datasets are loaded in memory; remove it"),
+                  "ignore_bias_buffers": (False, "remove it")}
+        for name, (default, fix) in unused.items():
+            if getattr(self, name) != default:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by `amm-trl train`: {fix}.")
 
 
 @dataclass

@@ -91,7 +91,7 @@ class AMMTrainer(DistillationTrainer):
         off_column = args.off_policy_column if args.uses_off_policy and args.off_policy_source == "dataset" else None
         check_dataset(train_dataset, "train_dataset", off_column)
         check_dataset(eval_dataset, "eval_dataset", off_column)
-        if args.use_vllm and args.vllm_mode == "server" and args.process_index == 0:  # the process TRL's client runs on
+        if args.use_vllm and args.vllm_mode == "server" and args.process_index == 0:  # where TRL's client runs
             wait_for_vllm_server(args, model)  # before loading any model: fail fast
         teacher = load_teacher(teacher_model, args, objective)
         super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
@@ -282,7 +282,8 @@ class AMMTrainer(DistillationTrainer):
 
     def _projection(self, student, teacher: bool) -> Projection:
         t_head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings() if teacher else None
-        return Projection(student.get_output_embeddings(), t_head, self.vocab_size, self.temperature, *self._transforms)
+        return Projection(student.get_output_embeddings(), t_head, self.vocab_size, self.temperature,
+                          *self._transforms)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         objective = self.objective_unit
@@ -310,7 +311,7 @@ class AMMTrainer(DistillationTrainer):
                 kind, projection, step, completion_ids[rows], completion_mask[rows].bool(), h_s[rows],
                 None if h_t is None else h_t[rows], inputs)
             loss = loss + part_loss
-        context = LossContext(self._run_chunked, self._add_metric, projection, batch,
+        context = LossContext(self._run_chunked, self._add_metric, projection,
                               batch * (self.args.gradient_accumulation_steps if step.training else 1), step)
         extra = objective.extra_loss(parts, context)
         entropy = sum(part.column("entropy").sum() for part in parts.values())

@@ -13,24 +13,25 @@ import os
 import platform
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 
+from amm_trl.procs import die_with_parent, die_with_parent_term, free_port  # noqa: F401 (C.free_port, ...)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3: bos 1, eos 2, pad 3
-VOCAB = 32000  # OpenLLaMA's and the GPU kit's vocabulary size
+VOCAB = 32000  # OpenLLaMA's vocabulary size (and that of the pair behind TRL's reference figures)
 TINY_VOCAB = 512
 
 # name -> (hidden, layers, heads, intermediate)
 SHAPES = {
-    # the GPU kit's pair (../shared/gpu/make_tiny_models.py), so that TRL's reference figures compare directly
+    # the pair TRL's reference figures in docs/benchmarks.md were measured on, so that they compare directly
     "kit_student": (2048, 16, 16, 5632),  # 0.95B
     "kit_teacher": (2560, 24, 20, 6912),  # 2.07B
     # OpenLLaMA-3B / 7B (config.json of openlm-research/open_llama_{3b,7b}_v2)
@@ -149,31 +150,6 @@ def make_dataset(n_rows, prompt_words, completion_words, vocab=VOCAB, seed=0):
 
 
 # ------------------------------------------------------------------------------------------ distributed / deepspeed
-def die_with_parent(sig=9):
-    """Linux: deliver `sig` to this process when its parent exits. torchrun starts its workers in their own session,
-    so killing torchrun's process group leaves them running (holding the GPU, blocked on a dead rendezvous store);
-    workers call this with SIGKILL, and spawned torchrun processes get SIGTERM (which they forward to their workers)
-    through `preexec_fn=die_with_parent_term`."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:
-        return
-    if os.getppid() == 1:  # the parent is already gone
-        os._exit(1)
-
-
-def die_with_parent_term():
-    die_with_parent(15)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun_cmd(script, argv, nproc=1):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
             "127.0.0.1", "--master_port", str(free_port()), script, *argv]

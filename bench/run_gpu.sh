@@ -1,32 +1,33 @@
 #!/usr/bin/env bash
-# bench/run_gpu.sh PHASE|STAGE ... : what a GPU session runs, from the repository root, after the kit is prepared
-# (docs/benchmarks.md "Running on the GPU machine"; ../shared/gpu/README.md). Consecutive device runs:
+# bench/run_gpu.sh PHASE|STAGE ... : the GPU benchmarks and GPU tests, from the repository root of a GPU node
+# (docs/benchmarks.md "Running on a GPU node"). After `pip install -e ".[vllm]"`:
 #
-#   run 1, carry [.gpu, .whl, .vl1]:  bash bench/run_gpu.sh run1   env install models estimate tests_gpu step_hf build7b3b
-#   run 2, carry [.gpu, .vl2]:        bash bench/run_gpu.sh run2   install tests_vllm rollout 7b3b_offload
-#   run 3, carry [.gpu]:              bash bench/run_gpu.sh run3   7b3b_offload step_vllm 7b3b_sleep 7b3b step_vllm_zero3
+#   AMM_GIT_COMMIT=$(git rev-parse --short HEAD) BUDGET_S=100000 bash bench/run_gpu.sh all
 #
-# Each run must start while the machine from the previous one is still up (it stays warm ~30 s after a call):
-# /tmp/site, /tmp/vllm-parts and the models in /tmp survive only then; if it was given back, start again from run 1.
-# Stages that succeeded are remembered on the machine (/tmp/amm-gpu-out/done): run1/run2/run3 skip them, so run 3
-# picks up whatever run 2 had no time for. Any stage can be named alone (always runs), e.g.
+# `all` runs every stage in order; `run1` / `run2` / `run3` are the same stages in three parts (run1: env install
+# models estimate tests_gpu step_hf build7b3b; run2: install tests_vllm rollout 7b3b_offload; run3: 7b3b_offload
+# step_vllm 7b3b_sleep 7b3b step_vllm_zero3) for machines that allow only short commands. Models and intermediate
+# files live in /tmp. Stages that succeeded are remembered (/tmp/amm-gpu-out/done): phases skip them (FORCE=1 reruns
+# them), so a later part picks up what an earlier one had no time for. Any stage can be named alone (always runs), e.g.
 # `bash bench/run_gpu.sh install 7b3b_sleep`. `smoke` runs every bench in --tiny mode and `check_workers` the GPU
 # tests' workers against a stand-in vLLM (bench/check_gpu_workers_cpu.py); both are meant for a CPU machine.
 #
 # Budget: the run stops starting stages once fewer seconds are left than a stage needs (BUDGET_S, default 530 s
-# from the start, so one device command stays under its 600 s limit); skipped stages are listed in the summary.
+# from the start); skipped stages are listed in the summary.
 # Each stage runs in its own process group, stopped (SIGTERM, then SIGKILL 20 s later) when its limit passes; the
 # bench and test workers die with their parent (PR_SET_PDEATHSIG), so torchrun ranks do not outlive a killed stage.
-# Logs and JSON go to /tmp/amm-gpu-out/<tag>/; at exit $OUT (default /tmp/amm-gpu-out/out) receives three files:
+# Logs and JSON go to /tmp/amm-gpu-out/<tag>/; at exit $RESULTS_DIR (default /tmp/amm-gpu-out/out) receives three files:
 #   <tag>_summary.txt   stage, rc, seconds, GPU memory in use after it; bench/digest.py of the results; pytest's summary
 #   <tag>_results.jsonl one {"stage", "result"} object per RESULT line
 #   <tag>_logs.tar.gz   every log, JSON and profiler table of the run
+# Optional, for a node without network: INSTALL_SCRIPT=path/to/script.sh makes the `install` stage run that script
+# (e.g. one that installs pre-downloaded wheels) instead of pip; SITE=dir adds a --target install folder to the path.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 [ $# -gt 0 ] || { sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2; }
-KIT=${KIT:-$REPO/.gpu}
-DEST=${OUT:-/tmp/amm-gpu-out/out}
+INSTALL_SCRIPT=${INSTALL_SCRIPT:-}
+DEST=${RESULTS_DIR:-/tmp/amm-gpu-out/out}
 TAG=${TAG:-$(echo "$*" | tr ' ' '_' | tr -cd 'A-Za-z0-9_.-' | cut -c1-60)}
 WORK=/tmp/amm-gpu-out/$TAG
 BUDGET_S=${BUDGET_S:-530}
@@ -34,7 +35,7 @@ mkdir -p "$WORK" "$DEST"
 export SITE=${SITE:-/tmp/site}
 export PYTHONPATH=$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        HF_HUB_DISABLE_TELEMETRY=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
-# FlashInfer is not in the slim vLLM build: without this the sampler fails with "No module named 'flashinfer'".
+# FlashInfer is optional in vLLM: without it installed the sampler fails with "No module named 'flashinfer'".
 export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}
 PY=${PY:-python3}
 T0=$(date +%s)
@@ -107,12 +108,12 @@ stage() {
 }
 
 do_install() {
-  if [ ! -f "$KIT/install_on_gpu.sh" ]; then
-    echo "the GPU kit is not at $KIT: mkdir -p .gpu && cp ../shared/gpu/*.sh ../shared/gpu/*.py .gpu/ (and carry .gpu)"
-    return 1
-  fi
   set -o pipefail
-  WITH_DEEPSPEED=1 bash "$KIT/install_on_gpu.sh" 2>&1 | grep -v "Running pip as the 'root'" || return 1
+  if [ -n "$INSTALL_SCRIPT" ]; then
+    WITH_DEEPSPEED=1 bash "$INSTALL_SCRIPT" 2>&1 | grep -v "Running pip as the 'root'" || return 1
+  else
+    $PY -m pip install -q -e ".[vllm]" 2>&1 | grep -v "Running pip as the 'root'" || return 1
+  fi
   $PY -c "
 import importlib, sys
 missing = []
@@ -121,7 +122,7 @@ for n in ('torch', 'transformers', 'trl', 'deepspeed', 'datasets', 'peft', 'acce
         m = importlib.import_module(n); print(n, getattr(m, '__version__', '?'))
     except Exception as e:
         print(n, 'MISSING', type(e).__name__, str(e)[:120]); missing.append(n)
-sys.exit(1 if set(missing) & {'trl', 'deepspeed', 'datasets'} else 0)  # vLLM arrives in run 2
+sys.exit(1 if set(missing) & {'trl', 'deepspeed', 'datasets'} else 0)  # without vLLM the vllm stages fail alone
 "
 }
 
@@ -131,7 +132,7 @@ env_info() {
   nproc; free -g | head -2; df -h /tmp | tail -1
 }
 
-build_kit_models() {
+build_bench_models() {
   $PY -c "import sys; sys.path.insert(0, 'bench'); import _common as C; \
 print(C.build_models('/tmp/amm-bench/models', {'student': 'kit_student', 'teacher': 'kit_teacher'}))"
 }
@@ -145,8 +146,8 @@ smoke() {  # every bench in --tiny mode plus test collection: checks the scripts
   $PY -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider
 }
 
-export -f do_install env_info build_kit_models smoke
-export KIT PY WORK
+export -f do_install env_info build_bench_models smoke
+export INSTALL_SCRIPT PY WORK
 
 phase() {
   local s
@@ -164,9 +165,11 @@ run_stage() {
     run1) phase env install models estimate tests_gpu step_hf build7b3b ;;
     run2) phase install tests_vllm rollout 7b3b_offload ;;
     run3) phase 7b3b_offload step_vllm 7b3b_sleep 7b3b step_vllm_zero3 ;;
+    all) phase env install models estimate tests_gpu step_hf build7b3b tests_vllm rollout 7b3b_offload step_vllm \
+        7b3b_sleep 7b3b step_vllm_zero3 ;;
     env) stage env 5 60 env_info ;;
     install) stage install 40 300 do_install ;;
-    models) stage models 45 240 build_kit_models ;;
+    models) stage models 45 240 build_bench_models ;;
     build7b3b) stage build7b3b 60 300 $PY bench/bench_7b3b.py --build-only ;;
     estimate) stage estimate 10 60 $PY bench/bench_7b3b.py --estimate-only --json "$WORK/7b3b_estimate.json" ;;
     tests_gpu) stage tests_gpu 45 240 $PY -m pytest tests/test_gpu.py -m "gpu and not vllm" -v -rA -p no:cacheprovider ;;

@@ -23,6 +23,8 @@ import subprocess
 import tempfile
 import time
 
+from amm_trl.procs import free_port
+
 REQUIRED_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "srun", "scancel")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED"}
@@ -41,12 +43,6 @@ def missing_requirements() -> str | None:
 
 def _which(name: str) -> str:
     return shutil.which(name) or os.path.join("/usr/sbin", name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmCluster:

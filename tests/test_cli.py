@@ -25,7 +25,8 @@ def test_every_recipe_parses_into_config_objects(name):
     script, args, model = parse_train_args(["--config", recipe_path(name), "--output_dir", "/tmp/amm-recipe-test", *cpu])
     assert isinstance(script, TrainScriptArguments) and isinstance(args, AMMConfig) and isinstance(model, ModelConfig)
     assert model.model_name_or_path and script.dataset_name
-    assert args.objective in name or name.startswith(("quickstart.", "openllama")) or args.objective == "amm"
+    # Every recipe is named after its objective (`<setup>_<objective>.yaml`); the plain quickstart runs AMM.
+    assert args.objective == ("amm" if name == "quickstart.yaml" else name[:-len(".yaml")].rsplit("_", 1)[1])
 
 
 def test_recipes_folder_is_the_packaged_one():
@@ -100,3 +101,16 @@ def test_unknown_command_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fly"])
     assert exit_info.value.code == 2 and "unknown command 'fly'" in capsys.readouterr().err
+
+
+def test_train_script_arguments_are_trls_and_refuse_the_fields_train_ignores():
+    from trl import ScriptArguments
+
+    from amm_trl.cli import TrainScriptArguments
+
+    script = TrainScriptArguments(dataset_name="data.jsonl", dataset_config="main", max_train_samples=8)
+    assert isinstance(script, ScriptArguments) and script.dataset_train_split == "train"
+    with pytest.raises(ValueError, match=r"dataset_streaming=True is not supported by `amm-trl train`: datasets are"):
+        TrainScriptArguments(dataset_name="data.jsonl", dataset_streaming=True)
+    with pytest.raises(ValueError, match="dataset_test_split='validation' is not supported.*eval_dataset_name"):
+        TrainScriptArguments(dataset_name="data.jsonl", dataset_test_split="validation")

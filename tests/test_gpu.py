@@ -3,9 +3,10 @@ without ZeRO-3), the Q-heads never reach vLLM, vLLM's sampling log-probs agree w
 (`vllm_importance_sampling_correction`), bf16 AMM steps on the GPU (plain and ZeRO-3), and server mode's error when
 the server cannot be reached.
 
-NOT YET RUN ON A GPU. These tests were written in a session without a GPU and have only been collected and skipped
-on CPU (tests/conftest.py skips `gpu` / `vllm` tests without CUDA; the `vllm` ones also skip without vLLM). Their
-first run on a GPU may find mistakes in the tests themselves. On the GPU machine (after `bench/run_gpu.sh install`):
+NOT YET RUN ON A GPU (2026-12-01). So far they have only been collected and skipped on CPU (tests/conftest.py skips
+`gpu` / `vllm` tests without CUDA; the `vllm` ones also skip without vLLM), and their workers checked against a
+stand-in vLLM engine (bench/check_gpu_workers_cpu.py). Their first run on a GPU may find mistakes in the tests
+themselves. On a GPU node, after `pip install -e ".[vllm]"`:
 
     python3 -m pytest tests/test_gpu.py -m "gpu and not vllm" -v     # no vLLM needed  (bench/run_gpu.sh tests_gpu)
     python3 -m pytest tests/test_gpu.py -m vllm -v                   # needs vLLM      (bench/run_gpu.sh tests_vllm)
@@ -23,13 +24,14 @@ Models: a 128-token word-level tokenizer (tests/tiny.py) and bf16 Llama students
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import pytest
+
+from amm_trl.procs import die_with_parent, die_with_parent_term, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -89,29 +91,6 @@ def gpu_assets(tmp_path_factory):
     return build_gpu_assets(str(tmp_path_factory.mktemp("gpu_assets")))
 
 
-def die_with_parent(sig=9):
-    """Linux: `sig` reaches this process when its parent exits (torchrun starts its ranks in their own session, so a
-    rank must not outlive torchrun: it would hold the GPU and block on a dead rendezvous store)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:
-        return
-    if os.getppid() == 1:
-        os._exit(1)
-
-
-def _term_with_parent():
-    die_with_parent(15)  # torchrun forwards SIGTERM to its ranks
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_worker(kind, assets, tmp_path, *flags, torchrun=False, timeout=420):
     """Runs `python tests/test_gpu.py KIND ASSETS OUT.json FLAGS...` and returns its JSON report."""
     out = str(tmp_path / f"{kind}.json")
@@ -125,7 +104,7 @@ def run_worker(kind, assets, tmp_path, *flags, torchrun=False, timeout=420):
     start = time.perf_counter()
     # Own process group, and SIGTERM if pytest dies; the worker (or each torchrun rank) dies with its parent.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=_term_with_parent)
+                            start_new_session=True, preexec_fn=die_with_parent_term)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -132,7 +132,8 @@ def test_distillm_threshold_rises_when_eval_loss_plateaus(tiny, tiny_dataset, tm
     assert trainer.objective_unit.state.threshold == 0.2 and first["eval_distillm_threshold"] == 0.2
     second = trainer.evaluate()  # same model, same loss: no 10% improvement
     assert second["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
-    assert trainer.objective_unit.state.threshold == pytest.approx(0.3) and second["eval_distillm_threshold"] == pytest.approx(0.3)
+    assert trainer.objective_unit.state.threshold == pytest.approx(0.3)
+    assert second["eval_distillm_threshold"] == pytest.approx(0.3)
 
 
 def test_distillm_replay_buffer_and_threshold_survive_checkpoint_resume(tiny, tiny_dataset, tmp_path):

@@ -74,6 +74,7 @@ __all__ = [
     "join_parts", "main",
 ]
 
+
 @dataclasses.dataclass(frozen=True)
 class Asset:
     name: str

@@ -88,7 +88,8 @@ def score_function_advantages(gaps: Tensor, valid: Tensor, length_normalization:
 
 class AMM(Objective):
     name = "amm"
-    description = "Adversarial moment matching: on- and off-policy Q-head distances mixed by `amm_beta` (Jia, NeurIPS 2024)."
+    description = ("Adversarial moment matching: on- and off-policy Q-head distances mixed by `amm_beta` (Jia, "
+                   "NeurIPS 2024).")
     own_fields = ("amm_policy_gradient",)
     needs_q_heads = True
     shared_head = False  # one head for both data kinds regardless of `q_head_shared`

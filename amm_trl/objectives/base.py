@@ -125,7 +125,6 @@ class LossContext:
     run: Callable[[list[Tensor], Tensor, Callable, list[Tensor]], tuple[Tensor, Tensor]]
     add_metric: Callable[[str, Tensor, float], None]
     projection: "Projection"
-    micro_batch: int  # prompts per micro-batch
     pairs_per_step: int  # prompts whose loss one optimizer step averages over, on this rank
     step: Step
 

@@ -129,7 +129,8 @@ class DistiLLM(Objective):
             rows = zip(batch["prompt_ids"].tolist(), batch["prompt_mask"].tolist(), batch["completion_ids"].tolist(),
                        batch["completion_mask"].tolist())
             for p_ids, p_mask, c_ids, c_mask in rows:
-                self.state.buffer.push([t for t, m in zip(p_ids, p_mask) if m], [t for t, m in zip(c_ids, c_mask) if m])
+                self.state.buffer.push([t for t, m in zip(p_ids, p_mask) if m],
+                                       [t for t, m in zip(c_ids, c_mask) if m])
         return {}
 
     def token_loss(self, tokens: Tokens, kind: str):

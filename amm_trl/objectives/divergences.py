@@ -164,7 +164,8 @@ class _Mixed(Objective):
 
 class GKD(_Mixed):
     name = "gkd"
-    description = "Generalized JSD(`beta`) on student rollouts with probability `lmbda`, else on off-policy completions."
+    description = ("Generalized JSD(`beta`) on student rollouts with probability `lmbda`, else on off-policy "
+                   "completions.")
 
     def token_loss(self, tokens: Tokens, kind: str):
         return generalized_jsd(tokens.student_logits, tokens.teacher_logits, self.args.beta), []

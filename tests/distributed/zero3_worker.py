@@ -9,7 +9,7 @@ Phases:
   resume  loads checkpoint-2: heads and optimizer partition must equal the dumps exactly; trains 2 more steps.
   peft    LoRA student + Q-heads under ZeRO-3: one step; the sync iterator (merge/unmerge path) yields no head and
           no adapter weight, and the merged weights have full shapes.
-  objectives  each objective named on the command line trains 2 steps; losses finite.
+  objectives  each objective named on the command line trains 2 steps: losses, logged metrics, lm_head change.
 Rank 0 writes OUT_DIR/<phase>.json with what it measured; any failed assertion exits non-zero.
 """
 
@@ -81,6 +81,15 @@ def optimizer_partition(trainer):
     moments = [{k: v.detach().clone() for k, v in opt.optimizer.state[p].items() if torch.is_tensor(v)}
                for p in opt.fp32_partitioned_groups_flat]
     return flat, moments
+
+
+def gathered_lm_head(trainer):
+    """The student's full `lm_head` weight (every rank takes part in the gather)."""
+    import deepspeed
+
+    weight = trainer.accelerator.unwrap_model(trainer.model_wrapped).get_output_embeddings().weight
+    with deepspeed.zero.GatheredParameters([weight]):
+        return weight.detach().float().clone()
 
 
 def finite_losses(trainer):
@@ -168,7 +177,7 @@ def main():
         result["stream"] = len(stream)
         result["losses"] = finite_losses(trainer)
     elif PHASE == "objectives":
-        result["losses"] = {}
+        result.update(losses={}, logged={}, distillm_source={}, lm_head_change={})
         for objective in EXTRA:
             overrides = {"objective": objective, "save_strategy": "no"}
             if objective == "seqkd":
@@ -178,8 +187,13 @@ def main():
             if objective == "minillm":  # step 1 replays step 0's rollouts (second PPO epoch)
                 overrides["ppo_epochs"] = 2
             trainer = trainer_for(config(os.path.join(OUT, objective), **overrides))
+            before = gathered_lm_head(trainer)
             trainer.train()
+            logs = [h for h in trainer.state.log_history if "loss" in h]
             result["losses"][objective] = finite_losses(trainer)
+            result["logged"][objective] = sorted({k for h in logs for k in h})
+            result["distillm_source"][objective] = [h["distillm/source"] for h in logs if "distillm/source" in h]
+            result["lm_head_change"][objective] = float((gathered_lm_head(trainer) - before).abs().sum())
             del trainer
     if rank == 0:
         with open(os.path.join(OUT, f"{PHASE}.json"), "w") as f:
