@@ -13,6 +13,7 @@ DISTILLM_LOSSES = ("skl", "srkl")
 OFF_POLICY_SOURCES = ("dataset", "teacher", "none")
 Q_HEAD_TYPES = ("linear", "low_rank")
 Q_HEAD_FEATURES = ("student", "teacher")
+AMM_ANCHORS = ("fkl", "ce")
 PG_BASELINES = ("mean", "none")
 
 
@@ -38,8 +39,30 @@ class AMMConfig(DistillationConfig):
         amm_beta (`float`, *optional*, defaults to `0.5`):
             Weight of the off-policy distance; `1 - amm_beta` weighs the on-policy one (the paper's off-/on-policy
             combination factor). `0` = on-policy only (needs no off-policy data), `1` = off-policy only.
-        q_bound (`float`, *optional*, defaults to `1.0`):
-            Bound c of the Q-head, f = c * tanh(.). With the optimal head each distance is 2c * TV(p_T, p_S).
+        q_bound (`float` or `None`, *optional*, defaults to `1.0`):
+            Bound c of the critic, f = c * tanh(u). With the optimal critic each distance is 2c * TV(p_T, p_S).
+            `None`: an unbounded critic f = u, kept finite by `q_head_l2` (required then).
+        q_prior_alpha (`float`, *optional*, defaults to `0.0`):
+            Informed critic: u = alpha * sg(log p_T - log p_S) + g(s), g the Q-head's output (zero at the start), so
+            the critic sees both models and begins at c * tanh(alpha log(p_T / p_S)), a soft version of the best
+            response c * sign(p_T - p_S); the head learns a residual. `0`: u = g (the learned critic alone, the
+            closest reading of the paper). A learned head on the student's features alone cannot represent
+            sign(p_T - p_S), which depends on both models.
+        q_head_l2 (`float`, *optional*, defaults to `0.0`):
+            L2 penalty of the critic: the heads ascend <sg(p_T - p_S), f> - q_head_l2 / 2 * sum_a f(a)^2 (the student
+            still descends the plain gap), whose best response (p_T - p_S) / q_head_l2 is finite without a tanh; a
+            saturated tanh head under Adam goes stale instead.
+        q_head_max_grad_norm (`float` or `None`, *optional*, defaults to `None`):
+            Clip the Q-heads' gradient norm on its own; the student is then clipped alone at `max_grad_norm` (by
+            default the Trainer clips student and heads jointly, so a large head gradient shrinks the student's
+            step). Not under DeepSpeed, whose engine clips all its parameters jointly.
+        amm_anchor_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of a likelihood anchor on the off-policy completions, added to AMM's (or PbKD's) loss with this
+            weight regardless of `amm_beta` (per off-policy token, reduced like the rest). Per-state moment matching
+            weighs the student's gradient by p_S, so it barely lifts a teacher mode the student misses; the anchor
+            does.
+        amm_anchor (`str`, *optional*, defaults to `"fkl"`):
+            The anchor: `"fkl"` (forward KL(p_T || p_S)) or `"ce"` (cross-entropy of the completion's tokens).
         q_head_lr_multiplier (`float`, *optional*, defaults to `10.0`):
             The Q-heads' learning rate is `learning_rate * q_head_lr_multiplier` (own optimizer parameter group, no
             weight decay, same schedule).
@@ -164,7 +187,15 @@ class AMMConfig(DistillationConfig):
     objective: str = field(default="amm", metadata={"help": "Distillation method.", "choices": list(OBJECTIVES)})
     lmbda: float = field(default=0.5, metadata={"help": "Student-data fraction for `gkd` and `imitkd`."})
     amm_beta: float = field(default=0.5, metadata={"help": "AMM off-policy weight (1 - amm_beta = on-policy)."})
-    q_bound: float = field(default=1.0, metadata={"help": "Q-head bound c: f = c * tanh(.)."})
+    q_bound: float | None = field(default=1.0, metadata={"help": "Critic bound c: f = c * tanh(.); null: unbounded."})
+    q_prior_alpha: float = field(default=0.0, metadata={
+        "help": "Informed critic: f = c * tanh(alpha * (log p_T - log p_S) + head); 0 = head only."})
+    q_head_l2: float = field(default=0.0, metadata={"help": "L2 penalty lambda/2 * sum_a f^2 in the critic's objective."})
+    q_head_max_grad_norm: float | None = field(default=None, metadata={
+        "help": "Clip the Q-heads' gradient norm separately (the student keeps max_grad_norm)."})
+    amm_anchor_weight: float = field(default=0.0, metadata={
+        "help": "Weight of a likelihood anchor on the off-policy completions (AMM / PbKD)."})
+    amm_anchor: str = field(default="fkl", metadata={"help": "Anchor loss.", "choices": list(AMM_ANCHORS)})
     q_head_lr_multiplier: float = field(default=10.0, metadata={"help": "Q-head lr = learning_rate * multiplier."})
     q_head_shared: bool = field(default=False, metadata={"help": "One Q-head for on- and off-policy distances."})
     q_head_type: str = field(default="linear", metadata={"help": "Q-head kind.", "choices": list(Q_HEAD_TYPES)})
@@ -217,8 +248,7 @@ class AMMConfig(DistillationConfig):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 fail(name, value, "it must lie in [0, 1].")
-        if not self.q_bound > 0:
-            fail("q_bound", self.q_bound, "the Q-head bound c must be > 0 (f = c * tanh(.)).")
+        self._validate_critic(fail)
         if not self.q_head_lr_multiplier > 0:
             fail("q_head_lr_multiplier", self.q_head_lr_multiplier, "it must be > 0.")
         if self.q_head_type not in Q_HEAD_TYPES:
@@ -230,10 +260,36 @@ class AMMConfig(DistillationConfig):
         self._validate_objective_fields(fail)
         self._validate_vllm_sampling(fail)
         self.objective_unit.validate(fail)
-        ds = self.deepspeed if isinstance(self.deepspeed, dict) else None
-        if ds is not None and "optimizer" in ds and self.objective_unit.needs_q_heads:
-            fail("deepspeed", "{'optimizer': ...}", "remove the 'optimizer' section: the Q-heads need their own "
-                 "parameter group, which only the Trainer-built optimizer gives (DeepSpeed still wraps it).")
+        self._validate_deepspeed_optimizer()
+
+    def _validate_critic(self, fail):
+        if self.q_bound is not None and not self.q_bound > 0:
+            fail("q_bound", self.q_bound, "the Q-head bound c must be > 0 (f = c * tanh(.)), or null for an unbounded "
+                 "critic with q_head_l2 > 0.")
+        for name in ("q_prior_alpha", "q_head_l2", "amm_anchor_weight"):
+            if not getattr(self, name) >= 0:
+                fail(name, getattr(self, name), "it must be >= 0.")
+        if self.q_head_max_grad_norm is not None and not self.q_head_max_grad_norm > 0:
+            fail("q_head_max_grad_norm", self.q_head_max_grad_norm, "use a positive norm or null.")
+        if self.q_head_max_grad_norm is not None and getattr(self, "deepspeed_plugin", None) is not None:
+            fail("q_head_max_grad_norm", self.q_head_max_grad_norm, "DeepSpeed clips all parameters of its engine "
+                 "jointly (gradient_clipping); set it to null under DeepSpeed.")
+        if self.amm_anchor not in AMM_ANCHORS:
+            fail("amm_anchor", self.amm_anchor, f"choose one of {list(AMM_ANCHORS)}.")
+
+    def _validate_deepspeed_optimizer(self):
+        """A DeepSpeed 'optimizer' section (a dict, a JSON file or accelerate's deepspeed_config_file, all read into
+        the plugin) makes DeepSpeed build one optimizer over every parameter: the Q-heads would lose their group."""
+        plugin = getattr(self, "deepspeed_plugin", None)
+        if plugin is None or "optimizer" not in (plugin.deepspeed_config or {}) or not self.objective_unit.needs_q_heads:
+            return
+        source = (f"deepspeed={self.deepspeed!r}" if isinstance(self.deepspeed, str) else "deepspeed" if
+                  self.deepspeed is not None else "the accelerate config's deepspeed_config_file")
+        raise ValueError(
+            f"The DeepSpeed config ({source}) has an 'optimizer' section: DeepSpeed would then build one optimizer over "
+            f"all parameters and the Q-heads of objective {self.objective!r} would lose their own group "
+            "(q_head_lr_multiplier, no weight decay). Remove the 'optimizer' section; the Trainer-built optimizer "
+            "(optim / learning_rate / weight_decay) is still wrapped by DeepSpeed.")
 
     def _validate_objective_fields(self, fail):
         if self.pg_clip is not None and not self.pg_clip > 0:

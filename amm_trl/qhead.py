@@ -1,4 +1,6 @@
-"""The adversary of AMM: Q-heads f_phi(s, .) in R^V, bounded by c * tanh, and their ZeRO-3-safe construction.
+"""The adversary of AMM: Q-heads g_phi(s, .) in R^V (raw scores, which `objectives.amm.critic_values` turns into the
+critic f: bounded by c * tanh or L2-regularized, optionally around an informed prior), their ZeRO-3-safe
+construction and their checkpoint file.
 
 A head reads detached hidden states (so it cannot shape the student's features) and returns one value per vocabulary
 entry, which makes E_{a~p}[f(s, a)] = <p, f(s, .)> exact for a white-box teacher. Heads are never called through
@@ -18,47 +20,54 @@ HEADS_FILE = "amm_q_heads.safetensors"  # beside the saved student, which stays 
 
 
 class LinearQHead(nn.Module):
-    """f(s, .) = c * tanh(W h + b), W: (vocab, features). Zero-initialized, so both distances start at 0."""
+    """g(s, .) = W h + b, W: (vocab, features). Zero-initialized, so the learned part of the critic starts at 0."""
 
-    def __init__(self, features: int, vocab_size: int, bound: float):
+    def __init__(self, features: int, vocab_size: int):
         super().__init__()
-        self.bound = bound
         self.weight = nn.Parameter(torch.zeros(vocab_size, features))
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
-    def q_values(self, h: torch.Tensor, params: list[torch.Tensor], output_embedding: torch.Tensor) -> torch.Tensor:
+    def zero_output_(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def scores(self, h: torch.Tensor, params: list[torch.Tensor], output_embedding: torch.Tensor) -> torch.Tensor:
         weight, bias = params
-        return self.bound * torch.tanh(F.linear(h.to(weight.dtype), weight, bias).float())
+        return F.linear(h.to(weight.dtype), weight, bias).float()
 
 
 class LowRankQHead(nn.Module):
-    """f(s, .) = c * tanh(E g(h)), E = the detached student output embedding (vocab, hidden), g a two-layer MLP
-    features -> hidden -> hidden. The last layer is zero-initialized, so f starts at 0. Costs ~2 hidden^2."""
+    """g(s, .) = E m(h), E = the detached student output embedding (vocab, hidden), m a two-layer MLP
+    features -> hidden -> hidden. The last layer is zero-initialized, so g starts at 0. Costs ~2 hidden^2."""
 
-    def __init__(self, features: int, hidden: int, bound: float):
+    def __init__(self, features: int, hidden: int):
         super().__init__()
-        self.bound = bound
         self.fc1 = nn.Linear(features, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
+        self.zero_output_()
+
+    def zero_output_(self) -> None:
+        """f starts at 0. Under `deepspeed.zero.Init` the caller must gather the parameters first: `nn.Linear` is
+        partitioned as soon as it is built, so zeroing it in `__init__` writes into empty shards."""
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
-    def q_values(self, h: torch.Tensor, params: list[torch.Tensor], output_embedding: torch.Tensor) -> torch.Tensor:
+    def scores(self, h: torch.Tensor, params: list[torch.Tensor], output_embedding: torch.Tensor) -> torch.Tensor:
         w1, b1, w2, b2 = params
-        g = F.linear(F.gelu(F.linear(h.to(w1.dtype), w1, b1)), w2, b2)
-        return self.bound * torch.tanh(F.linear(g.to(output_embedding.dtype), output_embedding.detach()).float())
+        m = F.linear(F.gelu(F.linear(h.to(w1.dtype), w1, b1)), w2, b2)
+        return F.linear(m.to(output_embedding.dtype), output_embedding.detach()).float()
 
 
 class QHeads(nn.Module):
     """The adversary: `on` and `off` heads (or one shared head, registered once and used for both)."""
 
-    def __init__(self, head_type: str, features: int, vocab_size: int, hidden: int, bound: float, shared: bool):
+    def __init__(self, head_type: str, features: int, vocab_size: int, hidden: int, shared: bool):
         super().__init__()
 
         def make():
             if head_type == "linear":
-                return LinearQHead(features, vocab_size, bound)
-            return LowRankQHead(features, hidden, bound)
+                return LinearQHead(features, vocab_size)
+            return LowRankQHead(features, hidden)
 
         self.on = make()
         self.off = self.on if shared else make()
@@ -67,7 +76,7 @@ class QHeads(nn.Module):
         return self.on if kind == "on" else self.off
 
 
-def build_q_heads(args, student: nn.Module, teacher_hidden_size: int) -> QHeads:
+def build_q_heads(args, student: nn.Module, teacher_hidden_size: int, vocab_size: int) -> QHeads:
     """Builds the heads like the student was built: partitioned under `deepspeed.zero.Init` when the student's own
     parameters are (ZeRO-3 with `zero3_init_flag`), else as plain modules in the student's dtype and device.
 
@@ -75,6 +84,9 @@ def build_q_heads(args, student: nn.Module, teacher_hidden_size: int) -> QHeads:
     optimizer then refuses the mixed dtypes. zero.Init takes its dtype from the DeepSpeed config (as transformers'
     `from_pretrained` does): an explicit `dtype=` is ignored on accelerators without fp16 (DeepSpeed 0.19.8,
     `Init._set_dtype` operator precedence), so we check the outcome instead.
+
+    `vocab_size` is the vocabulary the loss compares (the shared tokenizer rows), not the student's embedding rows,
+    which may be padded (Qwen2.5: 151936 rows for 151665 tokens).
     """
     text_config = student.config.get_text_config()
     student_hidden = text_config.hidden_size
@@ -82,8 +94,7 @@ def build_q_heads(args, student: nn.Module, teacher_hidden_size: int) -> QHeads:
     param = next(p for p in student.parameters() if p.is_floating_point())
 
     def make():
-        return QHeads(args.q_head_type, features, text_config.vocab_size, student_hidden, args.q_bound,
-                      args.q_head_shared)
+        return QHeads(args.q_head_type, features, vocab_size, student_hidden, args.q_head_shared)
 
     if not hasattr(param, "ds_id"):
         return make().to(device=param.device, dtype=param.dtype)
@@ -92,6 +103,9 @@ def build_q_heads(args, student: nn.Module, teacher_hidden_size: int) -> QHeads:
 
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
         heads = make()
+    for head in dict.fromkeys((heads.on, heads.off)):  # a shared head once
+        with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0):
+            head.zero_output_()
     head_dtype = next(heads.parameters()).dtype
     if head_dtype != param.dtype:
         raise ValueError(

@@ -100,7 +100,7 @@ class AMMTrainer(DistillationTrainer):
         self.objective_unit = objective
         self._pending_metrics = {}
         self._setup_teacher(teacher)
-        self._setup_objective_modules()
+        self._setup_objective_modules(optimizers)
         if self.use_vllm:
             correction = args.vllm_importance_sampling_correction
             # TRL's distillation asks vLLM for no log-probs; the importance ratio needs the sampled tokens' ones.
@@ -122,15 +122,30 @@ class AMMTrainer(DistillationTrainer):
             self._teacher_hidden_size = teacher_config.hidden_size
             self._transforms = (self._transforms[0], logit_transform(teacher_config))
             teacher.requires_grad_(False)  # frozen: no gradient buffers, and no gradient computed for its lm_head
+            self._suppress_padded_rows(max(student_config.vocab_size, teacher_config.vocab_size))
             if self.is_deepspeed_enabled:
                 self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
             else:
                 self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.chunk_size = auto_chunk_size(self.vocab_size, self.args.loss_chunk_tokens)
 
-    def _setup_objective_modules(self):
-        self.q_heads = self.objective_unit.build_modules(self.model, self._teacher_hidden_size)
+    def _suppress_padded_rows(self, rows: int) -> None:
+        """Rollouts and teacher generations never sample an embedding row beyond the shared tokenizer: a padded row
+        (Qwen2.5: 151936 or 152064 rows for 151665 tokens) is no token, and the other model may have no such row."""
+        padded = list(range(self.vocab_size, rows))
+        if padded:
+            suppressed = list(self.generation_config.suppress_tokens or []) + padded
+            self.generation_config.suppress_tokens = self.generation_kwargs["suppress_tokens"] = suppressed
+
+    def _setup_objective_modules(self, optimizers):
+        self.q_heads = self.objective_unit.build_modules(self.model, self._teacher_hidden_size, self.vocab_size)
         if self.q_heads is not None:
+            if optimizers[0] is not None:
+                raise ValueError(
+                    f"AMMTrainer got optimizers=(optimizer, scheduler), but objective {self.args.objective!r} trains "
+                    "Q-heads that the trainer creates after that optimizer, so they would be in no parameter group. "
+                    "Pass optimizers=(None, None) and set learning_rate / q_head_lr_multiplier (or subclass "
+                    "AMMTrainer and override create_optimizer, adding `self.q_heads.parameters()` as a group).")
             self.model.add_module(HEADS_ATTRIBUTE, self.q_heads)
         # The loss reads the student `lm_head` and the Q-heads directly: a parameter-free submodule whose forward
         # computes it lets ZeRO-3 gather them around the loss's forward and backward (see `chunked.py`).
@@ -154,6 +169,17 @@ class AMMTrainer(DistillationTrainer):
         for group in self.objective_unit.param_groups(self.q_heads):  # ... then the objective's own groups
             self.optimizer.add_param_group(group)
         return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        """`q_head_max_grad_norm`: heads and student clipped separately; returns the student's pre-clip norm."""
+        if self.q_heads is None or self.args.q_head_max_grad_norm is None:
+            return super()._clip_grad_norm(model)
+        heads = list(self.q_heads.parameters())
+        head_ids = {id(p) for p in heads}
+        head_norm = torch.nn.utils.clip_grad_norm_(heads, self.args.q_head_max_grad_norm)
+        self._metrics["train"]["q_head/grad_norm"].append(float(head_norm))
+        return self.accelerator.clip_grad_norm_([p for p in model.parameters() if id(p) not in head_ids],
+                                                self.args.max_grad_norm)
 
     # ------------------------------------------------------------------------------------------------ data
     def _step_info(self) -> Step:

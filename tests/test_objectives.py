@@ -207,7 +207,7 @@ def test_argument_validation(logits):
     with pytest.raises(ValueError, match="mix"):
         O.teacher_mix_weights(s[:, 0], t[:, 0], mix=1.2)
     with pytest.raises(ValueError, match="bound"):
-        O.bounded_q(q, 0.0)
+        O.critic_values(q, 0.0)
     with pytest.raises(ValueError, match="clip_eps"):
         O.ppo_clipped_loss(s[:, 0], s[:, 0], s[:, 0], clip_eps=0.0)
     with pytest.raises(ValueError, match="shape"):
@@ -254,9 +254,9 @@ def test_token_log_probs_and_cross_entropy(logits):
     close(O.token_log_probs(s.view(1, N, V), y.view(1, N)), ref.view(1, N))
 
 
-def test_bounded_q():
+def test_critic_values_bounded_by_tanh():
     raw = torch.tensor([-100.0, -1.0, 0.0, 0.5, 100.0], dtype=torch.float64)
-    q = O.bounded_q(raw, 2.5)
+    q = O.critic_values(raw, 2.5)
     close(q, torch.tensor([-2.5, 2.5 * math.tanh(-1.0), 0.0, 2.5 * math.tanh(0.5), 2.5], dtype=torch.float64))
     assert (q.abs() <= 2.5).all()
 
@@ -279,7 +279,7 @@ def test_amm_gap_vs_reference_and_sup_is_2c_tv(logits):
     close(O.amm_moment_gap(s, t, q_star), 2 * c * _ref(ref_tv, s, t))
     close(O.amm_adversarial_gap(s, t, q_star), 2 * c * _ref(ref_tv, s, t))
     # q_star is the sup over |q| <= c: any bounded q gives a smaller gap
-    assert (O.amm_moment_gap(s, t, O.bounded_q(q, c)) <= O.amm_moment_gap(s, t, q_star) + 1e-12).all()
+    assert (O.amm_moment_gap(s, t, O.critic_values(q, c)) <= O.amm_moment_gap(s, t, q_star) + 1e-12).all()
 
 
 def _grads(fn, s, t, q):

@@ -13,20 +13,41 @@ import torch
 from torch import Tensor, nn
 
 from ..qhead import build_q_heads
-from .base import (LossContext, Objective, Part, Tokens, _as, _compute_dtype, _pair_log_probs, length_normalize,
-                   reward_to_go, token_log_probs)
+from .base import (LossContext, Objective, Part, Tokens, _as, _compute_dtype, _kl, _pair_log_probs,
+                   cross_entropy, length_normalize, reward_to_go, token_log_probs)
 
-__all__ = ["bounded_q", "amm_moment_gap", "amm_adversarial_gap"]
+__all__ = ["informed_prior", "critic_values", "amm_moment_gap", "amm_adversarial_gap"]
 
 
-def bounded_q(raw: Tensor, bound: float) -> Tensor:
-    r"""Bounded Q-head output (the adversary's function class |f| <= c).
+def informed_prior(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
+    r"""The informed critic's prior, a function of both models (detached: it is no player's parameter).
 
-    .. math:: f = c \tanh(\text{raw})
+    .. math:: \pi(s, a) = \alpha \, \mathrm{sg}(\log p_T(a|s) - \log p_S(a|s))
+
+    Its sign is the best response's, sign(p_T - p_S); c tanh(pi) is a soft version of the sup-critic c sign(.), and
+    for small alpha the student's gradient under f = pi is alpha times the reverse-KL gradient.
     """
-    if not bound > 0:
-        raise ValueError(f"bound must be > 0, got {bound}")
-    return float(bound) * torch.tanh(_as(raw, _compute_dtype(raw)))
+    log_ps, log_pt = _pair_log_probs(student_logits.detach(), teacher_logits.detach())
+    return float(alpha) * torch.nan_to_num(log_pt - log_ps, nan=0.0)
+
+
+def critic_values(scores: Tensor, bound: float | None, prior: Tensor | None = None) -> Tensor:
+    r"""The adversary f(s, .) from a Q-head's raw scores g(s, .), optionally around a prior (:func:`informed_prior`).
+
+    .. math:: u = \pi + g, \qquad f = c \tanh(u) \ (\text{bound } c), \qquad f = u \ (\text{bound None})
+
+    Without a prior this is the learned critic c tanh(g); with a zero-init head (g = 0) and a prior it is the informed
+    critic c tanh(alpha log(p_T / p_S)), and g learns a residual. An unbounded critic (``bound=None``) needs the L2
+    penalty of :func:`amm_adversarial_gap`.
+    """
+    if bound is not None and not bound > 0:
+        raise ValueError(f"bound must be > 0 or None, got {bound}")
+    u = _as(scores, _compute_dtype(scores))
+    if prior is not None:
+        if prior.shape != scores.shape:
+            raise ValueError(f"prior {tuple(prior.shape)} must have the shape of scores {tuple(scores.shape)}")
+        u = u + prior.detach()
+    return u if bound is None else float(bound) * torch.tanh(u)
 
 
 def _check_q(student_logits: Tensor, q_values: Tensor) -> None:
@@ -49,25 +70,34 @@ def amm_moment_gap(student_logits: Tensor, teacher_logits: Tensor, q_values: Ten
     return ((log_pt.exp() - log_ps.exp()) * q).sum(-1)
 
 
-def amm_adversarial_gap(student_logits: Tensor, teacher_logits: Tensor, q_values: Tensor) -> Tensor:
+def amm_adversarial_gap(student_logits: Tensor, teacher_logits: Tensor, q_values: Tensor,
+                        l2: float = 0.0) -> Tensor:
     r"""The moment gap arranged for a single min-max backward (``L = D(theta, sg(phi)) - D(sg(theta), phi)``).
 
     .. math::
         s = \langle p_T - p_S, \mathrm{sg}(f) \rangle, \quad
         h = \langle \mathrm{sg}(p_T - p_S), f \rangle, \quad
-        \text{returns } s - h + \mathrm{sg}(h)
+        r = \tfrac{\lambda}{2} \textstyle\sum_a f(a)^2, \quad
+        \text{returns } s - h + \mathrm{sg}(h) + r - \mathrm{sg}(r)
 
     The value equals :func:`amm_moment_gap`. Minimizing it makes the student *descend* the gap (its gradient
-    is that of the gap) while the Q-head *ascends* it (its gradient is the negated gap gradient). Teacher
-    logits never receive a gradient.
+    is that of the gap) while the Q-head *ascends* the regularized gap :math:`h - r` (``l2`` = lambda; its best
+    response is :math:`f^* = (p_T - p_S)/\lambda`, an unbounded critic kept finite by the penalty instead of a tanh
+    that saturates). Teacher logits never receive a gradient.
     """
     _check_q(student_logits, q_values)
+    if l2 < 0:
+        raise ValueError(f"l2 must be >= 0, got {l2}")
     log_ps, log_pt = _pair_log_probs(student_logits, teacher_logits.detach())
     q = _as(q_values, _compute_dtype(q_values, log_ps))
     diff = log_pt.exp() - log_ps.exp()
     s = (diff * q.detach()).sum(-1)
     h = (diff.detach() * q).sum(-1)
-    return s - h + h.detach()
+    out = s - h + h.detach()
+    if l2:
+        r = 0.5 * float(l2) * (q * q).sum(-1)
+        out = out + r - r.detach()
+    return out
 
 
 def score_function_advantages(gaps: Tensor, valid: Tensor, length_normalization: bool, baseline: str,
@@ -113,15 +143,27 @@ class AMM(Objective):
         return "amm_gap"
 
     def metric_names(self, kind: str) -> list[str]:
-        return ["q_abs"]
+        return ["q_abs"] + (["anchor"] if self._anchored(kind) else [])
+
+    def _anchored(self, kind: str) -> bool:
+        return kind == "off" and self.args.amm_anchor_weight > 0
+
+    def validate(self, fail) -> None:
+        args = self.args
+        if args.q_bound is None and not args.q_head_l2 > 0:
+            fail("q_bound", None, "an unbounded critic needs q_head_l2 > 0 (the penalty keeps it finite), or set a "
+                 "bound such as 1.0.")
+        if args.amm_anchor_weight > 0 and args.amm_beta == 0:
+            fail("amm_anchor_weight", args.amm_anchor_weight, "the anchor trains on off-policy completions, which "
+                 "amm_beta=0 does not use: set amm_beta > 0 or the weight to 0.")
 
     # -- the adversary
-    def build_modules(self, student: nn.Module, teacher_hidden_size: int) -> nn.Module:
+    def build_modules(self, student: nn.Module, teacher_hidden_size: int, vocab_size: int) -> nn.Module:
         head_args = self.args
         if self.shared_head:
             head_args = copy.copy(self.args)
             head_args.q_head_shared = True
-        self.heads = build_q_heads(head_args, student, teacher_hidden_size)
+        self.heads = build_q_heads(head_args, student, teacher_hidden_size, vocab_size)
         return self.heads
 
     def params(self, kind: str) -> list[Tensor]:
@@ -133,20 +175,40 @@ class AMM(Objective):
                  "lr": self.args.learning_rate * self.args.q_head_lr_multiplier}]
 
     def q_values(self, tokens: Tokens, kind: str) -> Tensor:
+        """The critic f: the head's scores, around the informed prior when `q_prior_alpha` > 0, bounded or not."""
         hidden = tokens.student_hidden if self.args.q_head_features == "student" else tokens.teacher_hidden
-        return self.heads.head(kind).q_values(hidden.detach(), tokens.params, tokens.student_embedding)
+        scores = self.heads.head(kind).scores(hidden.detach(), tokens.params, tokens.student_embedding)
+        prior = (informed_prior(tokens.student_logits, tokens.teacher_logits, self.args.q_prior_alpha)
+                 if self.args.q_prior_alpha else None)
+        return critic_values(scores, self.args.q_bound, prior)
+
+    def warming_up(self, step) -> bool:
+        """During `q_head_warmup_steps` only the heads learn: a near-zero adversary gives the student noise that Adam
+        would rescale into full-size steps. Every student-side term is masked then."""
+        return step.step < self.args.q_head_warmup_steps
 
     def token_loss(self, tokens: Tokens, kind: str):
         q = self.q_values(tokens, kind)
-        # While the heads warm up only they learn: a near-zero adversary gives the student noise that Adam would
-        # rescale into full-size steps.
-        warming_up = tokens.step.step < self.args.q_head_warmup_steps
-        z_s = tokens.student_logits.detach() if warming_up else tokens.student_logits
-        return amm_adversarial_gap(z_s, tokens.teacher_logits, q), [q.detach().abs().mean(-1)]
+        z_s = tokens.student_logits.detach() if self.warming_up(tokens.step) else tokens.student_logits
+        values = amm_adversarial_gap(z_s, tokens.teacher_logits, q, self.args.q_head_l2)
+        extra = [q.detach().abs().mean(-1)]
+        if self._anchored(kind):
+            anchor = self._anchor(z_s, tokens)
+            # the part's tokens are weighted by amm_beta: divide it out, so the anchor's weight is its own
+            values = values + self.args.amm_anchor_weight / self.args.amm_beta * anchor
+            extra.append(anchor.detach())
+        return values, extra
+
+    def _anchor(self, student_logits: Tensor, tokens: Tokens) -> Tensor:
+        """Likelihood anchor per off-policy token: KL(p_T || p_S) (`amm_anchor: fkl`) or -log p_S(y) (`ce`)."""
+        if self.args.amm_anchor == "ce":
+            return cross_entropy(student_logits, tokens.target_ids)
+        log_ps, log_pt = _pair_log_probs(student_logits, tokens.teacher_logits.detach())
+        return _kl(log_pt, log_ps)
 
     # -- the sequence-level score-function term
     def extra_loss(self, parts: dict[str, Part], ctx: LossContext) -> Tensor | None:
-        if not self.args.amm_policy_gradient or "on" not in parts:
+        if not self.args.amm_policy_gradient or "on" not in parts or self.warming_up(ctx.step):
             return None
         return score_function_term(parts["on"], ctx, self.args)
 

@@ -197,7 +197,7 @@ class Objective:
         return None
 
     # --------------------------------------------------------------------------------- modules, state, checks
-    def build_modules(self, student: nn.Module, teacher_hidden_size: int) -> nn.Module | None:
+    def build_modules(self, student: nn.Module, teacher_hidden_size: int, vocab_size: int) -> nn.Module | None:
         """Trainable modules of the objective (attached to the student, saved beside it)."""
         return None
 

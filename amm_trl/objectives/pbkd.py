@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .amm import AMM
+from .amm import AMM, critic_values
 from .base import LossContext, Part, Tokens, _as, _compute_dtype
 
 __all__ = ["bradley_terry_loss"]
@@ -48,13 +48,21 @@ class PbKD(AMM):
     def loss_name(self, kind: str) -> str:
         return "pbkd_gap"
 
+    def validate(self, fail) -> None:
+        super().validate(fail)
+        if self.args.q_prior_alpha:
+            fail("q_prior_alpha", self.args.q_prior_alpha, "objective 'pbkd' fits its reward head by a Bradley-Terry "
+                 "pass that scores the head alone (no teacher logits there): use 0 with pbkd.")
+
     def metric_names(self, kind: str) -> list[str]:
-        return ["q_abs", "reward"]
+        names = super().metric_names(kind)
+        return names[:1] + ["reward"] + names[1:]
 
     def token_loss(self, tokens: Tokens, kind: str):
         values, extra = super().token_loss(tokens, kind)
         q = self.q_values(tokens, kind).detach()  # token reward r(s_t, y_t) = q(s_t)[y_t] of the taken action
-        return values, extra + [q.gather(-1, tokens.target_ids[:, None]).squeeze(-1)]
+        reward = q.gather(-1, tokens.target_ids[:, None]).squeeze(-1)
+        return values, extra[:1] + [reward] + extra[1:]  # columns in `metric_names` order
 
     def extra_loss(self, parts: dict[str, Part], ctx: LossContext) -> Tensor | None:
         """`pbkd_bt_weight` * BT(J(off-policy completion) > J(rollout)), J(y) = sum_t q(s_t)[y_t].
@@ -87,7 +95,8 @@ class PbKD(AMM):
         head, vocab = self.heads.head(part.kind), ctx.projection.vocab
 
         def fn(f, y, *p):
-            values = head.q_values(f, list(p[1:]), p[0][:vocab]).gather(-1, y[:, None]).squeeze(-1)
+            q = critic_values(head.scores(f, list(p[1:]), p[0][:vocab]), self.args.q_bound)
+            values = q.gather(-1, y[:, None]).squeeze(-1)
             return values, values.detach()[:, None]
 
         weights = row_weights[:, None].expand(valid.shape)[valid]

@@ -1,0 +1,112 @@
+"""AMM's critic options: informed prior, unbounded L2-regularized critic, likelihood anchor, separate clipping."""
+
+import pytest
+import torch
+
+from amm_trl import objectives as O
+from tests.test_trainer import fixed_batch, make_trainer
+
+
+def logits(seed, n=5, v=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+
+
+def test_informed_critic_starts_as_soft_sign_of_the_best_response():
+    z_s, z_t = logits(0), logits(1)
+    prior = O.informed_prior(z_s, z_t, 0.5)
+    log_ratio = torch.log_softmax(z_t, -1) - torch.log_softmax(z_s, -1)
+    torch.testing.assert_close(prior, 0.5 * log_ratio)
+    q = O.critic_values(torch.zeros_like(z_s), 2.0, prior)
+    torch.testing.assert_close(q, 2.0 * torch.tanh(0.5 * log_ratio))
+    p_gap = torch.softmax(z_t, -1) - torch.softmax(z_s, -1)
+    assert torch.equal(torch.sign(q), torch.sign(p_gap))  # same sign as the sup-critic c * sign(p_T - p_S)
+    # the gap it measures is a positive share of the supremum 2c TV
+    gap, sup = O.amm_moment_gap(z_s, z_t, q), 2 * 2.0 * O.total_variation(z_s, z_t)  # 2c TV, c = 2
+    assert torch.all(gap > 0) and torch.all(gap <= sup + 1e-12)
+
+
+def test_unbounded_informed_critic_gives_the_student_alpha_times_the_reverse_kl_gradient():
+    z_s, z_t = logits(2).requires_grad_(), logits(3)
+    q = O.critic_values(torch.zeros_like(z_s), None, O.informed_prior(z_s, z_t, 0.3))
+    (g_amm,) = torch.autograd.grad(O.amm_adversarial_gap(z_s, z_t, q).sum(), z_s)
+    (g_rkl,) = torch.autograd.grad(O.reverse_kl(z_s, z_t).sum(), z_s)
+    torch.testing.assert_close(g_amm, 0.3 * g_rkl)
+
+
+def test_l2_critic_best_response_and_value():
+    z_s, z_t = logits(4), logits(5)
+    lam = 0.7
+    best = (torch.softmax(z_t, -1) - torch.softmax(z_s, -1)) / lam
+    q = best.clone().requires_grad_()
+    value = O.amm_adversarial_gap(z_s, z_t, q, l2=lam)
+    torch.testing.assert_close(value, O.amm_moment_gap(z_s, z_t, best))  # the penalty changes no value
+    (g,) = torch.autograd.grad(value.sum(), q)  # the head minimizes -(gap - penalty): zero gradient at its optimum
+    torch.testing.assert_close(g, torch.zeros_like(g))
+    (g_away,) = torch.autograd.grad(O.amm_adversarial_gap(z_s, z_t, 2 * best.requires_grad_(), l2=lam).sum(), best)
+    assert g_away.abs().max() > 1e-3
+    with pytest.raises(ValueError, match="l2 must be >= 0"):
+        O.amm_adversarial_gap(z_s, z_t, q, l2=-1.0)
+
+
+def test_critic_values_validates_shapes_and_bound():
+    with pytest.raises(ValueError, match="bound must be > 0 or None"):
+        O.critic_values(torch.zeros(2, 3), 0.0)
+    with pytest.raises(ValueError, match=r"prior \(2, 4\) must have the shape of scores \(2, 3\)"):
+        O.critic_values(torch.zeros(2, 3), 1.0, torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("q_bound", None, r"AMMConfig.q_bound=None is invalid: an unbounded critic needs q_head_l2 > 0"),
+    ("q_prior_alpha", -1.0, r"AMMConfig.q_prior_alpha=-1.0 is invalid: it must be >= 0"),
+    ("q_head_max_grad_norm", 0.0, r"AMMConfig.q_head_max_grad_norm=0.0 is invalid: use a positive norm or null"),
+    ("amm_anchor", "kl", r"AMMConfig.amm_anchor='kl' is invalid: choose one of \['fkl', 'ce'\]"),
+])
+def test_invalid_critic_fields_are_named(tmp_path, field, value, message):
+    from tests.test_trainer import make_config
+
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **{field: value})
+
+
+def test_anchor_without_off_policy_data_is_refused(tmp_path):
+    from tests.test_trainer import make_config
+
+    with pytest.raises(ValueError, match=r"amm_anchor_weight=0.5 is invalid: the anchor trains on off-policy"):
+        make_config(tmp_path, amm_anchor_weight=0.5, amm_beta=0.0)
+
+
+def test_anchor_adds_its_weight_times_the_forward_kl_of_the_off_policy_tokens(tiny, tiny_dataset, tmp_path):
+    plain = make_trainer(tiny, tiny_dataset, tmp_path / "a", amm_beta=0.25)
+    anchored = make_trainer(tiny, tiny_dataset, tmp_path / "b", amm_beta=0.25, amm_anchor_weight=0.5)
+    anchored.model.load_state_dict(plain.model.state_dict())
+    inputs = fixed_batch(plain, tiny_dataset)
+    anchored.model.train()
+    losses = [t.compute_loss(t.model, inputs).item() for t in (plain, anchored)]
+    # naive forward KL of the off-policy tokens, averaged as the loss reduces (num_off_items tokens)
+    ids = torch.cat([inputs["prompt_ids"], inputs["off_completion_ids"]], 1)
+    att = torch.cat([inputs["prompt_mask"], inputs["off_completion_mask"]], 1)
+    width, valid = inputs["off_completion_ids"].size(1), inputs["off_completion_mask"].bool()
+    with torch.no_grad():
+        z_s = plain.model(input_ids=ids, attention_mask=att).logits[:, -width - 1:-1][valid]
+        z_t = plain.teacher_model(input_ids=ids, attention_mask=att).logits[:, -width - 1:-1][valid]
+    fkl = O.forward_kl(z_s, z_t).sum() / inputs["num_off_items"]
+    assert losses[1] - losses[0] == pytest.approx(0.5 * fkl.item(), rel=1e-4)
+    assert anchored._metrics["train"]["anchor/off"][-1] == pytest.approx(O.forward_kl(z_s, z_t).mean().item(),
+                                                                          rel=1e-4)
+
+
+def test_heads_are_clipped_apart_from_the_student(tiny, tiny_dataset, tmp_path):
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, q_head_max_grad_norm=1e-3, max_grad_norm=1e6)
+    for p in trainer.q_heads.parameters():
+        p.data.normal_(0, 0.5)
+    inputs = fixed_batch(trainer, tiny_dataset)
+    trainer.compute_loss(trainer.model, inputs).backward()
+    heads = list(trainer.q_heads.parameters())
+    student = [p for n, p in trainer.model.named_parameters() if "amm_q_heads" not in n and p.grad is not None]
+    student_before = torch.nn.utils.get_total_norm([p.grad for p in student])
+    assert torch.nn.utils.get_total_norm([p.grad for p in heads]) > 1e-2
+    returned = trainer._clip_grad_norm(trainer.model)
+    assert float(returned) == pytest.approx(float(student_before), rel=1e-5)  # the student's norm, unclipped
+    assert float(torch.nn.utils.get_total_norm([p.grad for p in heads])) == pytest.approx(1e-3, rel=1e-3)
+    assert float(torch.nn.utils.get_total_norm([p.grad for p in student])) == pytest.approx(float(student_before))
