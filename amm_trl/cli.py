@@ -98,7 +98,9 @@ def parse_train_args(argv: list[str]):
     return parser.parse_args_and_config(argv)
 
 
-def train(argv: list[str]):
+def train(argv: list[str], callbacks: list | None = None):
+    """`amm-trl train` with the given flags; `callbacks` (transformers `TrainerCallback`s) are passed to the trainer
+    when called from Python (benchmark suites use it for in-training evaluation)."""
     import torch
     from trl import get_peft_config, get_quantization_config
     from transformers.trainer_utils import get_last_checkpoint
@@ -134,7 +136,7 @@ def train(argv: list[str]):
 
     trainer = AMMTrainer(model=model_args.model_name_or_path, teacher_model=args.teacher_model_name_or_path,
                          args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         peft_config=get_peft_config(model_args))
+                         peft_config=get_peft_config(model_args), callbacks=callbacks)
     resume = args.resume_from_checkpoint
     if resume in ("latest", "last", "auto"):
         # Requeue-friendly: continue from the newest checkpoint if there is one, otherwise start fresh.

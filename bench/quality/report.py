@@ -33,6 +33,8 @@ def collect(suite: dict) -> dict[str, list[dict]]:
     """Finished results by run name, in the suite's order."""
     results: dict[str, list[dict]] = {}
     for run in planned_runs(suite):
+        if run["group"] == "select":  # learning-rate selection runs (validation split) are not test results
+            continue
         path = os.path.join(run_dir(suite, run), "result.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -90,7 +92,7 @@ def curves(suite: dict, out_dir: str, smooth: int = 4) -> list[str]:
     series: dict[str, dict[str, dict[int, list[float]]]] = {}
     for run in planned_runs(suite):
         path = os.path.join(run_dir(suite, run), "train_log.json")
-        if run["group"] == "reference" or not os.path.exists(path):
+        if run["group"] in ("reference", "select") or not os.path.exists(path):
             continue
         with open(path) as f:
             history = json.load(f)

@@ -10,6 +10,19 @@ plus overrides, trained once per seed. Everything runs in this one process throu
 `amm-trl train` / `amm-trl eval` (saves ~10 s of imports per run on a CPU). A finished run leaves `result.json`;
 re-running the suite skips it, so an interrupted suite continues where it stopped. Trained weights are deleted after
 evaluation unless `--keep_models` (33 students of 113M params would take 15 GB).
+
+Optional suite keys (used by bench/tier_a/tier_a.yaml):
+- `prepare: module:function`: builds local models / data once (cached) and returns {name: path}; any string
+  `prepared:<name>` in the suite (models, datasets, run args) then stands for that path.
+- `select: {learning_rates: [...], seeds: [...], eval: {...}, metric: score}`: fair tuning. Every method first trains
+  once per learning rate and selection seed and is scored on `select.eval` (a validation split); its test runs then
+  use the learning rate with the best mean `metric` (the first in grid order on a tie), recorded in `result.json`.
+- `measures: module:function`: extra scores `function(model_path, suite, out, seed, eval_settings) -> dict` merged
+  into every result (e.g. log-probabilities under the teacher).
+- `callbacks: [module:function, ...]`: factories `function(suite) -> TrainerCallback` added to every training run
+  (e.g. a validation score every k steps, written into the training log).
+- `--workers N`: N processes share the plan (a run is claimed by a file holding the claimer's pid; a dead claimer's
+  runs are taken over), each with one thread.
 """
 
 import argparse
@@ -22,6 +35,9 @@ import time
 
 import yaml
 
+# Hooks and scorers named `bench.<...>:function` import from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
 
 def load_suite(path: str) -> dict:
     with open(path) as f:
@@ -29,6 +45,36 @@ def load_suite(path: str) -> dict:
     suite.setdefault("seeds", [0])
     suite.setdefault("common", {})
     return suite
+
+
+def _function(spec: str):
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"{spec!r}: use the form module:function")
+    return getattr(importlib.import_module(module), name)
+
+
+def prepare(suite: dict) -> dict:
+    """Runs the suite's `prepare` hook (idempotent, cached by the hook) and substitutes `prepared:<name>` strings."""
+    if not suite.get("prepare"):
+        return suite
+    paths = _function(suite["prepare"])(suite)
+
+    def sub(value):
+        if isinstance(value, str) and value.startswith("prepared:"):
+            name = value[len("prepared:"):]
+            if name not in paths:
+                raise KeyError(f"{value!r}: the prepare hook {suite['prepare']} made only {sorted(paths)}.")
+            return paths[name]
+        if isinstance(value, dict):
+            return {k: sub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [sub(v) for v in value]
+        return value
+
+    return {k: (v if k == "prepare" else sub(v)) for k, v in suite.items()}
 
 
 def _flags(overrides: dict) -> list[str]:
@@ -53,6 +99,13 @@ def planned_runs(suite: dict) -> list[dict]:
             {"name": "initial_student", "group": "reference", "model": suite["initial_student"], "seed": None}]
     if suite.get("start"):
         runs.append({"name": "start", "group": "reference", "seed": None, **suite["start"]})
+    select = suite.get("select")
+    if select:  # learning-rate selection on the validation split before any test run
+        for run in suite["runs"]:
+            for lr in select["learning_rates"]:
+                for seed in select["seeds"]:
+                    runs.append({**run, "name": run["name"], "group": "select", "seed": seed, "select_group":
+                                 run.get("group", "method"), "learning_rate": lr})
     for group in ("method", "ablation"):  # the methods over all seeds first: they are the main table
         for seed in suite["seeds"]:
             runs += [{**run, "group": group, "seed": seed} for run in suite["runs"]
@@ -62,23 +115,45 @@ def planned_runs(suite: dict) -> list[dict]:
 
 def run_dir(suite: dict, run: dict) -> str:
     leaf = run["name"] if run["seed"] is None else f"{run['name']}/seed{run['seed']}"
+    if run.get("group") == "select":
+        leaf = f"select/{run['name']}/lr{run['learning_rate']:g}/seed{run['seed']}"
     return os.path.join(suite["output_dir"], leaf)
 
 
-def train_one(suite: dict, run: dict, out: str) -> dict:
+def selection(suite: dict, name: str) -> dict:
+    """The selection runs of one method: {lr: [metric per finished seed]}, and the chosen lr (None until all ran)."""
+    select = suite["select"]
+    scores: dict[float, list[float]] = {}
+    for run in planned_runs(suite):
+        if run["group"] == "select" and run["name"] == name:
+            path = os.path.join(run_dir(suite, run), "result.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    scores.setdefault(run["learning_rate"], []).append(json.load(f)[select.get("metric", "score")])
+    complete = all(len(scores.get(lr, [])) == len(select["seeds"]) for lr in select["learning_rates"])
+    means = {lr: sum(v) / len(v) for lr, v in scores.items()}
+    chosen = max(select["learning_rates"], key=lambda lr: (means[lr], -select["learning_rates"].index(lr))) \
+        if complete else None
+    return {"scores": {f"{lr:g}": v for lr, v in scores.items()}, "learning_rate": chosen}
+
+
+def train_one(suite: dict, run: dict, out: str, learning_rate: float | None = None) -> dict:
     from amm_trl import cli
 
     overrides = dict(suite["common"]) if run["group"] != "reference" else {}
     overrides.update(run.get("args", {}))
     if run["group"] != "reference":
         overrides["model_name_or_path"] = start_model(suite)
+    if learning_rate is not None:
+        overrides["learning_rate"] = learning_rate
     if run["seed"] is not None:
         overrides["seed"] = run["seed"]
     overrides.update(output_dir=out, save_strategy="no", report_to="none")
     argv = ["--config", run["recipe"]] + _flags(overrides)
+    callbacks = [_function(spec)(suite) for spec in suite.get("callbacks", [])] if run["group"] != "reference" else []
     print(f"suite: amm-trl train {' '.join(argv)}", flush=True)
     start = time.perf_counter()
-    trainer = cli.train(argv)
+    trainer = cli.train(argv, callbacks=callbacks)
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
     del trainer
@@ -93,16 +168,18 @@ def start_model(suite: dict) -> str:
     return run_dir(suite, {"name": "start", "seed": None})
 
 
-def eval_one(suite: dict, model: str, out: str, seed: int) -> dict:
+def eval_one(suite: dict, model: str, out: str, seed: int, settings: dict | None = None) -> dict:
     from amm_trl.evaluation import EvalArguments, evaluate
 
-    settings = dict(suite["eval"])
+    settings = dict(settings or suite["eval"])
     settings["dataset_name"] = _resolve(settings["dataset_name"])
     a = EvalArguments(model_name_or_path=_resolve(model), output_dir=os.path.join(out, "eval"), seed=seed or 0,
                       **settings)
     start = time.perf_counter()
     summary = evaluate(a)
     summary.pop("settings", None)
+    if suite.get("measures"):
+        summary.update(_function(suite["measures"])(_resolve(model), suite, out, seed or 0, settings))
     return {**summary, "eval_seconds": time.perf_counter() - start}
 
 
@@ -116,21 +193,114 @@ def _write_json(path: str, obj) -> None:
 def execute(suite: dict, run: dict, keep_models: bool) -> dict:
     out = run_dir(suite, run)
     record = {"name": run["name"], "group": run["group"], "seed": run["seed"]}
+    learning_rate, settings = None, None
+    if run["group"] == "select":
+        learning_rate, settings = run["learning_rate"], suite["select"]["eval"]
+        record["learning_rate"] = learning_rate
+    elif suite.get("select") and run["group"] != "reference":
+        chosen = selection(suite, run["name"])
+        learning_rate = chosen["learning_rate"]
+        record.update(learning_rate=learning_rate, selection=chosen["scores"])
     trained = os.path.exists(os.path.join(out, "train_log.json")) and glob.glob(os.path.join(out, "*.safetensors"))
     if "recipe" in run and trained:  # interrupted during evaluation: the student is there, evaluate it
         record["train_seconds"] = None
         model = out
     elif "recipe" in run:
-        record.update(train_one(suite, run, out))
+        record.update(train_one(suite, run, out, learning_rate))
         model = out
     else:
         model = run["model"]
-    record.update(eval_one(suite, model, out, run["seed"]))
+    record.update(eval_one(suite, model, out, run["seed"], settings))
     if "recipe" in run and not keep_models and run["name"] != "start":
         for path in glob.glob(os.path.join(out, "*.safetensors")):
             os.remove(path)
     _write_json(os.path.join(out, "result.json"), record)
     return record
+
+
+def _claim(out: str) -> bool:
+    """Claims a run for this process (a file holding its pid); a claim whose process is gone is taken over."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "claimed")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ProcessLookupError, ValueError):
+                os.remove(path)  # its process died: take the run over
+                continue
+            except FileNotFoundError:
+                continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _ready(suite: dict, run: dict) -> bool:
+    """A test run needs its method's learning-rate selection; a trained run needs the shared start."""
+    if run["group"] == "reference" and run["name"] != "start" or not run.get("recipe"):
+        return True
+    if suite.get("start") and run["name"] != "start" and not os.path.exists(
+            os.path.join(run_dir(suite, {"name": "start", "seed": None}), "result.json")):
+        return False
+    if suite.get("select") and run["group"] in ("method", "ablation"):
+        return selection(suite, run["name"])["learning_rate"] is not None
+    return True
+
+
+def work(suite: dict, only, keep_models: bool, dry_run: bool = False) -> None:
+    """Runs every unfinished run of the plan; with several workers, waits for runs another worker must finish first."""
+    import torch
+
+    torch.set_flush_denormal(True)  # as `amm-trl train` does on CPU (evaluation runs in this process too)
+    plan = [r for r in planned_runs(suite) if not only or r["name"] in only or r["group"] in only]
+    while True:
+        waiting = False
+        for run in plan:
+            out = run_dir(suite, run)
+            done = os.path.exists(os.path.join(out, "result.json"))
+            tag = f"{run['name']} {run['group']} seed={run['seed']}" + (
+                f" lr={run['learning_rate']:g}" if run["group"] == "select" else "")
+            if dry_run or done:
+                if dry_run:
+                    print(f"suite: {'done' if done else 'todo'} {tag}", flush=True)
+                continue
+            if not _ready(suite, run):
+                waiting = True
+                continue
+            if not _claim(out):
+                waiting = True
+                continue
+            record = execute(suite, run, keep_models)
+            os.remove(os.path.join(out, "claimed"))
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()
+                     if k not in ("train_argv", "selection")}
+            print(f"suite: finished {tag}: {json.dumps(shown)}", flush=True)
+            break  # re-scan from the top: runs that were waiting on this one may be ready now
+        else:
+            if dry_run or not waiting:
+                return
+            time.sleep(2)
+
+
+def _worker(suite_path: str, seeds, only, keep_models: bool) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    suite = prepare(_with_seeds(load_suite(suite_path), seeds))
+    work(suite, only, keep_models)
+
+
+def _with_seeds(suite: dict, seeds) -> dict:
+    if seeds:
+        suite["seeds"] = seeds
+    return suite
 
 
 def main(argv=None):
@@ -140,24 +310,23 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="*", type=int, help="override the suite's seeds")
     parser.add_argument("--keep_models", action="store_true", help="keep every trained student's weights")
     parser.add_argument("--dry_run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the plan (one thread each)")
     a = parser.parse_args(argv)
-    suite = load_suite(a.suite)
-    if a.seeds:
-        suite["seeds"] = a.seeds
-    import torch
+    suite = prepare(_with_seeds(load_suite(a.suite), a.seeds))  # builds the prepared assets once, before any worker
+    if a.workers <= 1 or a.dry_run:
+        work(suite, a.only, a.keep_models, a.dry_run)
+        return
+    import multiprocessing
 
-    torch.set_flush_denormal(True)  # as `amm-trl train` does on CPU (evaluation runs in this process too)
-    for run in planned_runs(suite):
-        if a.only and run["name"] not in a.only and run["group"] not in a.only:
-            continue
-        done = os.path.exists(os.path.join(run_dir(suite, run), "result.json"))
-        tag = f"{run['name']} seed={run['seed']}"
-        if a.dry_run or done:
-            print(f"suite: {'done' if done else 'todo'} {tag}", flush=True)
-            continue
-        record = execute(suite, run, a.keep_models)
-        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in record.items() if k != "train_argv"}
-        print(f"suite: finished {tag}: {json.dumps(shown)}", flush=True)
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_worker, args=(a.suite, a.seeds, a.only, a.keep_models)) for _ in range(a.workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        raise SystemExit(f"suite: {len(failed)} worker(s) failed (exit codes {failed}); re-run to continue.")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Tier A assets, built once into `<output_dir>/assets` (the suite's `prepare` hook) and reused while its
+`manifest.json` exists: the task's splits, a teacher trained from scratch on the task, the initial (untrained) student,
+and the teacher's sampled answers (temperature 1) for every split, as the `teacher` column next to the reference
+`completion`. Deterministic: fixed seeds and one thread while training."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from . import task
+from .pretrain import accuracy, train_lm
+
+DEFAULTS = {
+    "train_rows": 4000,          # distillation prompts (train split)
+    "validation_rows": 300,      # learning-rate selection and the in-training curves
+    "test_rows": 1000,           # final scores
+    "teacher_rows": 60000,       # the teacher's own training data (train split, another seed)
+    "teacher": {"hidden": 64, "layers": 3, "heads": 4, "steps": 1000, "batch_size": 64, "lr": 3.0e-3},
+    "student": {"hidden": 24, "layers": 2, "heads": 4},
+    "reference_noise": task.REFERENCE_NOISE,  # share of wrong reference answers in the train split
+    "max_new_tokens": task.MAX_ITEMS + 2,
+}
+
+
+def _teacher_samples(model_dir: str, rows: list[dict], max_new_tokens: int, seed: int) -> list[str]:
+    from amm_trl.generation import decode_completions, generate_token_ids, render_prompts
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = generate_token_ids(model_dir, render_prompts(tokenizer, [r["prompt"] for r in rows]), max_new_tokens,
+                             temperature=1.0, batch_size=500, dtype="float32", seed=seed, progress=False)
+    return decode_completions(tokenizer, ids)
+
+
+def build(out: str, settings: dict | None = None) -> dict:
+    """Builds (or reuses) the assets in `out`; returns {name: path} and the manifest's measurements."""
+    import torch
+
+    cfg = {**DEFAULTS, **(settings or {})}
+    manifest_path = os.path.join(out, "manifest.json")
+    paths = {"teacher": os.path.join(out, "teacher"), "initial_student": os.path.join(out, "initial_student"),
+             **{split: os.path.join(out, f"{split}.jsonl") for split in ("train", "validation", "test")}}
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest["settings"] == json.loads(json.dumps(cfg)):
+            return paths
+        raise ValueError(f"{manifest_path} was built with other settings {manifest['settings']}; delete {out} to "
+                         f"rebuild it with {cfg}.")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise-reproducible training
+    try:
+        start = time.perf_counter()
+        tokenizer = task.build_tokenizer()
+        rows = {split: task.make_rows(split, cfg[f"{split}_rows"], seed=0,
+                                      noise=cfg["reference_noise"] if split == "train" else 0.0)
+                for split in ("train", "validation", "test")}
+        teacher_rows = task.make_rows("train", cfg["teacher_rows"], seed=1)
+        t = cfg["teacher"]
+        teacher = task.build_model(len(tokenizer), t["hidden"], t["layers"], t["heads"], seed=0)
+        log = train_lm(teacher, tokenizer, teacher_rows, t["steps"], t["batch_size"], t["lr"], seed=0,
+                       log_every=max(1, t["steps"] // 10),
+                       eval_fn=lambda m: accuracy(m, tokenizer, rows["validation"]))
+        teacher.save_pretrained(paths["teacher"])
+        tokenizer.save_pretrained(paths["teacher"])
+        s = cfg["student"]
+        student = task.build_model(len(tokenizer), s["hidden"], s["layers"], s["heads"], seed=0)
+        student.save_pretrained(paths["initial_student"])
+        tokenizer.save_pretrained(paths["initial_student"])
+        for i, split in enumerate(("train", "validation", "test")):
+            for row, sample in zip(rows[split], _teacher_samples(paths["teacher"], rows[split],
+                                                                  cfg["max_new_tokens"], seed=i)):
+                row["teacher"] = sample
+            task.write_jsonl(paths[split], rows[split])
+        manifest = {
+            "settings": cfg, "build_seconds": time.perf_counter() - start, "teacher_training": log,
+            "teacher_params": sum(p.numel() for p in teacher.parameters()),
+            "student_params": sum(p.numel() for p in student.parameters()),
+            "reference_accuracy": {split: sum(task.is_correct(r["completion"], r["prompt"]) for r in rows[split])
+                                   / len(rows[split]) for split in rows},
+            "teacher_sample_accuracy": {split: sum(task.is_correct(r["teacher"], r["prompt"]) for r in rows[split])
+                                        / len(rows[split]) for split in rows},
+            "mean_correct_answers": {split: sum(task.num_correct_answers(r["prompt"].split()[:-1]) for r in
+                                                rows[split]) / len(rows[split]) for split in rows},
+        }
+    finally:
+        torch.set_num_threads(threads)
+    with open(manifest_path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(manifest_path + ".tmp", manifest_path)
+    print(f"tier_a: built assets in {out}: " + json.dumps({k: v for k, v in manifest.items()
+                                                         if k not in ("teacher_training", "settings")}), flush=True)
+    return paths
+
+
+def prepare(suite: dict) -> dict:
+    """Suite hook (`prepare: bench.tier_a.assets:prepare`): builds into `<output_dir>/assets` with `suite["task"]`."""
+    return build(os.path.join(suite["output_dir"], "assets"), suite.get("task"))

@@ -1,0 +1,138 @@
+"""Tier A benchmark: the task's checker and splits, the statistics against hand-computed values, and the whole
+instrument end to end at a toy size (suite -> per-seed results -> report JSON / table), including resumption."""
+
+import json
+import math
+import os
+import random
+import sys
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench", "quality"))
+
+from bench.tier_a import task  # noqa: E402
+from bench.tier_a.stats import disjoint, mean_ci, paired_difference, t_quantile_975  # noqa: E402
+
+
+def test_mean_ci_matches_hand_computation():
+    # mean 3, s = sqrt(2.5) = 1.58114, half-width = t_{0.975,4} * s / sqrt(5) = 2.776 * 0.707107 = 1.96293
+    mean, half = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0
+    assert half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5), abs=1e-12)
+    assert half == pytest.approx(1.96293, abs=1e-5)
+    assert math.isnan(mean_ci([0.7])[1])
+
+
+def test_paired_difference_uses_common_seeds_only():
+    # differences 0.5, 1.0, 1.5 -> mean 1.0, s 0.5, half = 4.303 * 0.5 / sqrt(3) = 1.24217; seed 3 has no partner
+    a = {0: 1.0, 1: 2.0, 2: 4.0, 3: 9.0}
+    b = {0: 0.5, 1: 1.0, 2: 2.5}
+    mean, half, n = paired_difference(a, b)
+    assert (mean, n) == (1.0, 3)
+    assert half == pytest.approx(1.24217, abs=1e-5)
+    # a constant shift has zero variance: the paired interval is a point even though each mean's own is wide
+    mean, half, _ = paired_difference({s: v + 0.1 for s, v in b.items()}, b)
+    assert mean == pytest.approx(0.1) and half == pytest.approx(0.0, abs=1e-12)
+
+
+def test_t_quantiles():
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(4) == 2.776 and t_quantile_975(30) == 2.042
+    assert t_quantile_975(60) == pytest.approx(2.000, abs=1e-3)
+    assert t_quantile_975(120) == pytest.approx(1.980, abs=1e-3)
+    with pytest.raises(ValueError, match="df=0"):
+        t_quantile_975(0)
+
+
+def test_disjoint_intervals():
+    assert disjoint((1.0, 0.1), (1.5, 0.2))
+    assert not disjoint((1.0, 0.3), (1.5, 0.2))
+    assert disjoint((0.9, 0.0), (0.5, 0.3))  # a point (the teacher) outside an interval
+
+
+def test_checker_accepts_every_tie_order_and_rejects_errors():
+    symbols = [s for s in task.SYMBOLS if task.KEY[s] in (0, 1)][:5]  # classes 0 and 1, so ties exist
+    rng = random.Random(0)
+    answers = {tuple(task.reference_answer(symbols, rng)) for _ in range(300)}
+    assert len(answers) == task.num_correct_answers(symbols) > 1  # the reference draws reach every correct answer
+    prompt = " ".join(symbols + [task.SEPARATOR])
+    assert all(task.is_correct(" ".join(a), prompt) for a in answers)
+    good = list(next(iter(answers)))
+    assert not task.is_correct(" ".join(task.corrupt(good, rng)), prompt)  # swapped across classes
+    assert not task.is_correct(" ".join(good[:-1]), prompt)  # a symbol missing
+    assert not task.is_correct(" ".join(good + good[:1]), prompt)  # a symbol repeated
+    assert task.score(" ".join(good), "ignored", {"prompt": prompt}) == 1.0
+
+
+def test_splits_are_disjoint_by_symbol_set_and_noise_only_in_train():
+    sets = {split: {frozenset(r["prompt"].split()[:-1]) for r in task.make_rows(split, 300, seed=0)}
+            for split in ("train", "validation", "test")}
+    assert not sets["train"] & sets["validation"] and not sets["train"] & sets["test"]
+    assert not sets["validation"] & sets["test"]
+    noisy = task.make_rows("train", 2000, seed=0, noise=0.25)
+    wrong = sum(not task.is_correct(r["completion"], r["prompt"]) for r in noisy) / len(noisy)
+    assert 0.2 < wrong < 0.3  # 25%, less the rare all-one-class prompts that cannot be corrupted
+    assert all(task.is_correct(r["completion"], r["prompt"]) for r in task.make_rows("test", 300, seed=0))
+
+
+TOY_TASK = {"train_rows": 64, "validation_rows": 16, "test_rows": 16, "teacher_rows": 256,
+            "teacher": {"hidden": 16, "layers": 1, "heads": 2, "steps": 4, "batch_size": 16, "lr": 3.0e-3},
+            "student": {"hidden": 8, "layers": 1, "heads": 2}}
+
+
+def toy_suite(tmp_path) -> str:
+    with open(os.path.join(ROOT, "bench", "tier_a", "tier_a.yaml")) as f:
+        suite = yaml.safe_load(f)
+    suite.update(output_dir=str(tmp_path / "tier_a"), task=TOY_TASK, seeds=[0], curve_every=2)
+    suite["start"]["args"].update(max_steps=2, per_device_train_batch_size=8)
+    suite["common"].update(max_steps=3, per_device_train_batch_size=8)
+    suite["select"].update(learning_rates=[1.0e-3, 1.0e-2])
+    suite["runs"] = [r for r in suite["runs"] if r["name"] in ("sft", "fkl")]
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return str(path)
+
+
+def test_instrument_end_to_end_at_toy_size(tmp_path, capsys):
+    import report as quality_report  # noqa: F401  (bench/quality/report.py imports alike)
+    import suite as suite_module
+
+    from bench.tier_a import report
+
+    path = toy_suite(tmp_path)
+    suite_module.main([path])
+    out = tmp_path / "tier_a"
+    manifest = json.loads((out / "assets" / "manifest.json").read_text())
+    assert manifest["teacher_params"] > manifest["student_params"]
+    # selection: every method x learning rate on the validation split; the test run records the chosen lr
+    for name in ("sft", "fkl"):
+        scores = {lr: json.loads((out / "select" / name / f"lr{lr:g}" / "seed0" / "result.json").read_text())
+                  ["score_sampled"] for lr in (1.0e-3, 1.0e-2)}
+        result = json.loads((out / name / "seed0" / "result.json").read_text())
+        best = max(scores, key=lambda lr: (scores[lr], -[1.0e-3, 1.0e-2].index(lr)))
+        assert result["learning_rate"] == best
+        for key in ("score", "score_sampled", "quality", "coverage"):
+            assert isinstance(result[key], float)
+        assert 0.0 <= result["score"] <= 1.0 and result["quality"] < 0 and result["coverage"] < 0
+        log = json.loads((out / name / "seed0" / "train_log.json").read_text())
+        assert [e["step"] for e in log if "val/score" in e] == [0, 2, 3]  # step 0, every 2 steps, the last step
+
+    # resumable: a second pass finds everything done and trains nothing
+    mtime = os.path.getmtime(out / "fkl" / "seed0" / "train_log.json")
+    capsys.readouterr()
+    suite_module.main([path])
+    assert "amm-trl train" not in capsys.readouterr().out
+    assert os.path.getmtime(out / "fkl" / "seed0" / "train_log.json") == mtime
+
+    export = tmp_path / "export"
+    report.main([path, "--export", str(export), "--candidate", "fkl"])
+    text = capsys.readouterr().out
+    assert "| sft |" in text and "| fkl |" in text and "| teacher |" in text
+    assert "SEPARATION FAIL" in text  # one seed: no interval, so the check cannot pass
+    per_seed = json.loads((export / "fkl.json").read_text())
+    assert per_seed["seeds"]["0"]["learning_rate"] == result["learning_rate"]
+    assert set(json.loads((export / "references.json").read_text())) == {"teacher", "initial_student", "start"}
+    assert (export / "curves_val_score.png").stat().st_size > 0 and (export / "report.md").exists()
