@@ -10,7 +10,7 @@ from .objectives import VLLM_IS_MODES, Objective, get_objective
 # objective name -> what it trains (the `amm-trl` help text); each is an `Objective` in `amm_trl/objectives/`.
 OBJECTIVES = {name: unit.description for name, unit in OBJECTIVE_UNITS.items()}
 DISTILLM_LOSSES = ("skl", "srkl")
-OFF_POLICY_SOURCES = ("dataset", "teacher", "none")
+OFF_POLICY_SOURCES = ("auto", "dataset", "teacher", "none")
 Q_HEAD_TYPES = ("linear", "low_rank")
 Q_HEAD_FEATURES = ("student", "teacher")
 AMM_ANCHORS = ("fkl", "ce")
@@ -39,16 +39,19 @@ class AMMConfig(DistillationConfig):
         amm_beta (`float`, *optional*, defaults to `0.5`):
             Weight of the off-policy distance; `1 - amm_beta` weighs the on-policy one (the paper's off-/on-policy
             combination factor). `0` = on-policy only (needs no off-policy data), `1` = off-policy only.
-        q_bound (`float` or `None`, *optional*, defaults to `1.0`):
+        q_bound (`float` or `None`, *optional*, defaults to `None`):
             Bound c of the critic, f = c * tanh(u). With the optimal critic each distance is 2c * TV(p_T, p_S).
             `None`: an unbounded critic f = u, kept finite by `q_head_l2` (required then).
-        q_prior_alpha (`float`, *optional*, defaults to `0.0`):
+        q_prior_alpha (`float`, *optional*, defaults to `1.0`):
             Informed critic: u = alpha * sg(log p_T - log p_S) + g(s), g the Q-head's output (zero at the start), so
-            the critic sees both models and begins at c * tanh(alpha log(p_T / p_S)), a soft version of the best
-            response c * sign(p_T - p_S); the head learns a residual. `0`: u = g (the learned critic alone, the
-            closest reading of the paper). A learned head on the student's features alone cannot represent
-            sign(p_T - p_S), which depends on both models.
-        q_head_l2 (`float`, *optional*, defaults to `0.0`):
+            the critic sees both models from the first step; the head learns a residual. With a bound c it begins at
+            c * tanh(alpha log(p_T / p_S)), a soft version of the best response c * sign(p_T - p_S). With the
+            defaults (unbounded, `q_head_l2` 1) it begins at f = log(p_T / p_S), where the student's gradient at each
+            state is exactly the reverse-KL gradient, and the regularized critic then moves f towards its best
+            response (p_T - p_S) / q_head_l2 where the head can. `0`: u = g, the learned critic alone (with
+            `q_bound: 1`, `q_head_l2: 0` the closest reading of the paper). A head on the student's features alone
+            cannot represent sign(p_T - p_S), which depends on both models: on the Tier A benchmark it diverged.
+        q_head_l2 (`float`, *optional*, defaults to `1.0`):
             L2 penalty of the critic: the heads ascend <sg(p_T - p_S), f> - q_head_l2 / 2 * sum_a f(a)^2 (the student
             still descends the plain gap), whose best response (p_T - p_S) / q_head_l2 is finite without a tanh; a
             saturated tanh head under Adam goes stale instead.
@@ -56,9 +59,10 @@ class AMMConfig(DistillationConfig):
             Clip the Q-heads' gradient norm on its own; the student is then clipped alone at `max_grad_norm` (by
             default the Trainer clips student and heads jointly, so a large head gradient shrinks the student's
             step). Not under DeepSpeed, whose engine clips all its parameters jointly.
-        amm_anchor_weight (`float`, *optional*, defaults to `0.0`):
+        amm_anchor_weight (`float`, *optional*, defaults to `0.5`):
             Weight of a likelihood anchor on the off-policy completions, added to AMM's (or PbKD's) loss with this
-            weight regardless of `amm_beta` (per off-policy token, reduced like the rest). Per-state moment matching
+            weight regardless of `amm_beta` (per off-policy token, reduced like the rest; none with `amm_beta` 0,
+            which trains on no off-policy completions). Per-state moment matching
             weighs the student's gradient by p_S, so it barely lifts a teacher mode the student misses; the anchor
             does.
         amm_anchor (`str`, *optional*, defaults to `"fkl"`):
@@ -140,10 +144,14 @@ class AMMConfig(DistillationConfig):
 
         > Off-policy data
 
-        off_policy_source (`str`, *optional*, defaults to `"dataset"`):
+        off_policy_source (`str`, *optional*, defaults to `"auto"`):
             Where off-policy completions come from: `"dataset"` (column `off_policy_column`: reference answers, or
             teacher generations cached with `amm-trl generate`), `"teacher"` (generated online by the teacher with
-            `generate`, each step) or `"none"`.
+            `generate`, each step) or `"none"`. `"auto"`: the objective's own choice, `"teacher"` for `amm` and
+            `pbkd` (the AMM paper's off-policy data are teacher generations; on the Tier A benchmark they beat the
+            reference answers, docs/results.md), `"dataset"` for the others. To avoid generating online, cache the
+            teacher's answers once with `amm-trl generate` and point `off_policy_column` at them
+            (`off_policy_source: dataset`).
         off_policy_column (`str`, *optional*, defaults to `"completion"`):
             Dataset column holding the off-policy completion: text for standard prompts, or a list of assistant
             messages for conversational prompts.
@@ -187,13 +195,13 @@ class AMMConfig(DistillationConfig):
     objective: str = field(default="amm", metadata={"help": "Distillation method.", "choices": list(OBJECTIVES)})
     lmbda: float = field(default=0.5, metadata={"help": "Student-data fraction for `gkd` and `imitkd`."})
     amm_beta: float = field(default=0.5, metadata={"help": "AMM off-policy weight (1 - amm_beta = on-policy)."})
-    q_bound: float | None = field(default=1.0, metadata={"help": "Critic bound c: f = c * tanh(.); null: unbounded."})
-    q_prior_alpha: float = field(default=0.0, metadata={
+    q_bound: float | None = field(default=None, metadata={"help": "Critic bound c: f = c * tanh(.); null: unbounded."})
+    q_prior_alpha: float = field(default=1.0, metadata={
         "help": "Informed critic: f = c * tanh(alpha * (log p_T - log p_S) + head); 0 = head only."})
-    q_head_l2: float = field(default=0.0, metadata={"help": "L2 penalty lambda/2 * sum_a f^2 in the critic's objective."})
+    q_head_l2: float = field(default=1.0, metadata={"help": "L2 penalty lambda/2 * sum_a f^2 in the critic's objective."})
     q_head_max_grad_norm: float | None = field(default=None, metadata={
         "help": "Clip the Q-heads' gradient norm separately (the student keeps max_grad_norm)."})
-    amm_anchor_weight: float = field(default=0.0, metadata={
+    amm_anchor_weight: float = field(default=0.5, metadata={
         "help": "Weight of a likelihood anchor on the off-policy completions (AMM / PbKD)."})
     amm_anchor: str = field(default="fkl", metadata={"help": "Anchor loss.", "choices": list(AMM_ANCHORS)})
     q_head_lr_multiplier: float = field(default=10.0, metadata={"help": "Q-head lr = learning_rate * multiplier."})
@@ -207,7 +215,7 @@ class AMMConfig(DistillationConfig):
     pg_length_normalization: bool = field(default=True, metadata={"help": "Divide returns by remaining length."})
     pg_clip: float | None = field(default=None, metadata={"help": "Clip score-function advantages to +-pg_clip."})
     off_policy_source: str = field(
-        default="dataset", metadata={"help": "Off-policy completions source.", "choices": list(OFF_POLICY_SOURCES)}
+        default="auto", metadata={"help": "Off-policy completions source.", "choices": list(OFF_POLICY_SOURCES)}
     )
     off_policy_column: str = field(default="completion", metadata={"help": "Dataset column of off-policy completions."})
     distillm_loss: str = field(default="skl",
@@ -235,6 +243,8 @@ class AMMConfig(DistillationConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.off_policy_source == "auto" and self.objective in OBJECTIVES:
+            self.off_policy_source = self.objective_unit.default_off_policy_source
         self._validate()
 
     def _validate(self):

@@ -56,28 +56,31 @@ def test_critic_values_validates_shapes_and_bound():
         O.critic_values(torch.zeros(2, 3), 1.0, torch.zeros(2, 4))
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("q_bound", None, r"AMMConfig.q_bound=None is invalid: an unbounded critic needs q_head_l2 > 0"),
-    ("q_prior_alpha", -1.0, r"AMMConfig.q_prior_alpha=-1.0 is invalid: it must be >= 0"),
-    ("q_head_max_grad_norm", 0.0, r"AMMConfig.q_head_max_grad_norm=0.0 is invalid: use a positive norm or null"),
-    ("amm_anchor", "kl", r"AMMConfig.amm_anchor='kl' is invalid: choose one of \['fkl', 'ce'\]"),
+@pytest.mark.parametrize("fields,message", [
+    ({"q_bound": None, "q_head_l2": 0.0}, r"AMMConfig.q_bound=None is invalid: an unbounded critic needs q_head_l2 > 0"),
+    ({"q_prior_alpha": -1.0}, r"AMMConfig.q_prior_alpha=-1.0 is invalid: it must be >= 0"),
+    ({"q_head_max_grad_norm": 0.0}, r"AMMConfig.q_head_max_grad_norm=0.0 is invalid: use a positive norm or null"),
+    ({"amm_anchor": "kl"}, r"AMMConfig.amm_anchor='kl' is invalid: choose one of \['fkl', 'ce'\]"),
+    ({"objective": "pbkd", "q_bound": 1.0}, r"AMMConfig.q_prior_alpha=1.0 is invalid: with a bounded critic"),
 ])
-def test_invalid_critic_fields_are_named(tmp_path, field, value, message):
+def test_invalid_critic_fields_are_named(tmp_path, fields, message):
     from tests.test_trainer import make_config
 
     with pytest.raises(ValueError, match=message):
-        make_config(tmp_path, **{field: value})
+        make_config(tmp_path, **fields)
 
 
-def test_anchor_without_off_policy_data_is_refused(tmp_path):
+def test_defaults_are_the_informed_unbounded_critic_with_an_anchor_on_teacher_data(tmp_path):
     from tests.test_trainer import make_config
 
-    with pytest.raises(ValueError, match=r"amm_anchor_weight=0.5 is invalid: the anchor trains on off-policy"):
-        make_config(tmp_path, amm_anchor_weight=0.5, amm_beta=0.0)
+    args = make_config(tmp_path, off_policy_source="auto")
+    assert (args.q_prior_alpha, args.q_bound, args.q_head_l2, args.amm_anchor_weight) == (1.0, None, 1.0, 0.5)
+    assert args.off_policy_source == "teacher"  # `auto` for amm
+    assert make_config(tmp_path, objective="fkl", off_policy_source="auto").off_policy_source == "dataset"
 
 
 def test_anchor_adds_its_weight_times_the_forward_kl_of_the_off_policy_tokens(tiny, tiny_dataset, tmp_path):
-    plain = make_trainer(tiny, tiny_dataset, tmp_path / "a", amm_beta=0.25)
+    plain = make_trainer(tiny, tiny_dataset, tmp_path / "a", amm_beta=0.25, amm_anchor_weight=0.0)
     anchored = make_trainer(tiny, tiny_dataset, tmp_path / "b", amm_beta=0.25, amm_anchor_weight=0.5)
     anchored.model.load_state_dict(plain.model.state_dict())
     inputs = fixed_batch(plain, tiny_dataset)
@@ -94,6 +97,7 @@ def test_anchor_adds_its_weight_times_the_forward_kl_of_the_off_policy_tokens(ti
     assert losses[1] - losses[0] == pytest.approx(0.5 * fkl.item(), rel=1e-4)
     assert anchored._metrics["train"]["anchor/off"][-1] == pytest.approx(O.forward_kl(z_s, z_t).mean().item(),
                                                                           rel=1e-4)
+    assert "anchor/off" not in plain._metrics["train"]
 
 
 def test_heads_are_clipped_apart_from_the_student(tiny, tiny_dataset, tmp_path):

@@ -13,7 +13,7 @@ from amm_trl import AMMTrainer
 from amm_trl import objectives as O
 from amm_trl.objectives.base import STATE_FILE
 from amm_trl.objectives.distillm import DistillmState, ReplayBuffer, next_threshold, student_probability
-from tests.test_trainer import fixed_batch, grads, make_config, make_trainer
+from tests.test_trainer import PAPER_CRITIC, fixed_batch, grads, make_config, make_trainer
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -304,7 +304,7 @@ def test_minillm_ppo_epochs_replay_the_rollout_batch(tiny, tiny_dataset, tmp_pat
 @pytest.fixture
 def pbkd(tiny, tiny_dataset, tmp_path):
     def build(**overrides):
-        trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="pbkd", **overrides)
+        trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="pbkd", **{**PAPER_CRITIC, **overrides})
         torch.manual_seed(0)
         for p in trainer.q_heads.parameters():
             p.data.normal_(0, 0.5)

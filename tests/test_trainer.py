@@ -19,9 +19,13 @@ def make_config(tmp_path, **overrides):
                   per_device_train_batch_size=4, gradient_accumulation_steps=1, max_completion_length=6,
                   report_to="none", logging_steps=1, save_strategy="no", learning_rate=1e-3,
                   gradient_checkpointing=False, model_init_kwargs={"dtype": "float32"},
-                  teacher_model_init_kwargs={"dtype": "float32"}, seed=3)
+                  teacher_model_init_kwargs={"dtype": "float32"}, seed=3, off_policy_source="dataset")
     kwargs.update(overrides)
     return AMMConfig(**kwargs)
+
+
+# The paper's reading of the critic (a learned tanh head alone, no anchor): the naive references below write it out.
+PAPER_CRITIC = dict(q_prior_alpha=0.0, q_bound=1.0, q_head_l2=0.0, amm_anchor_weight=0.0)
 
 
 def make_trainer(tiny, dataset, tmp_path, student=None, teacher=None, **overrides):
@@ -69,7 +73,7 @@ def grads(module_params):
 
 @pytest.fixture
 def amm(tiny, tiny_dataset, tmp_path):
-    trainer = make_trainer(tiny, tiny_dataset, tmp_path)
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, **PAPER_CRITIC)
     torch.manual_seed(0)
     for p in trainer.q_heads.parameters():  # a non-trivial adversary (zero-init would make D = 0)
         p.data.normal_(0, 0.5)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.test_trainer import make_trainer, reference_amm_loss
+from tests.test_trainer import PAPER_CRITIC, make_trainer, reference_amm_loss
 
 DELTAS = (-1.5, -0.3, 0.0, 0.4, 1.0)  # ratios exp(1.5) = 4.5 (beyond clip_max 3), 1.35, 1, 0.67, 0.37
 
@@ -130,7 +130,7 @@ def test_importance_weights_follow_the_rollouts_and_weight_only_their_loss(tiny,
     overrides = dict(use_vllm=True, vllm_mode="colocate", per_device_train_batch_size=2, gradient_accumulation_steps=2)
     if mode is not None:
         overrides.update(vllm_importance_sampling_correction=True, vllm_importance_sampling_mode=mode)
-    trainer = make_trainer(tiny, tiny_dataset, tmp_path, **overrides)
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, **PAPER_CRITIC, **overrides)
     assert trainer.vllm_generation.logprobs == (0 if mode else None)
     torch.manual_seed(0)
     for p in trainer.q_heads.parameters():  # a non-trivial adversary

@@ -122,6 +122,7 @@ class AMM(Objective):
                    "NeurIPS 2024).")
     own_fields = ("amm_policy_gradient",)
     needs_q_heads = True
+    default_off_policy_source = "teacher"  # the paper's off-policy data are teacher generations
     shared_head = False  # one head for both data kinds regardless of `q_head_shared`
 
     def __init__(self, args):
@@ -146,16 +147,13 @@ class AMM(Objective):
         return ["q_abs"] + (["anchor"] if self._anchored(kind) else [])
 
     def _anchored(self, kind: str) -> bool:
-        return kind == "off" and self.args.amm_anchor_weight > 0
+        return kind == "off" and self.args.amm_anchor_weight > 0 and self.args.amm_beta > 0
 
     def validate(self, fail) -> None:
         args = self.args
         if args.q_bound is None and not args.q_head_l2 > 0:
             fail("q_bound", None, "an unbounded critic needs q_head_l2 > 0 (the penalty keeps it finite), or set a "
                  "bound such as 1.0.")
-        if args.amm_anchor_weight > 0 and args.amm_beta == 0:
-            fail("amm_anchor_weight", args.amm_anchor_weight, "the anchor trains on off-policy completions, which "
-                 "amm_beta=0 does not use: set amm_beta > 0 or the weight to 0.")
 
     # -- the adversary
     def build_modules(self, student: nn.Module, teacher_hidden_size: int, vocab_size: int) -> nn.Module:

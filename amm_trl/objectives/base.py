@@ -136,6 +136,7 @@ class Objective:
     description: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = True  # teacher logits in the loss
     needs_q_heads: ClassVar[bool] = False  # trainable modules of its own (`build_modules`)
+    default_off_policy_source: ClassVar[str] = "dataset"  # what `off_policy_source: auto` means for it
     uses_trl_loss: ClassVar[bool] = False  # TRL's own loss (`DistillationTrainer._compute_loss`), unchanged
     own_fields: ClassVar[tuple[str, ...]] = ()  # config fields that only this objective reads (validated by config)
 

@@ -50,9 +50,11 @@ class PbKD(AMM):
 
     def validate(self, fail) -> None:
         super().validate(fail)
-        if self.args.q_prior_alpha:
-            fail("q_prior_alpha", self.args.q_prior_alpha, "objective 'pbkd' fits its reward head by a Bradley-Terry "
-                 "pass that scores the head alone (no teacher logits there): use 0 with pbkd.")
+        if self.args.q_prior_alpha and self.args.q_bound is not None:
+            fail("q_prior_alpha", self.args.q_prior_alpha, "with a bounded critic (q_bound set) objective 'pbkd' "
+                 "cannot fit the reward head by its Bradley-Terry pass, which scores the head without the prior: "
+                 "use q_prior_alpha 0, or the unbounded critic (q_bound null), where the prior does not change the "
+                 "head's gradient.")
 
     def metric_names(self, kind: str) -> list[str]:
         names = super().metric_names(kind)
@@ -95,6 +97,7 @@ class PbKD(AMM):
         head, vocab = self.heads.head(part.kind), ctx.projection.vocab
 
         def fn(f, y, *p):
+            # The prior is a constant per token: with an unbounded critic dq/dg = 1 with or without it (`validate`)
             q = critic_values(head.scores(f, list(p[1:]), p[0][:vocab]), self.args.q_bound)
             values = q.gather(-1, y[:, None]).squeeze(-1)
             return values, values.detach()[:, None]

@@ -17,6 +17,8 @@ Optional suite keys (used by bench/tier_a/tier_a.yaml):
 - `select: {learning_rates: [...], seeds: [...], eval: {...}, metric: score}`: fair tuning. Every method first trains
   once per learning rate and selection seed and is scored on `select.eval` (a validation split); its test runs then
   use the learning rate with the best mean `metric` (the first in grid order on a tie), recorded in `result.json`.
+  A run with `tune_as: <name>` (an ablation: one change to that run) gets no selection of its own and trains at the
+  learning rate chosen for `<name>`.
 - `measures: module:function`: extra scores `function(model_path, suite, out, seed, eval_settings) -> dict` merged
   into every result (e.g. log-probabilities under the teacher).
 - `callbacks: [module:function, ...]`: factories `function(suite) -> TrainerCallback` added to every training run
@@ -102,6 +104,8 @@ def planned_runs(suite: dict) -> list[dict]:
     select = suite.get("select")
     if select:  # learning-rate selection on the validation split before any test run
         for run in suite["runs"]:
+            if "tune_as" in run:  # an ablation: trained at the learning rate chosen for the run it varies
+                continue
             for lr in select["learning_rates"]:
                 for seed in select["seeds"]:
                     runs.append({**run, "name": run["name"], "group": "select", "seed": seed, "select_group":
@@ -198,7 +202,7 @@ def execute(suite: dict, run: dict, keep_models: bool) -> dict:
         learning_rate, settings = run["learning_rate"], suite["select"]["eval"]
         record["learning_rate"] = learning_rate
     elif suite.get("select") and run["group"] != "reference":
-        chosen = selection(suite, run["name"])
+        chosen = selection(suite, run.get("tune_as", run["name"]))
         learning_rate = chosen["learning_rate"]
         record.update(learning_rate=learning_rate, selection=chosen["scores"])
     trained = os.path.exists(os.path.join(out, "train_log.json")) and glob.glob(os.path.join(out, "*.safetensors"))
@@ -250,7 +254,7 @@ def _ready(suite: dict, run: dict) -> bool:
             os.path.join(run_dir(suite, {"name": "start", "seed": None}), "result.json")):
         return False
     if suite.get("select") and run["group"] in ("method", "ablation"):
-        return selection(suite, run["name"])["learning_rate"] is not None
+        return selection(suite, run.get("tune_as", run["name"]))["learning_rate"] is not None
     return True
 
 
