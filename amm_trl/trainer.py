@@ -11,7 +11,8 @@ objective unit (`self.objective_unit`) what to do and never branches on its name
   column or online teacher generation) or replayed rollouts; rollout scoring; vLLM importance weights.
 - `_compute_loss`: one student and one teacher forward over rollouts + off-policy completions, then the objective's
   per-token loss, chunked over the vocabulary (`chunked.py`), plus its sequence-level terms.
-- `create_optimizer`: the objective's modules get their own parameter groups.
+- `create_optimizer`: the objective's modules get their own parameter groups; `_clip_grad_norm`: the objective's
+  clipping (by default the Trainer's).
 - `_save` / `_load_from_checkpoint`: Q-heads go to `amm_q_heads.safetensors`, so the saved student is a plain model.
 - `_load_optimizer_and_scheduler`: restores the objective's per-process state (no callback event sees the
   checkpoint being resumed); saving it and evaluation feedback go through `ObjectiveCallback`.
@@ -107,7 +108,8 @@ class AMMTrainer(DistillationTrainer):
             HeadFreeVLLMGeneration.adopt(self.vllm_generation, logprobs=0 if correction else None)
             if correction and args.vllm_mode == "server" and self.accelerator.is_main_process:
                 check_server_logprobs_mode(self.vllm_generation)
-        self.add_callback(ObjectiveCallback(objective, lambda: self.eval_dataset))
+        for callback in [ObjectiveCallback(objective, lambda: self.eval_dataset), *objective.callbacks()]:
+            self.add_callback(callback)
 
     # ----------------------------------------------------------------------------------------------- setup
     def _setup_teacher(self, teacher):
@@ -171,15 +173,8 @@ class AMMTrainer(DistillationTrainer):
         return self.optimizer
 
     def _clip_grad_norm(self, model):
-        """`q_head_max_grad_norm`: heads and student clipped separately; returns the student's pre-clip norm."""
-        if self.q_heads is None or self.args.q_head_max_grad_norm is None:
-            return super()._clip_grad_norm(model)
-        heads = list(self.q_heads.parameters())
-        head_ids = {id(p) for p in heads}
-        head_norm = torch.nn.utils.clip_grad_norm_(heads, self.args.q_head_max_grad_norm)
-        self._metrics["train"]["q_head/grad_norm"].append(float(head_norm))
-        return self.accelerator.clip_grad_norm_([p for p in model.parameters() if id(p) not in head_ids],
-                                                self.args.max_grad_norm)
+        """Clipping as the objective asks (by default the Trainer's joint clip of the student and its heads)."""
+        return self.objective_unit.clip_gradients(model, super()._clip_grad_norm)
 
     # ------------------------------------------------------------------------------------------------ data
     def _step_info(self) -> Step:

@@ -49,7 +49,7 @@ def _has_vllm():
     return importlib.util.find_spec("vllm") is not None
 
 
-needs_vllm = pytest.mark.skipif(not _has_vllm(), reason="vLLM is not installed (bench/run_gpu.sh install, run 2)")
+needs_vllm = pytest.mark.skipif(not _has_vllm(), reason='vLLM is not installed (pip install -e ".[vllm]")')
 
 
 def _has_deepspeed():

@@ -350,3 +350,24 @@ def test_logit_transform_is_the_one_trl_applies(tiny, tiny_dataset, tmp_path, mo
     for who, model in (("student", trainer.model), ("teacher", trainer.teacher_model)):
         want = (captured[f"{who}_logit_scale"], captured[f"{who}_final_logit_softcapping"])
         assert logit_transform(model.config.get_text_config()) == want
+
+
+def test_gradient_clipping_is_the_objectives(tiny, tiny_dataset, tmp_path, monkeypatch):
+    """Each optimizer step clips through the objective's `clip_gradients`; the default is the Trainer's joint clip
+    of the student and the heads, and the returned pre-clip norm is the logged one."""
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, max_steps=2, max_grad_norm=1e-3)
+    for p in trainer.q_heads.parameters():
+        p.data.normal_(0, 0.5)
+    norms = []
+
+    def clip(model, default):
+        before = float(default(model))
+        after = sum(float(p.grad.norm()) ** 2 for p in model.parameters() if p.grad is not None) ** 0.5
+        norms.append((before, after))
+        return torch.tensor(before)
+
+    monkeypatch.setattr(trainer.objective_unit, "clip_gradients", clip)
+    trainer.train()
+    logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(norms) == 2 and logged == pytest.approx([before for before, _ in norms])
+    assert all(before > 1e-3 and after == pytest.approx(1e-3, rel=1e-3) for before, after in norms)

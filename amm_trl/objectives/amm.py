@@ -204,6 +204,17 @@ class AMM(Objective):
         log_ps, log_pt = _pair_log_probs(student_logits, tokens.teacher_logits.detach())
         return _kl(log_pt, log_ps)
 
+    def clip_gradients(self, model: nn.Module, clip) -> Tensor:
+        """`q_head_max_grad_norm`: the heads and the student clipped apart (a large head gradient would otherwise
+        shrink the student's step); returns the student's pre-clip norm. DeepSpeed is refused by the config."""
+        if self.args.q_head_max_grad_norm is None:
+            return clip(model)
+        heads = list(self.heads.parameters())
+        head_ids = {id(p) for p in heads}
+        torch.nn.utils.clip_grad_norm_(heads, self.args.q_head_max_grad_norm)
+        student = [p for p in model.parameters() if id(p) not in head_ids]
+        return torch.nn.utils.clip_grad_norm_(student, self.args.max_grad_norm)
+
     # -- the sequence-level score-function term
     def extra_loss(self, parts: dict[str, Part], ctx: LossContext) -> Tensor | None:
         if not self.args.amm_policy_gradient or "on" not in parts or self.warming_up(ctx.step):

@@ -11,7 +11,7 @@ its `name`). It declares
   (`build_modules`, `params`, `param_groups`), per-token inputs taken from the batch (`token_input_keys`);
 * optional **hooks**: rollout scoring (`on_rollouts`), sequence-level terms (`extra_loss`), a logits processor for the
   rollouts (`logits_processor`), state saved with each checkpoint (`state_dict`), evaluation feedback (`on_evaluate`),
-  config checks (`validate`).
+  gradient clipping (`clip_gradients`), callbacks of its own (`callbacks`), config checks (`validate`).
 
 The batch that flows from generation to the loss is declared once (`Batch`). The per-token functions shared by all
 objectives live here too: the common metrics (total variation, entropy, token log-probs), the projection of hidden
@@ -220,6 +220,16 @@ class Objective:
     def on_evaluate(self, loss: float, prefix: str) -> dict[str, float]:
         """Feedback from the evaluation that drives the objective; returns metrics to add to the eval results."""
         return {}
+
+    def callbacks(self) -> list:
+        """Extra `transformers.TrainerCallback`s the objective needs (e.g. for an update order of its own)."""
+        return []
+
+    def clip_gradients(self, model: nn.Module, clip: Callable[[nn.Module], Tensor]) -> Tensor:
+        """Gradient clipping before each optimizer step where the Trainer clips (not under DeepSpeed, whose engine
+        clips by its `gradient_clipping`): `clip` is the Trainer's joint clip of every model parameter, the objective's
+        modules included, to `max_grad_norm`. Returns the pre-clip norm the Trainer logs as `grad_norm`."""
+        return clip(model)
 
     def validate(self, fail: Callable[[str, Any, str], None]) -> None:
         """Checks of config fields that depend on the objective; `fail(field, value, fix)` raises."""
