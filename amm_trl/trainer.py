@@ -36,12 +36,14 @@ from trl.generation.vllm_generation import VLLMGeneration
 from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
 from transformers import LogitsProcessor, LogitsProcessorList
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import create_model_from_path, pad
 
 from . import objectives as O
+from .checkpoints import CompleteCheckpointsMixin, save_master_weights
+from .checks import PromptLengthMixin, check_teacher_tokenizer
 from .chunked import ChunkedLoss, LossSpec, auto_chunk_size, project
 from .config import AMMConfig
+from .guards import NonFiniteGuardMixin
 from .data import check_dataset, completion_token_ids
 from .qhead import HEADS_ATTRIBUTE, build_q_heads
 from .replay import DistillmState, student_probability
@@ -161,7 +163,7 @@ def _scaled(logits, transform, temperature):
     return logits / temperature
 
 
-class AMMTrainer(DistillationTrainer):
+class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixin, DistillationTrainer):
     """Distills `teacher_model` into `model` with the objective `args.objective` (see `AMMConfig`).
 
     Used exactly like `trl.DistillationTrainer`:
@@ -190,6 +192,8 @@ class AMMTrainer(DistillationTrainer):
         needs_teacher = args.uses_teacher_logits or args.off_policy_source == "teacher" and args.uses_off_policy
         if needs_teacher and teacher_model is None:
             raise ValueError(f"teacher_model is required for objective {args.objective!r}.")
+        if needs_teacher:
+            check_teacher_tokenizer(model, teacher_model, processing_class)
         # Objectives that never read the teacher (sft, seqkd on cached teacher data) do not load it.
         teacher = self._load_teacher(teacher_model, args) if teacher_model is not None and needs_teacher else None
 
@@ -240,6 +244,7 @@ class AMMTrainer(DistillationTrainer):
         # DistiLLM's adaptive schedule: replay buffer of past rollouts and threshold (per process, checkpointed).
         self.distillm = DistillmState(args.replay_buffer_size, args.distillm_init_threshold) \
             if args.objective == "distillm" else None
+        self.check_prompt_lengths({"train_dataset": train_dataset, "eval_dataset": eval_dataset})
 
     # ----------------------------------------------------------------------------------------------- setup
     def _check_server_logprobs_mode(self):
@@ -825,10 +830,13 @@ class AMMTrainer(DistillationTrainer):
             save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, tmp)
             os.replace(tmp, os.path.join(output_dir, HEADS_FILE))
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_optimizer_and_scheduler(self, output_dir):
+        # Every process, before trainer_state.json (which completes the checkpoint) is written.
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.q_heads is not None and self.is_deepspeed_enabled:  # DeepSpeed's fp32 master heads, not the 16-bit
+            save_master_weights(self.q_heads.named_parameters(), os.path.join(output_dir, HEADS_FILE),
+                                self.args.should_save)
         if self.distillm is not None:  # every rank: buffers differ per rank
-            output_dir = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(output_dir, exist_ok=True)
             path = os.path.join(output_dir, DISTILLM_STATE_FILE.format(rank=self.args.process_index))
             torch.save(self.distillm.state_dict(), path + ".tmp")
@@ -844,8 +852,14 @@ class AMMTrainer(DistillationTrainer):
         if self.distillm is None:
             return
         path = os.path.join(checkpoint, DISTILLM_STATE_FILE.format(rank=self.args.process_index))
+        if self.accelerator.is_main_process:  # one warning for all ranks, naming those that start afresh
+            missing = [r for r in range(self.args.world_size)
+                       if not os.path.exists(os.path.join(checkpoint, DISTILLM_STATE_FILE.format(rank=r)))]
+            if missing:
+                warnings.warn(f"{checkpoint} has no DistiLLM state of rank(s) {missing} "
+                              f"({DISTILLM_STATE_FILE.format(rank=missing[0])}, ...): their replay buffer and "
+                              f"threshold start afresh.")
         if not os.path.exists(path):
-            warnings.warn(f"{path} not found: DistiLLM's replay buffer and threshold start afresh.")
             return
         self.distillm.load_state_dict(torch.load(path, weights_only=False))
 
