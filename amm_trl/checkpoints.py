@@ -19,8 +19,7 @@ import struct
 import sys
 import warnings
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
+PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR (not imported: this stays light)
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
