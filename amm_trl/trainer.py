@@ -15,8 +15,10 @@ colocate or server rollouts and weight sync, ZeRO-3 teacher preparation, PEFT ha
 - `_save` / `_load_from_checkpoint`: Q-heads go to `amm_q_heads.safetensors`, so the saved student is a plain model.
 - `_prepare_inputs`: MiniLLM replays the buffered rollout batch for `ppo_epochs` optimizer steps.
 - `_generate_single_turn`: MiniLLM's teacher-mixed sampling (`TeacherMixProcessor` inside HF `generate`).
-- `evaluate`, `_save_checkpoint`, `_load_optimizer_and_scheduler`: DistiLLM's adaptive threshold follows the eval loss;
-  its replay buffer and threshold are saved per rank in each checkpoint and restored on resume.
+- `evaluate`, `_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler`: DistiLLM's adaptive threshold follows
+  the eval loss; its replay buffer and threshold are saved per rank in each checkpoint and restored on resume. Under
+  DeepSpeed the checkpoint's heads file is rewritten from the fp32 master copy.
+- Mixins: complete checkpoints (`checkpoints.py`), the divergence guard (`guards.py`), prompt lengths (`checks.py`).
 """
 
 import copy
