@@ -19,7 +19,7 @@ import struct
 import sys
 import warnings
 
-PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR (not imported: this stays light)
+PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils' constant; not imported, so this module stays light
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
@@ -139,6 +139,19 @@ class CompleteCheckpointsMixin:
       states, the last per-process files the Trainer writes before it), so a kill at any moment leaves either a
       complete folder or one without a valid `trainer_state.json`; checkpoint rotation only happens after that.
     """
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # `resume_from_checkpoint=True` (the Trainer's "newest checkpoint") applies the rule too, and an explicit
+        # incomplete folder is refused before any state is loaded.
+        if resume_from_checkpoint is True:
+            chosen = resolve_resume("latest", self.args.output_dir, self.accelerator.is_main_process)
+            if chosen is None:
+                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in output_dir "
+                                 f"{self.args.output_dir!r}.")
+            resume_from_checkpoint = chosen
+        elif isinstance(resume_from_checkpoint, str):
+            resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

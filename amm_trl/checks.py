@@ -36,8 +36,8 @@ def check_model_path(field: str, value) -> None:
 
         if not isinstance(try_to_load_from_cache(value, "config.json"), str):
             raise ValueError(f"{field}={value!r} is neither a local folder (no such path) nor reachable offline: "
-                             f"HF_HUB_OFFLINE is set and the hub cache has no {value!r}. Pass a local model folder, or "
-                             f"download it first where the hub is reachable (`hf download {value}`).")
+                             f"HF_HUB_OFFLINE is set and the hub cache has no {value!r}. Pass a local model folder, "
+                             f"or download it first where the hub is reachable (`hf download {value}`).")
 
 
 def _tokenizer_of(model, processing_class=None):
@@ -66,9 +66,12 @@ def check_teacher_tokenizer(student, teacher, processing_class=None) -> None:
     student_tok, student_name = _tokenizer_of(student, processing_class)
     teacher_tok, teacher_name = _tokenizer_of(teacher)
     if student_tok is None or teacher_tok is None:
+        from accelerate import PartialState
+
         missing, name = ("teacher", teacher_name) if teacher_tok is None else ("student", student_name)
-        warnings.warn(f"The {missing}'s tokenizer could not be loaded from {name!r}: amm-trl cannot check that the "
-                      f"teacher shares the student's tokenizer; only the vocabulary sizes are compared.")
+        if PartialState().is_main_process:  # once, not once per rank
+            warnings.warn(f"The {missing}'s tokenizer could not be loaded from {name!r}: amm-trl cannot check that "
+                          f"the teacher shares the student's tokenizer; only the vocabulary sizes are compared.")
         return
     s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     if s_vocab == t_vocab:
@@ -178,6 +181,7 @@ class PromptLengthMixin:
         if cut:
             limit = self.args.max_prompt_length
             prompt_ids = [ids[-limit:] for ids in prompt_ids]
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["prompts/truncated"].append(cut / max(len(prompt_ids), 1))
+        if self.args.max_prompt_length is not None:
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["prompts/truncated"].append(cut / max(len(prompt_ids), 1))
         return prompt_ids, images, multimodal_fields

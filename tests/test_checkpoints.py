@@ -24,7 +24,8 @@ def recipe(tmp_path, tiny, name="recipe.yaml", **extra):
         "dataset_name": tiny["data"], "dtype": "float32", "output_dir": str(tmp_path / "out"), "max_steps": 6,
         "per_device_train_batch_size": 4, "max_completion_length": 6, "use_cpu": True, "bf16": False,
         "gradient_checkpointing": False, "report_to": "none", "save_strategy": "steps", "save_steps": 2,
-        "logging_steps": 1, "seed": 5, "learning_rate": 0.01, "teacher_model_init_kwargs": {"dtype": "float32"}, **extra,
+        "logging_steps": 1, "seed": 5, "learning_rate": 0.01, "teacher_model_init_kwargs": {"dtype": "float32"},
+        **extra,
     }
     path = tmp_path / name
     path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in lines.items()) + "\n")
@@ -83,7 +84,8 @@ def test_rule_names_what_is_missing_or_cut(trained, tmp_path):
     (ck / "trainer_state.json").write_text(state)
     heads = (ck / "amm_q_heads.safetensors").read_bytes()
     (ck / "amm_q_heads.safetensors").write_bytes(heads[:-10])
-    assert checkpoint_problem(str(ck)) == f"amm_q_heads.safetensors is truncated ({len(heads) - 10} bytes of {len(heads)})"
+    cut = f"amm_q_heads.safetensors is truncated ({len(heads) - 10} bytes of {len(heads)})"
+    assert checkpoint_problem(str(ck)) == cut
     (ck / "amm_q_heads.safetensors").write_bytes(heads[:4])
     assert checkpoint_problem(str(ck)) == "amm_q_heads.safetensors has no valid safetensors header"
     (ck / "amm_q_heads.safetensors").write_bytes(heads)
@@ -147,7 +149,8 @@ def test_stale_checkpoint_of_an_earlier_run_is_replaced_not_mixed(trained, tiny,
     """Resuming from checkpoint-4 while an earlier run's checkpoint-6 folder exists: step 6 is written afresh."""
     out = copy_run(trained, tmp_path / "out")
     (out / "checkpoint-6" / "stale_leftover.bin").write_bytes(b"x")
-    with pytest.warns(UserWarning, match=r"checkpoint-6 holds a complete checkpoint of an earlier run; it is replaced"):
+    with pytest.warns(UserWarning, match=r"checkpoint-6 holds a complete checkpoint of an earlier run; it is "
+                                         r"replaced"):
         main(["train", "--config", recipe(tmp_path, tiny), "--resume_from_checkpoint", str(out / "checkpoint-4")])
     assert not (out / "checkpoint-6" / "stale_leftover.bin").exists()
     assert checkpoint_problem(str(out / "checkpoint-6")) is None
@@ -192,3 +195,24 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_latest_gives_the_same_we
     assert_same_weights(weights(out), weights(trained))  # the uninterrupted run's
     assert_same_weights(weights(out / "checkpoint-6"), weights(trained / "checkpoint-6"))
     print(f"fault injection: {time.monotonic() - t0:.1f} s")
+
+
+def test_python_api_resume_true_applies_the_rule(trained, tiny, tiny_dataset, tmp_path):
+    """`trainer.train(resume_from_checkpoint=True)`, the Trainer's "newest checkpoint", skips incomplete ones too."""
+    from amm_trl import AMMConfig, AMMTrainer
+
+    out = copy_run(trained, tmp_path / "out")
+    (out / "checkpoint-6" / "trainer_state.json").unlink()
+    args = AMMConfig(output_dir=str(out), use_cpu=True, bf16=False, max_steps=6, per_device_train_batch_size=4,
+                     max_completion_length=6, report_to="none", save_strategy="no", logging_steps=1, seed=5,
+                     learning_rate=0.01, gradient_checkpointing=False, model_init_kwargs={"dtype": "float32"},
+                     teacher_model_init_kwargs={"dtype": "float32"})
+    trainer = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=args, train_dataset=tiny_dataset)
+    with pytest.warns(UserWarning, match=r"checkpoint-6 \(trainer_state.json is missing\).*resuming from checkpoint-4"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 6
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4, 5, 6]  # 1-4 restored
+
+    trainer.args.output_dir = str(tmp_path / "nothing")
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint=True: no complete checkpoint in output_dir"):
+        trainer.train(resume_from_checkpoint=True)

@@ -61,7 +61,8 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path, tiny):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(rows) + "\n")
     with pytest.raises(ValueError, match=r"dataset_name='.*bad.jsonl': line 4 is not valid JSON \(Expecting ',' "
-                                         r"delimiter, column 39\): '\{\"prompt\": \"w1 w2\", \"completion\": \"w3\"'\. "
+                                         r"delimiter, column 39\): "
+                                         r"'\{\"prompt\": \"w1 w2\", \"completion\": \"w3\"'\. "
                                          r"Each line must be one JSON object"):
         main(["train", "--config", recipe(tmp_path, tiny, dataset_name=str(bad))])
     rows[3] = "[1, 2]"
@@ -165,8 +166,8 @@ def test_prompts_past_the_context_are_refused(tiny, tiny_dataset, tmp_path):
 
 def test_prompts_are_cut_to_max_prompt_length_with_a_count(tiny, tiny_dataset, tmp_path):
     data = _long_prompt_rows(tiny_dataset)
-    with pytest.warns(UserWarning, match=r"3 of 8 prompts of train_dataset are longer than max_prompt_length=32 tokens "
-                                         r"\(longest 600\) and are cut from the left to 32 tokens"):
+    with pytest.warns(UserWarning, match=r"3 of 8 prompts of train_dataset are longer than max_prompt_length=32 "
+                                         r"tokens \(longest 600\) and are cut from the left to 32 tokens"):
         trainer = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"],
                              args=config(tmp_path, max_prompt_length=32, max_steps=1), train_dataset=data)
     ids = trainer._tokenize_prompts([data[0]["prompt"], data[5]["prompt"]])[0]
@@ -182,9 +183,10 @@ def test_divergence_in_sampling_stops_at_its_step_and_keeps_the_last_checkpoint(
     overflow the logits, and step 3's rollouts would crash inside HF sampling."""
     with pytest.raises(NonFiniteTrainingError, match=r"Training diverged at step 3: the student's next-token "
                                                      r"probabilities became inf/nan while it sampled rollouts .* "
-                                                     r"Stopped before saving anything of this step: the newest complete "
-                                                     r"checkpoint, .*checkpoint-2, is unaffected and resumable\. "
-                                                     r"Likely causes: a learning rate too high .*learning rates "):
+                                                     r"Stopped before saving anything of this step: the newest "
+                                                     r"complete checkpoint, .*checkpoint-2, is unaffected and "
+                                                     r"resumable\. Likely causes: a learning rate too high "
+                                                     r".*learning rates "):
         main(["train", "--config", recipe(tmp_path, tiny, max_steps=4, save_strategy="steps", save_steps=1),
               "--learning_rate", "1e12"])
     out = tmp_path / "out"
