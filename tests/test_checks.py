@@ -195,6 +195,11 @@ def test_divergence_in_sampling_stops_at_its_step_and_keeps_the_last_checkpoint(
     assert not (out / "model.safetensors").exists()  # no final save
     assert resolve_resume("latest", str(out)) == str(out / "checkpoint-2")
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint-2" / "model.safetensors")).values())
+    fresh = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=config(tmp_path / "fresh"),
+                       train_dataset=tiny_dataset)
+    fresh._load_from_checkpoint(str(out / "checkpoint-2"))  # loads: student and heads
+    assert torch.equal(fresh.q_heads.on.weight.detach(),
+                       load_file(str(out / "checkpoint-2" / "amm_q_heads.safetensors"))["on.weight"])
 
 
 def test_nan_gradient_norm_stops_before_the_optimizer_step(tiny, tiny_dataset, tmp_path):

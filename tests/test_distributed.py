@@ -145,3 +145,21 @@ def test_missing_distillm_state_warns_once_for_all_ranks(zero3, tmp_path):
     assert per_rank[1] == [] and len(per_rank[0]) == 1
     assert per_rank[0][0].endswith("checkpoint-2 has no DistiLLM state of rank(s) [0, 1] (distillm_state_rank0.pt, "
                                    "...): their replay buffer and threshold start afresh.")
+
+
+def test_divergence_stops_every_rank_at_the_same_step_under_zero3(zero3, tmp_path):
+    from amm_trl.checkpoints import checkpoint_problem
+
+    assets, _ = zero3
+    out = str(tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), MASTER_WORKER, "diverge", assets, out])
+    with open(os.path.join(out, "diverge.json")) as f:
+        result = json.load(f)
+    (message0, step0), (message1, step1) = result["per_rank"]
+    assert step0 == step1 and message0 is not None and message1 is not None
+    assert message0 == message1 and message0.startswith(f"Training diverged at step {step0 + 1}: loss nan, nan (per "
+                                                        f"process), gradient norm ")
+    assert "Stopped before saving anything of this step" in message0
+    assert result["checkpoints"] == [f"checkpoint-{s}" for s in range(1, step0 + 1)]
+    assert checkpoint_problem(os.path.join(out, "diverge", f"checkpoint-{step0}")) is None

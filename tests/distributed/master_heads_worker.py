@@ -7,6 +7,8 @@ Phases:
             of the Q-heads (gathered) as it is when the checkpoint is written, and the 16-bit copy.
   distillm  DistiLLM, 2 steps, checkpoint at step 2; its per-rank state files are then removed and the run resumed:
             every rank records the warnings it raised while loading the checkpoint.
+  diverge   fkl with learning_rate 1e12, a checkpoint every step: every rank must stop with NonFiniteTrainingError
+            at the same step, before that step's checkpoint.
 Rank 0 writes OUT_DIR/<phase>.json.
 """
 
@@ -88,6 +90,20 @@ def main():
         gathered = [None, None]
         dist.all_gather_object(gathered, mine)
         result["warnings_per_rank"] = gathered
+    elif PHASE == "diverge":
+        from amm_trl.guards import NonFiniteTrainingError
+
+        trainer = trainer_for(config(os.path.join(OUT, "diverge"), objective="fkl", learning_rate=1e12, max_steps=4,
+                                     save_steps=1))
+        try:
+            trainer.train()
+            message = None
+        except NonFiniteTrainingError as exc:
+            message = str(exc)
+        gathered = [None, None]
+        dist.all_gather_object(gathered, [message, trainer.state.global_step])
+        result["per_rank"] = gathered
+        result["checkpoints"] = sorted(p for p in os.listdir(os.path.join(OUT, "diverge")) if p.startswith("check"))
     if rank == 0:
         with open(os.path.join(OUT, f"{PHASE}.json"), "w") as f:
             json.dump(result, f)
