@@ -153,6 +153,14 @@ class CompleteCheckpointsMixin:
             resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _issue_warnings_after_load(self, load_result):
+        # The Q-heads live in their own file (loaded right after the model), so their absence from the model file
+        # is no news: the Trainer would report them as "missing keys" on every resume.
+        from .qhead import HEADS_ATTRIBUTE
+
+        missing = [k for k in load_result.missing_keys if not k.startswith(HEADS_ATTRIBUTE + ".")]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _save_checkpoint(self, model, trial):
         folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save and os.path.isdir(folder):
