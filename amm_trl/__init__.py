@@ -2,13 +2,16 @@
 
 __version__ = "0.1.0"
 
-from .config import AMMConfig  # noqa: E402
-
 __all__ = ["AMMConfig", "AMMTrainer"]
 
 
 def __getattr__(name):
-    # The trainer pulls in TRL's trainer stack; import it on first use so `amm_trl.config`/`objectives` stay light.
+    # Imported on first use: the config pulls in TRL and the trainer TRL's trainer stack, while `amm_trl.checkpoints`
+    # (run by the slurm templates before every job) and `amm_trl.objectives` need neither.
+    if name == "AMMConfig":
+        from .config import AMMConfig
+
+        return AMMConfig
     if name == "AMMTrainer":
         from .trainer import AMMTrainer
 

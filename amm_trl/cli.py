@@ -102,9 +102,10 @@ def train(argv: list[str], callbacks: list | None = None):
     """`amm-trl train` with the given flags; `callbacks` (transformers `TrainerCallback`s) are passed to the trainer
     when called from Python (benchmark suites use it for in-training evaluation)."""
     import torch
+    from accelerate import PartialState
     from trl import get_peft_config, get_quantization_config
-    from transformers.trainer_utils import get_last_checkpoint
 
+    from .checkpoints import resolve_resume
     from .data import load_prompt_dataset
     from .trainer import AMMTrainer
 
@@ -114,10 +115,9 @@ def train(argv: list[str], callbacks: list | None = None):
         # decay into denormal floats, which x86 handles ~100x slower; step times grew 7 s -> 66 s without this.
         torch.set_flush_denormal(True)
     _resolve_assets(script, args, model_args)
-    if model_args.model_name_or_path is None:
-        raise ValueError("model_name_or_path: set the student model in the recipe or on the command line.")
-    if script.dataset_name is None:
-        raise ValueError("dataset_name: set the training prompts (a .jsonl file or a hub dataset).")
+    _check_train_inputs(script, args, model_args)
+    # Before any model is loaded: `latest` becomes the newest complete checkpoint; an incomplete one is refused.
+    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir, PartialState().is_main_process)
 
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
     args.model_init_kwargs = {
@@ -130,23 +130,34 @@ def train(argv: list[str], callbacks: list | None = None):
 
     train_dataset = load_prompt_dataset(script.dataset_name, script.dataset_train_split, script.dataset_config)
     if script.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(script.max_train_samples, len(train_dataset))))
-    eval_dataset = (load_prompt_dataset(script.eval_dataset_name, script.eval_dataset_split)
-                    if script.eval_dataset_name else None)
+        train_dataset = (train_dataset.take(script.max_train_samples) if not hasattr(train_dataset, "select") else
+                         train_dataset.select(range(min(script.max_train_samples, len(train_dataset)))))
+    eval_dataset = (load_prompt_dataset(script.eval_dataset_name, script.eval_dataset_split,
+                                        field="eval_dataset_name") if script.eval_dataset_name else None)
 
     trainer = AMMTrainer(model=model_args.model_name_or_path, teacher_model=args.teacher_model_name_or_path,
                          args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          peft_config=get_peft_config(model_args), callbacks=callbacks)
-    resume = args.resume_from_checkpoint
-    if resume in ("latest", "last", "auto"):
-        # Requeue-friendly: continue from the newest checkpoint if there is one, otherwise start fresh.
-        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     trainer.train(resume_from_checkpoint=resume)
+    trainer.check_finite_weights(f"the final model in {args.output_dir}")
     trainer.save_model(args.output_dir)
     if trainer.accelerator.is_main_process:
         print(training_summary(trainer.state.log_history), flush=True)
         print(f"amm-trl: student saved to {args.output_dir}", flush=True)
     return trainer
+
+
+def _check_train_inputs(script, args, model_args) -> None:
+    """The student, the prompts and the model paths are set and exist, before anything is loaded."""
+    from .checks import check_model_path
+
+    if model_args.model_name_or_path is None:
+        raise ValueError("model_name_or_path: set the student model in the recipe or on the command line.")
+    if script.dataset_name is None:
+        raise ValueError("dataset_name: set the training prompts (a .jsonl file or a hub dataset).")
+    check_model_path("model_name_or_path", model_args.model_name_or_path)
+    if args.teacher_model_name_or_path is not None:
+        check_model_path("teacher_model_name_or_path", args.teacher_model_name_or_path)
 
 
 def training_summary(log_history: list[dict]) -> str:
@@ -164,10 +175,12 @@ def training_summary(log_history: list[dict]) -> str:
 def generate(argv: list[str]):
     from transformers import AutoTokenizer, HfArgumentParser
 
+    from .checks import check_model_path
     from .data import load_prompt_dataset
     from .generation import decode_completions, generate_token_ids, render_prompts
 
     (a,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses(argv)
+    check_model_path("model_name_or_path", a.model_name_or_path)
     dataset = load_prompt_dataset(a.dataset_name, a.dataset_split)
     if "prompt" not in dataset.column_names:
         raise ValueError(f"dataset_name {a.dataset_name!r} has columns {dataset.column_names} but no 'prompt'.")

@@ -181,6 +181,13 @@ class AMMConfig(DistillationConfig):
         vllm_importance_sampling_clip_min (`float` or `None`, *optional*, defaults to `None`):
             Lower bound C_min of the ratio (`None`: none).
 
+        > Prompts
+
+        max_prompt_length (`int` or `None`, *optional*, defaults to `None`):
+            Longest prompt in tokens; longer ones are cut from the left (the end holds the question and the generation
+            prompt), with a warning counting them. `None`: prompts are not cut, and one that leaves no room for
+            `max_completion_length` tokens within the models' context (`max_position_embeddings`) is refused.
+
         > Memory
 
         q_head_warmup_steps (`int`, *optional*, defaults to `0`):
@@ -232,6 +239,8 @@ class AMMConfig(DistillationConfig):
     minillm_kd_ratio: float = field(default=0.5, metadata={"help": "KD share of MiniLLM's reference-data loss."})
     pbkd_bt_weight: float = field(default=1.0, metadata={"help": "PbKD Bradley-Terry penalty weight."})
     q_head_warmup_steps: int = field(default=0, metadata={"help": "Initial steps in which only the Q-heads learn."})
+    max_prompt_length: int | None = field(default=None, metadata={
+        "help": "Cut longer prompts from the left (None: refuse prompts that overflow the context)."})
     loss_chunk_tokens: int | None = field(default=None, metadata={"help": "Tokens per vocabulary projection chunk."})
     vllm_importance_sampling_correction: bool = field(
         default=False, metadata={"help": "Weight rollout tokens by exp(logp_trainer - logp_vLLM) (clipped/masked)."})
@@ -323,6 +332,8 @@ class AMMConfig(DistillationConfig):
             fail("off_policy_source", self.off_policy_source, f"choose one of {list(OFF_POLICY_SOURCES)}.")
         if self.q_head_warmup_steps < 0:
             fail("q_head_warmup_steps", self.q_head_warmup_steps, "use 0 or a positive number of steps.")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            fail("max_prompt_length", self.max_prompt_length, "use a positive number of tokens or null.")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             fail("loss_chunk_tokens", self.loss_chunk_tokens, "use a positive number of tokens or null (auto).")
         if self.uses_off_policy and self.off_policy_source == "none":

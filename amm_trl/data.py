@@ -5,21 +5,65 @@ completion column (text, or a list of assistant messages): TRL's "prompt-complet
 files, `save_to_disk` folders and hub names all load through `load_prompt_dataset`.
 """
 
+import json
 import os
 
 from datasets import Dataset, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 from trl.data_utils import is_conversational
 
 
-def load_prompt_dataset(name_or_path: str, split: str = "train", config: str | None = None) -> Dataset:
-    """Loads a local jsonl/json file, a `save_to_disk` folder, or a hub dataset split."""
+def load_prompt_dataset(name_or_path: str, split: str = "train", config: str | None = None,
+                        field: str = "dataset_name") -> Dataset:
+    """Loads a local jsonl/json file, a `save_to_disk` folder, or a hub dataset split. A file with no rows or a line
+    that is not a JSON object is refused with the file and the line number; `field` names the argument."""
     if name_or_path.endswith((".jsonl", ".json")):
         if not os.path.exists(name_or_path):
-            raise FileNotFoundError(f"dataset_name: no such file {name_or_path!r}.")
-        return load_dataset("json", data_files=name_or_path, split="train")
-    if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_info.json")):
-        return load_from_disk(name_or_path)
-    return load_dataset(name_or_path, config, split=split)
+            raise FileNotFoundError(f"{field}: no such file {name_or_path!r}.")
+        if not _has_content(name_or_path):
+            raise ValueError(f"{field}={name_or_path!r} has no rows: the file is empty. Write one JSON object per "
+                             f"line, e.g. {{\"prompt\": \"...\", \"completion\": \"...\"}}.")
+        try:
+            dataset = load_dataset("json", data_files=name_or_path, split="train")
+        except DatasetGenerationError as exc:
+            raise ValueError(f"{field}={name_or_path!r}: {_first_bad_line(name_or_path) or exc}") from exc
+    elif os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_info.json")):
+        dataset = load_from_disk(name_or_path)
+    else:
+        dataset = load_dataset(name_or_path, config, split=split)
+    if len(dataset) == 0:
+        raise ValueError(f"{field}={name_or_path!r} (split {split!r}) has no rows.")
+    return dataset
+
+
+def _has_content(path: str) -> bool:
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
+
+
+def _first_bad_line(path: str) -> str | None:
+    """Where a JSON-lines (or JSON) file stops being readable: line, column and a fix, or None if every line is a
+    JSON object (then the rows disagree in their columns' types, which the loader's own error says)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        try:
+            json.loads(text)
+            return None
+        except ValueError as exc:
+            if text.lstrip().startswith("["):  # one JSON document, not JSON lines
+                return f"not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}."
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            return (f"line {number} is not valid JSON ({exc.msg}, column {exc.colno}): {line[:80]!r}. Each line must "
+                    f"be one JSON object, e.g. {{\"prompt\": \"...\"}}.")
+        if not isinstance(row, dict):
+            return f"line {number} is a JSON {type(row).__name__}, not an object: {line[:80]!r}."
+    return None
 
 
 def check_dataset(dataset, name: str, completion_column: str | None):
@@ -28,7 +72,14 @@ def check_dataset(dataset, name: str, completion_column: str | None):
         return
     datasets = dataset.items() if isinstance(dataset, dict) else [(name, dataset)]
     for key, ds in datasets:
-        columns = ds.column_names or []
+        columns = ds.column_names
+        if columns is None:  # an IterableDataset of unknown features: its first row tells
+            first = next(iter(ds), None)
+            if first is None:
+                raise ValueError(f"{key} has no rows.")
+            columns = list(first)
+        elif hasattr(ds, "__len__") and len(ds) == 0:
+            raise ValueError(f"{key} has no rows.")
         if "prompt" not in columns:
             raise ValueError(
                 f"{key} has columns {columns} but no 'prompt' column. AMMTrainer reads prompts (text, or a list of "

@@ -109,9 +109,11 @@ def evaluate(a: EvalArguments) -> dict:
     import torch
     from transformers import AutoTokenizer
 
+    from .checks import check_model_path
     from .data import load_prompt_dataset
     from .generation import decode_completions, generate_token_ids, render_prompts
 
+    check_model_path("model_name_or_path", a.model_name_or_path)
     dataset = load_prompt_dataset(a.dataset_name, a.dataset_split)
     for column in ("prompt", a.reference_column):
         if column not in dataset.column_names:

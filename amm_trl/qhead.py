@@ -133,6 +133,23 @@ def save_heads(head_state: dict, output_dir: str) -> None:
     os.replace(tmp, os.path.join(output_dir, HEADS_FILE))
 
 
+def save_master_heads(heads: QHeads, output_dir: str, should_save: bool) -> None:
+    """Rewrites the heads file in `output_dir` from DeepSpeed's fp32 master copy of the heads, so that a resume without
+    DeepSpeed restores them exactly rather than their 16-bit training copy. Every process must call it (ZeRO gathers
+    the partitions); parameters without a master copy (fp32 training) are left as the file already has them."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = {}
+    for name, param in heads.named_parameters():  # a shared head once, as `on.*` (as `split_heads` stores it)
+        full = safe_get_full_fp32_param(param)
+        if full is not None:
+            master[name] = full.detach().float().cpu().contiguous()
+    if not should_save or not master:
+        return
+    path = os.path.join(output_dir, HEADS_FILE)
+    save_heads({**(load_file(path) if os.path.exists(path) else {}), **master}, output_dir)
+
+
 def load_heads(heads: QHeads, directory: str, device: str) -> bool:
     """Loads `save_heads`' file from `directory` into `heads`; False if there is none."""
     path = os.path.join(directory, HEADS_FILE)

@@ -90,6 +90,16 @@ def wait_for_vllm_server(args, model) -> None:
     )
 
 
+def adopt_vllm_generation(generation: VLLMGeneration, args, is_main_process: bool) -> HeadFreeVLLMGeneration:
+    """`HeadFreeVLLMGeneration.adopt` with the log-probs the trainer needs: TRL's distillation asks vLLM for none,
+    `vllm_importance_sampling_correction` needs the sampled tokens' ones (from a server: the processed ones)."""
+    correction = args.vllm_importance_sampling_correction
+    HeadFreeVLLMGeneration.adopt(generation, logprobs=0 if correction else None)
+    if correction and args.vllm_mode == "server" and is_main_process:
+        check_server_logprobs_mode(generation)
+    return generation
+
+
 def check_server_logprobs_mode(generation: VLLMGeneration) -> None:
     """As TRL's GRPO: the ratio needs log-probs after temperature and logit processing (`trl vllm-serve` starts
     vLLM with `--logprobs-mode processed_logprobs`; plain `vllm serve` does not)."""

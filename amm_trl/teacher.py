@@ -8,20 +8,25 @@ So `AMMTrainer` loads it here, with TRL's `create_model_from_path` and TRL's kwa
 import torch
 from trl.trainer.utils import create_model_from_path
 
+from .checks import check_teacher_tokenizer
+
 
 def needs_teacher(args, objective) -> bool:
     """The objective reads teacher logits, or the teacher writes the off-policy completions online."""
     return objective.needs_teacher or (args.off_policy_source == "teacher" and objective.uses_off_policy)
 
 
-def load_teacher(teacher_model, args, objective):
-    """The teacher model, or None if the objective never uses it (sft, seqkd on cached teacher data). From a path it
-    is loaded in the training precision unless `teacher_model_init_kwargs` says otherwise (TRL's fp32 default would
-    double a frozen teacher's memory under bf16)."""
+def load_teacher(teacher_model, args, objective, student=None, processing_class=None):
+    """The teacher model, or None if the objective never uses it (sft, seqkd on cached teacher data). Before it loads,
+    its tokenizer is compared with the student's (`student`, a path or model, or `processing_class`; see
+    `checks.check_teacher_tokenizer`). From a path it is loaded in the training precision unless
+    `teacher_model_init_kwargs` says otherwise (TRL's fp32 default would double a frozen teacher's memory under bf16)."""
     if needs_teacher(args, objective) and teacher_model is None:
         raise ValueError(f"teacher_model is required for objective {args.objective!r}.")
     if teacher_model is None or not needs_teacher(args, objective):
         return None
+    if student is not None:
+        check_teacher_tokenizer(student, teacher_model, processing_class)
     if not isinstance(teacher_model, str):
         if args.teacher_model_init_kwargs is not None:
             raise ValueError("teacher_model_init_kwargs is set but teacher_model is already instantiated.")

@@ -14,50 +14,48 @@ objective unit (`self.objective_unit`) what to do and never branches on its name
 - `create_optimizer`: the objective's modules get their own parameter groups; `_clip_grad_norm`: the objective's
   clipping (by default the Trainer's).
 - `_save` / `_load_from_checkpoint`: Q-heads go to `amm_q_heads.safetensors`, so the saved student is a plain model.
-- `_load_optimizer_and_scheduler`: restores the objective's per-process state (no callback event sees the
-  checkpoint being resumed); saving it and evaluation feedback go through `ObjectiveCallback`.
+- `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler`: the objective's per-process state (and under
+  DeepSpeed the fp32 master heads), written before `trainer_state.json` completes the checkpoint, and restored.
 - `_prepare_inputs`: a generation batch may serve several optimizer steps (MiniLLM's `ppo_epochs`).
 - `_generate_single_turn`: an objective's logits processor inside HF `generate` (MiniLLM's teacher-mixed sampling).
+- Mixins: complete checkpoints (`checkpoints.py`), the divergence guard (`guards.py`), prompt lengths (`checks.py`);
+  `ObjectiveCallback` feeds the objective the evaluation loss.
 """
 
-import os
 import resource
 import time
 from collections.abc import Callable
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DistillationTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
+from .checkpoints import CompleteCheckpointsMixin
+from .checks import PromptLengthMixin
 from .chunked import ChunkedLoss, LossSpec, auto_chunk_size
 from .config import AMMConfig
+from .guards import NonFiniteGuardMixin
 from .data import check_dataset, completion_token_ids
 from .objectives import Objective, get_objective
 from .objectives.base import KINDS, LossContext, Part, Projection, RolloutScorer, Step, load_state, logit_transform
 from .objectives.base import save_state, token_function
-from .qhead import HEADS_ATTRIBUTE, HEADS_FILE, load_heads, save_heads, split_heads
+from .qhead import HEADS_ATTRIBUTE, HEADS_FILE, load_heads, save_heads, save_master_heads, split_heads
 from .teacher import load_teacher, shared_vocab_size
-from .rollouts import (HeadFreeVLLMGeneration, check_server_logprobs_mode, extra_logits_processor, sampled_log_probs,
+from .rollouts import (HeadFreeVLLMGeneration, adopt_vllm_generation, extra_logits_processor, sampled_log_probs,
                        teacher_completions, vllm_correction, wait_for_vllm_server)
 
 __all__ = ["AMMTrainer", "ObjectiveCallback", "HEADS_FILE", "HeadFreeVLLMGeneration", "wait_for_vllm_server"]
 
 
 class ObjectiveCallback(TrainerCallback):
-    """Saves the objective's per-process state in each checkpoint (on every rank: DistiLLM's replay buffers differ
-    per rank) and feeds it the evaluation loss that drives it (with several eval sets, the first one; explicit
+    """Feeds the objective the evaluation loss that drives it (with several eval sets, the first one; explicit
     `evaluate` calls with another prefix leave it alone)."""
 
     def __init__(self, objective: Objective, eval_dataset: Callable[[], object]):
         self.objective, self.eval_dataset = objective, eval_dataset
-
-    def on_save(self, args, state, control, **kwargs):
-        directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        save_state(self.objective, directory, args.process_index)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         eval_dataset = self.eval_dataset()
@@ -68,7 +66,7 @@ class ObjectiveCallback(TrainerCallback):
                 return
 
 
-class AMMTrainer(DistillationTrainer):
+class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixin, DistillationTrainer):
     """Distills `teacher_model` into `model` with the objective `args.objective` (see `AMMConfig`).
 
     Used exactly like `trl.DistillationTrainer`:
@@ -94,7 +92,7 @@ class AMMTrainer(DistillationTrainer):
         check_dataset(eval_dataset, "eval_dataset", off_column)
         if args.use_vllm and args.vllm_mode == "server" and args.process_index == 0:  # where TRL's client runs
             wait_for_vllm_server(args, model)  # before loading any model: fail fast
-        teacher = load_teacher(teacher_model, args, objective)
+        teacher = load_teacher(teacher_model, args, objective, model, processing_class)  # tokenizer checked first
         super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
@@ -103,13 +101,10 @@ class AMMTrainer(DistillationTrainer):
         self._setup_teacher(teacher)
         self._setup_objective_modules(optimizers)
         if self.use_vllm:
-            correction = args.vllm_importance_sampling_correction
-            # TRL's distillation asks vLLM for no log-probs; the importance ratio needs the sampled tokens' ones.
-            HeadFreeVLLMGeneration.adopt(self.vllm_generation, logprobs=0 if correction else None)
-            if correction and args.vllm_mode == "server" and self.accelerator.is_main_process:
-                check_server_logprobs_mode(self.vllm_generation)
+            adopt_vllm_generation(self.vllm_generation, args, self.accelerator.is_main_process)
         for callback in [ObjectiveCallback(objective, lambda: self.eval_dataset), *objective.callbacks()]:
             self.add_callback(callback)
+        self.check_prompt_lengths({"train_dataset": train_dataset, "eval_dataset": eval_dataset})
 
     # ----------------------------------------------------------------------------------------------- setup
     def _setup_teacher(self, teacher):
@@ -429,12 +424,17 @@ class AMMTrainer(DistillationTrainer):
         if heads and self.args.should_save:
             save_heads(heads, output_dir)
 
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.q_heads is not None and self.is_deepspeed_enabled:  # the fp32 master heads, not the 16-bit copies
+            save_master_heads(self.q_heads, output_dir, self.args.should_save)
+        save_state(self.objective_unit, output_dir, self.args.process_index)  # every rank: the states differ
+
     def _load_optimizer_and_scheduler(self, checkpoint):
-        # Runs on every resume path (plain, DDP, DeepSpeed), after the model is loaded; no callback event gets the
-        # checkpoint being resumed, so the objective's state is restored here.
+        # Every resume path (plain, DDP, DeepSpeed) runs it, after the model; no callback event gets the checkpoint.
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
-            load_state(self.objective_unit, checkpoint, self.args.process_index)
+            load_state(self.objective_unit, checkpoint, self.args.process_index, self.args.world_size)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -106,3 +106,71 @@ def test_cli_under_accelerate_launch_zero3(zero3, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # gathered 16-bit save: a plain model
     assert model.lm_head.weight.shape == (64, 32)
     assert os.path.exists(tmp_path / "out" / "amm_q_heads.safetensors")
+
+
+MASTER_WORKER = os.path.join(ROOT, "tests", "distributed", "master_heads_worker.py")
+
+
+@pytest.mark.slow
+def test_bf16_deepspeed_checkpoint_keeps_fp32_master_heads_and_plain_resume_restores_them(zero3, tmp_path):
+    """Under DeepSpeed bf16 the trained heads are 16-bit copies of an fp32 master; the checkpoint's heads file holds
+    the master, so a resume without DeepSpeed restores the heads bit-exactly."""
+    import torch
+    from datasets import load_dataset
+    from safetensors.torch import load_file
+
+    from amm_trl import AMMConfig, AMMTrainer
+
+    assets, _ = zero3
+    out = str(tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), MASTER_WORKER, "bf16", assets, out])
+    with open(os.path.join(out, "bf16.json")) as f:
+        assert json.load(f)["dtypes"] == ["torch.bfloat16"]  # the heads DeepSpeed trains are bf16 ...
+    master = torch.load(os.path.join(out, "master_heads.pt"))
+    checkpoint = os.path.join(out, "bf16", "checkpoint-2")
+    saved = load_file(os.path.join(checkpoint, "amm_q_heads.safetensors"))
+    assert sorted(saved) == sorted(master) == ["off.bias", "off.weight", "on.bias", "on.weight"]
+    for name, tensor in saved.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, master[name]), name  # ... the file the master
+        assert not torch.equal(tensor.bfloat16().float(), tensor), name  # which no bf16 copy could hold
+
+    args = AMMConfig(output_dir=str(tmp_path / "plain"), use_cpu=True, bf16=False, report_to="none",
+                     per_device_train_batch_size=2, max_completion_length=4, model_init_kwargs={"dtype": "float32"},
+                     teacher_model_init_kwargs={"dtype": "float32"})
+    trainer = AMMTrainer(model=os.path.join(assets, "student"), teacher_model=os.path.join(assets, "teacher"),
+                         args=args, train_dataset=load_dataset("json", data_files=os.path.join(assets, "data.jsonl"),
+                                                               split="train"))
+    trainer._load_from_checkpoint(checkpoint)  # no DeepSpeed: reads the heads file
+    for name, p in trainer.q_heads.named_parameters():
+        assert torch.equal(p.detach(), master[name]), name
+
+
+def test_missing_distillm_state_warns_once_for_all_ranks(zero3, tmp_path):
+    assets, _ = zero3
+    out = str(tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), MASTER_WORKER, "distillm", assets, out])
+    with open(os.path.join(out, "distillm.json")) as f:
+        per_rank = json.load(f)["warnings_per_rank"]
+    assert per_rank[1] == [] and len(per_rank[0]) == 1
+    assert per_rank[0][0].endswith("checkpoint-2 has no DistiLLM state of rank(s) [0, 1] (distillm_state_rank0.pt, "
+                                   "...): their replay buffer and threshold start afresh.")
+
+
+def test_divergence_stops_every_rank_at_the_same_step_under_zero3(zero3, tmp_path):
+    from amm_trl.checkpoints import checkpoint_problem
+
+    assets, _ = zero3
+    out = str(tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), MASTER_WORKER, "diverge", assets, out])
+    with open(os.path.join(out, "diverge.json")) as f:
+        result = json.load(f)
+    (message0, step0), (message1, step1) = result["per_rank"]
+    assert step0 == step1 and message0 is not None and message1 is not None
+    assert message0 == message1 and message0.startswith(f"Training diverged at step {step0 + 1}: loss nan, nan (per "
+                                                        f"process), gradient norm ")
+    assert "Stopped before saving anything of this step" in message0
+    assert result["checkpoints"] == [f"checkpoint-{s}" for s in range(1, step0 + 1)]
+    assert checkpoint_problem(os.path.join(out, "diverge", f"checkpoint-{step0}")) is None

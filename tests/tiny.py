@@ -17,12 +17,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_extra: int = 0):
-    """Word-level tokenizer (64 + vocab_extra tokens) with a ChatML-like template; pad/eos/bos set."""
+def build_tokenizer(vocab_extra: int = 0, reverse_words: bool = False):
+    """Word-level tokenizer (64 + vocab_extra tokens) with a ChatML-like template; pad/eos/bos set.
+    `reverse_words`: the same tokens with the words' ids in reverse order (another tokenizer of the same size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS[: 64 - len(SPECIALS)])}
+    words = WORDS[: 64 - len(SPECIALS)]
+    vocab = {t: i for i, t in enumerate(SPECIALS + (words[::-1] if reverse_words else words))}
     for i in range(vocab_extra):
         vocab[f"x{i}"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

@@ -139,6 +139,8 @@ class Objective:
     default_off_policy_source: ClassVar[str] = "dataset"  # what `off_policy_source: auto` means for it
     uses_trl_loss: ClassVar[bool] = False  # TRL's own loss (`DistillationTrainer._compute_loss`), unchanged
     own_fields: ClassVar[tuple[str, ...]] = ()  # config fields that only this objective reads (validated by config)
+    state_title: ClassVar[str] = "objective"  # in messages about the state: "... has no <title> state of rank(s) ..."
+    state_contents: ClassVar[str] = "objective states"  # "... their <contents> start afresh"
 
     def __init__(self, args: Any):
         self.args = args
@@ -267,16 +269,18 @@ def save_state(objective: Objective, directory: str, rank: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def load_state(objective: Objective, directory: str, rank: int) -> None:
-    """Restores the state saved by `save_state` (a checkpoint without it: warns, the state starts afresh)."""
+def load_state(objective: Objective, directory: str, rank: int, world_size: int = 1) -> None:
+    """Restores this process's state saved by `save_state`. Ranks whose file the checkpoint lacks start afresh; rank 0
+    warns once for all of them, naming them."""
     if objective.state_dict() is None:
         return
-    path = os.path.join(directory, STATE_FILE.format(name=objective.name, rank=rank))
-    if not os.path.exists(path):
-        warnings.warn(f"{path} not found: the {objective.name} objective's state (e.g. DistiLLM's replay buffer and "
-                      "threshold) starts afresh.")
-        return
-    objective.load_state_dict(torch.load(path, weights_only=False))
+    paths = [os.path.join(directory, STATE_FILE.format(name=objective.name, rank=r)) for r in range(world_size)]
+    missing = [r for r, path in enumerate(paths) if not os.path.exists(path)]
+    if missing and rank == 0:
+        warnings.warn(f"{directory} has no {objective.state_title} state of rank(s) {missing} "
+                      f"({os.path.basename(paths[missing[0]])}, ...): their {objective.state_contents} start afresh.")
+    if rank not in missing:
+        objective.load_state_dict(torch.load(paths[rank], weights_only=False))
 
 
 # ----------------------------------------------------------------------------------------------------------

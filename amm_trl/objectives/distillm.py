@@ -137,6 +137,8 @@ class DistiLLM(Objective):
         divergence = skew_forward_kl if self.args.distillm_loss == "skl" else skew_reverse_kl
         return divergence(tokens.student_logits, tokens.teacher_logits, self.args.skew_alpha), []
 
+    state_title, state_contents = "DistiLLM", "replay buffer and threshold"
+
     def state_dict(self) -> dict:
         return self.state.state_dict()
 

@@ -1,0 +1,184 @@
+"""Checkpoints that are either complete or recognisably incomplete, and the one rule that tells them apart.
+
+A folder `checkpoint-N` is complete when:
+
+1. `trainer_state.json` exists, is valid JSON and records `global_step` N. The Trainer writes it last, and
+   `CompleteCheckpointsMixin` makes every process finish its own files (model, optimizer or ZeRO shards, RNG and
+   DistiLLM states, heads) before the main process writes it;
+2. every `*.safetensors` file in it is whole: its header parses and the file is as long as the header says.
+
+`amm-trl train --resume_from_checkpoint latest` and the slurm templates (`python -m amm_trl.checkpoints latest DIR`)
+both resume from the newest complete checkpoint and name every newer folder they skip, with the reason.
+"""
+
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import warnings
+
+PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils' constant; not imported, so this module stays light
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """Why a safetensors file is not whole (None if it is): 8-byte header length, JSON header, data of that size."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if 8 + header_len > size:
+                return f"{os.path.basename(path)} is truncated ({size} bytes, header alone needs {8 + header_len})"
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return f"{os.path.basename(path)} has no valid safetensors header"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + header_len + end:
+        return f"{os.path.basename(path)} is truncated ({size} bytes of {8 + header_len + end})"
+    return None
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why `folder` is not a complete checkpoint, or None if it is (the rule in the module docstring)."""
+    match = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(folder)))
+    if not os.path.isdir(folder):
+        return "it is not a folder"
+    state_path = os.path.join(folder, TRAINER_STATE)
+    if not os.path.exists(state_path):
+        return f"{TRAINER_STATE} is missing"
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        return f"{TRAINER_STATE} is not valid JSON (cut off while being written)"
+    if match and state.get("global_step") != int(match.group(1)):
+        return f"{TRAINER_STATE} records global_step {state.get('global_step')}, not {match.group(1)}"
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            problem = _safetensors_problem(os.path.join(folder, name))
+            if problem:
+                return problem
+    return None
+
+
+def checkpoint_folders(output_dir: str) -> list[str]:
+    """`checkpoint-N` folders of `output_dir`, newest (highest N) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT_RE.match(name))
+             and os.path.isdir(os.path.join(output_dir, name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(steps, reverse=True)]
+
+
+def latest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(newest complete checkpoint or None, [(newer folder skipped, why)])."""
+    skipped = []
+    for folder in checkpoint_folders(output_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append((folder, problem))
+    return None, skipped
+
+
+def skipped_message(skipped: list[tuple[str, str]], chosen: str | None) -> str:
+    names = "; ".join(f"{os.path.basename(folder)} ({why})" for folder, why in skipped)
+    target = f"resuming from {os.path.basename(chosen)}" if chosen else "no complete checkpoint left: starting fresh"
+    return (f"Skipping incomplete checkpoint(s) {names}: their writing was interrupted; {target}. "
+            f"They are left in place and are overwritten when training reaches their step again.")
+
+
+def resolve_resume(resume: str | None, output_dir: str, is_main_process: bool = True) -> str | None:
+    """`--resume_from_checkpoint` as the Trainer needs it: `latest` (or `last`, `auto`) becomes the newest complete
+    checkpoint of `output_dir` (None if there is none: start fresh); an explicit incomplete folder is refused."""
+    if resume in (None, "", "none", "never"):
+        return None
+    if resume in ("latest", "last", "auto"):
+        chosen, skipped = latest_complete_checkpoint(output_dir)
+        if skipped and is_main_process:
+            warnings.warn(skipped_message(skipped, chosen), stacklevel=2)
+        return chosen
+    problem = checkpoint_problem(resume)
+    if problem is not None:
+        raise ValueError(
+            f"resume_from_checkpoint={resume!r} is not a complete checkpoint: {problem}. Pass a complete "
+            f"checkpoint-N folder, or `latest` to resume from the newest complete one in output_dir."
+        )
+    return resume
+
+
+class CompleteCheckpointsMixin:
+    """Trainer mixin: a checkpoint folder is complete exactly when its `trainer_state.json` is valid.
+
+    - A stale `checkpoint-N` of an earlier run (complete or not) is removed before step N is saved again, so that old
+      and new files never mix under an old, valid `trainer_state.json`.
+    - Every process finishes its files before the main process writes `trainer_state.json` (a barrier after the RNG
+      states, the last per-process files the Trainer writes before it), so a kill at any moment leaves either a
+      complete folder or one without a valid `trainer_state.json`; checkpoint rotation only happens after that.
+    """
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # `resume_from_checkpoint=True` (the Trainer's "newest checkpoint") applies the rule too, and an explicit
+        # incomplete folder is refused before any state is loaded.
+        if resume_from_checkpoint is True:
+            chosen = resolve_resume("latest", self.args.output_dir, self.accelerator.is_main_process)
+            if chosen is None:
+                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in output_dir "
+                                 f"{self.args.output_dir!r}.")
+            resume_from_checkpoint = chosen
+        elif isinstance(resume_from_checkpoint, str):
+            resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _issue_warnings_after_load(self, load_result):
+        # The Q-heads live in their own file (loaded right after the model), so their absence from the model file
+        # is no news: the Trainer would report them as "missing keys" on every resume.
+        from .qhead import HEADS_ATTRIBUTE
+
+        missing = [k for k in load_result.missing_keys if not k.startswith(HEADS_ATTRIBUTE + ".")]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
+    def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            stale = "an incomplete" if checkpoint_problem(folder) else "a complete"
+            warnings.warn(f"{folder} holds {stale} checkpoint of an earlier run; it is replaced by this run's.")
+            state = os.path.join(folder, TRAINER_STATE)
+            if os.path.exists(state):  # first, so that a kill during the removal leaves it recognisably incomplete
+                os.remove(state)
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()  # nobody writes into the folder before the stale one is gone
+        super()._save_checkpoint(model, trial)
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()  # the main process writes trainer_state.json next: everyone is done
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m amm_trl.checkpoints latest OUTPUT_DIR`: prints the newest complete checkpoint (nothing if none) and
+    names the skipped incomplete folders on stderr. `python -m amm_trl.checkpoints check FOLDER`: exit status 0 if
+    complete, else 1 with the reason."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2 or argv[0] not in ("latest", "check"):
+        print("usage: python -m amm_trl.checkpoints {latest OUTPUT_DIR | check CHECKPOINT_DIR}", file=sys.stderr)
+        return 2
+    if argv[0] == "latest":
+        chosen, skipped = latest_complete_checkpoint(argv[1])
+        if skipped:
+            print(f"amm-trl: {skipped_message(skipped, chosen)}", file=sys.stderr)
+        if chosen:
+            print(chosen)
+        return 0
+    problem = checkpoint_problem(argv[1])
+    if problem:
+        print(f"amm-trl: {argv[1]} is not a complete checkpoint: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

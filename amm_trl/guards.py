@@ -1,0 +1,105 @@
+"""Divergence guard: training stops at the first step whose loss, gradient norm or weights are not finite.
+
+The Trainer alone would carry on: it replaces a non-finite loss by the running mean in its logs
+(`logging_nan_inf_filter`), applies an optimizer step with NaN gradients, saves NaN weights into the next checkpoint,
+or crashes later inside sampling (`probability tensor contains either inf, nan or element < 0`). The guard checks, per
+optimizer step and on every process alike:
+
+- the step's loss on every process and the gradient norm (before clipping), after backward and before the optimizer
+  step (DeepSpeed steps inside backward; nothing is saved after that step either);
+- the student's sampling distribution while it generates rollouts (overflowing weights make it inf/nan);
+- the weights before every checkpoint and before the final save.
+
+It raises `NonFiniteTrainingError` naming the step, the values and the likely causes; no checkpoint of that step or
+later is written, so the last complete one stays resumable. With fp16 loss scaling an infinite gradient norm is an
+overflow the scaler skips, so only the loss is checked there.
+"""
+
+import math
+
+import torch
+
+from .checkpoints import latest_complete_checkpoint
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or weight; raised before anything non-finite is saved."""
+
+
+def _fmt(values) -> str:
+    return ", ".join(f"{v:.6g}" for v in values)
+
+
+class NonFiniteGuardMixin:
+    """Trainer mixin (before the Trainer class in the bases) implementing the checks in the module docstring."""
+
+    _guard_losses: list | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except RuntimeError as exc:
+            if "probability tensor contains" not in str(exc):
+                raise
+            raise NonFiniteTrainingError(self._divergence_message(
+                "the student's next-token probabilities became inf/nan while it sampled rollouts (its weights, "
+                f"max |w| = {self._max_abs_weight():.3g} after the previous step, overflow the logits)")) from exc
+        if self._guard_losses is None:
+            self._guard_losses = []
+        self._guard_losses.append(loss.detach().float().reshape(()))
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Called once per optimizer step, after backward and clipping, before `optimizer.step()`.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        losses, self._guard_losses = self._guard_losses or [], []
+        device = self.accelerator.device
+        local = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
+        per_process = self.accelerator.gather(local.to(device)[None]).tolist()  # every process decides alike
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        bad_norm = not math.isfinite(norm) and not self.args.fp16
+        if bad_norm or not all(math.isfinite(v) for v in per_process):
+            raise NonFiniteTrainingError(self._divergence_message(
+                f"loss {_fmt(per_process)} (per process), gradient norm {norm:.6g} (before clipping)"))
+        return grad_norm
+
+    def _save_checkpoint(self, model, trial):
+        self.check_finite_weights(f"checkpoint-{self.state.global_step}")
+        super()._save_checkpoint(model, trial)
+
+    def check_finite_weights(self, what: str) -> None:
+        """Raises `NonFiniteTrainingError` (on every process) if any trainable weight is inf/nan."""
+        local = torch.tensor(float(not self._weights_finite()), device=self.accelerator.device)
+        if self.accelerator.gather(local[None]).max().item() > 0:
+            raise NonFiniteTrainingError(self._divergence_message(
+                f"the weights after step {self.state.global_step} are not finite, so {what} is not written"))
+
+    def _local_weights(self):
+        # ZeRO-3 keeps each process's partition in `ds_tensor`; elsewhere the parameter holds the full weight.
+        for p in self.model.parameters():
+            if p.requires_grad:
+                yield getattr(p, "ds_tensor", p).detach()
+
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(w).all()) for w in self._local_weights() if w.numel())
+
+    def _max_abs_weight(self) -> float:
+        return max((w.abs().max().item() for w in self._local_weights() if w.numel()), default=0.0)
+
+    def _divergence_message(self, what: str) -> str:
+        args = self.args
+        step = self.state.global_step + 1
+        lrs = sorted({group["lr"] for group in self.optimizer.param_groups}) if self.optimizer is not None else []
+        last, _ = latest_complete_checkpoint(args.output_dir)
+        resumable = (f"the newest complete checkpoint, {last}, is unaffected and resumable" if last
+                     else "there is no earlier checkpoint")
+        causes = [f"a learning rate too high for this model (learning rates {_fmt(lrs)} at this step; full "
+                  f"fine-tuning of LLMs typically uses 1e-6 to 1e-4)"]
+        if args.max_grad_norm is None or args.max_grad_norm <= 0:
+            causes.append("gradient clipping is off (max_grad_norm=0): set max_grad_norm 1.0")
+        if args.fp16:
+            causes.append("fp16 overflow: train in bf16 (`--bf16 true`) if the hardware supports it")
+        causes.append("non-finite inputs: the teacher's or student's logits overflowing in a 16-bit dtype "
+                      "(load the models in bf16 or fp32), or a data row that produces them")
+        return (f"Training diverged at step {step}: {what}. Stopped before saving anything of this step: {resumable}. "
+                f"Likely causes: " + "; ".join(causes) + ".")

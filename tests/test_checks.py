@@ -1,0 +1,230 @@
+"""Every bad input is named at the door, with the fix: datasets, model paths, the teacher's tokenizer, prompts past
+the context, divergence (non-finite loss, gradient norm, weights), iterable datasets."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from datasets import Dataset, IterableDataset
+from safetensors.torch import load_file
+
+from amm_trl import AMMConfig, AMMTrainer
+from amm_trl.checkpoints import checkpoint_problem, resolve_resume
+from amm_trl.checks import check_model_path
+from amm_trl.cli import main
+from amm_trl.data import load_prompt_dataset
+from amm_trl.guards import NonFiniteTrainingError
+
+
+def config(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, max_steps=2,
+                  per_device_train_batch_size=4, max_completion_length=6, report_to="none", logging_steps=1,
+                  save_strategy="no", learning_rate=1e-3, gradient_checkpointing=False,
+                  model_init_kwargs={"dtype": "float32"}, teacher_model_init_kwargs={"dtype": "float32"}, seed=3)
+    kwargs.update(overrides)
+    return AMMConfig(**kwargs)
+
+
+def recipe(tmp_path, tiny, **extra):
+    lines = {
+        "model_name_or_path": tiny["student"], "teacher_model_name_or_path": tiny["teacher"],
+        "dataset_name": tiny["data"], "dtype": "float32", "output_dir": str(tmp_path / "out"), "max_steps": 2,
+        "per_device_train_batch_size": 4, "max_completion_length": 6, "use_cpu": True, "bf16": False,
+        "gradient_checkpointing": False, "report_to": "none", "save_strategy": "no", "logging_steps": 1,
+        "teacher_model_init_kwargs": {"dtype": "float32"}, **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in lines.items()) + "\n")
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------------ datasets
+def test_empty_dataset_file_is_named(tmp_path, tiny):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"dataset_name='.*empty.jsonl' has no rows: the file is empty\. Write one "
+                                         r"JSON object per line"):
+        main(["train", "--config", recipe(tmp_path, tiny, dataset_name=str(empty))])
+    with pytest.raises(ValueError, match=r"dataset_name='.*empty.jsonl' has no rows"):
+        main(["generate", "--model_name_or_path", tiny["teacher"], "--dataset_name", str(empty),
+              "--output_file", str(tmp_path / "g.jsonl")])
+    with pytest.raises(ValueError, match="train_dataset has no rows"):
+        AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=config(tmp_path),
+                   train_dataset=Dataset.from_dict({"prompt": [], "completion": []}))
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, tiny):
+    rows = [json.dumps({"prompt": "w1 w2", "completion": "w3"})] * 5
+    rows[3] = '{"prompt": "w1 w2", "completion": "w3"'  # the closing brace is lost
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"dataset_name='.*bad.jsonl': line 4 is not valid JSON \(Expecting ',' "
+                                         r"delimiter, column 39\): "
+                                         r"'\{\"prompt\": \"w1 w2\", \"completion\": \"w3\"'\. "
+                                         r"Each line must be one JSON object"):
+        main(["train", "--config", recipe(tmp_path, tiny, dataset_name=str(bad))])
+    rows[3] = "[1, 2]"
+    bad.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl': line 4 is a JSON list, not an object"):
+        load_prompt_dataset(str(bad))
+
+
+def test_iterable_dataset_without_declared_columns_trains(tiny, tiny_dataset, tmp_path):
+    rows = [tiny_dataset[i] for i in range(len(tiny_dataset))]
+    stream = IterableDataset.from_generator(lambda: iter(rows))
+    assert stream.column_names is None  # TRL accepts it; the column check reads its first row
+    trainer = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=config(tmp_path),
+                         train_dataset=stream)
+    trainer.train()
+    assert trainer.state.global_step == 2 and all(math.isfinite(h["loss"]) for h in trainer.state.log_history
+                                                  if "loss" in h)
+    no_prompt = IterableDataset.from_generator(lambda: iter([{"instruction": "w1"}]))
+    with pytest.raises(ValueError, match=r"train_dataset has columns \['instruction'\] but no 'prompt' column"):
+        AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=config(tmp_path),
+                   train_dataset=no_prompt)
+    with pytest.raises(ValueError, match="train_dataset has no rows"):
+        AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=config(tmp_path),
+                   train_dataset=IterableDataset.from_generator(lambda: iter([])))
+
+
+# ---------------------------------------------------------------------------------------------------- model paths
+def test_missing_model_path_names_the_field(tmp_path, tiny):
+    with pytest.raises(ValueError, match=r"model_name_or_path='does/not/exist' is neither a local folder \(no such "
+                                         r"path\) nor a hub model id of the form 'name' or 'namespace/name'"):
+        main(["train", "--config", recipe(tmp_path, tiny), "--model_name_or_path", "does/not/exist"])
+    with pytest.raises(ValueError, match=r"teacher_model_name_or_path='someone/teacher-7b' is neither a local folder "
+                                         r"\(no such path\) nor reachable offline: HF_HUB_OFFLINE is set"):
+        main(["train", "--config", recipe(tmp_path, tiny), "--teacher_model_name_or_path", "someone/teacher-7b"])
+    (tmp_path / "empty_folder").mkdir()
+    with pytest.raises(ValueError, match=r"model_name_or_path='.*empty_folder' is a folder without config.json"):
+        main(["generate", "--model_name_or_path", str(tmp_path / "empty_folder"), "--dataset_name", tiny["data"],
+              "--output_file", str(tmp_path / "g.jsonl")])
+    check_model_path("model_name_or_path", tiny["student"])  # a saved model passes
+
+
+# ------------------------------------------------------------------------------------------------------ tokenizers
+def _assets_with_teacher_tokenizer(root, tokenizer, vocab_size):
+    from tests.tiny import build_model, build_tokenizer
+
+    student, teacher = root / "student", root / "teacher"
+    build_model(64).save_pretrained(student)
+    build_tokenizer().save_pretrained(student)
+    build_model(vocab_size, hidden=48, layers=1, seed=1).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    return str(student), str(teacher)
+
+
+def test_teacher_with_extra_tokens_is_refused_with_both_names(tmp_path, tiny_dataset):
+    from tests.tiny import build_tokenizer
+
+    student, teacher = _assets_with_teacher_tokenizer(tmp_path, build_tokenizer(vocab_extra=40), 104)
+    with pytest.raises(ValueError, match=rf"The teacher's tokenizer \('{teacher}', 104 tokens\) is not the student's "
+                                         rf"\('{student}', 64 tokens\): the teacher has 40 tokens the student lacks "
+                                         r"\(e.g. \['x0', 'x1', 'x2'\]\)\. Distillation compares .* id by id"):
+        AMMTrainer(model=student, teacher_model=teacher, args=config(tmp_path), train_dataset=tiny_dataset)
+
+
+def test_different_tokenizer_of_the_same_size_is_refused(tmp_path, tiny_dataset):
+    from tests.tiny import build_tokenizer
+
+    student, teacher = _assets_with_teacher_tokenizer(tmp_path, build_tokenizer(reverse_words=True), 64)
+    with pytest.raises(ValueError, match=r"\(.*teacher', 64 tokens\) is not the student's \(.*student', 64 tokens\): "
+                                         r"58 of the 64 ids both have map to different tokens \(e.g. id 6: 'user' for "
+                                         r"the student, 'w54' for the teacher\)"):
+        AMMTrainer(model=student, teacher_model=teacher, args=config(tmp_path), train_dataset=tiny_dataset)
+
+
+def test_same_tokenizer_with_padded_teacher_vocabulary_passes(tmp_path, tiny_dataset):
+    from tests.tiny import build_tokenizer
+
+    student, teacher = _assets_with_teacher_tokenizer(tmp_path, build_tokenizer(), 80)  # 64 rows used of 80
+    trainer = AMMTrainer(model=student, teacher_model=teacher, args=config(tmp_path), train_dataset=tiny_dataset)
+    assert trainer.vocab_size == 64
+
+
+# --------------------------------------------------------------------------------------------------- prompt length
+def _long_prompt_rows(tiny_dataset, n_long=3):
+    rows = [dict(tiny_dataset[i]) for i in range(8)]
+    for row in rows[:n_long]:
+        row["prompt"] = " ".join(f"w{i % 50}" for i in range(600))  # 600 tokens; max_position_embeddings is 256
+    return Dataset.from_list(rows)
+
+
+def test_prompts_past_the_context_are_refused(tiny, tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"3 of 8 prompts of train_dataset are longer than 250 tokens \(the models' "
+                                         r"context of 256 tokens \(max_position_embeddings\) minus "
+                                         r"max_completion_length=6\); the longest has 600\..*Set max_prompt_length"):
+        AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=config(tmp_path),
+                   train_dataset=_long_prompt_rows(tiny_dataset))
+    with pytest.raises(ValueError, match=r"AMMConfig.max_prompt_length=251 plus max_completion_length=6 exceeds the "
+                                         r"models' context of 256 tokens .* set max_prompt_length <= 250"):
+        AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=config(tmp_path, max_prompt_length=251),
+                   train_dataset=_long_prompt_rows(tiny_dataset))
+
+
+def test_prompts_are_cut_to_max_prompt_length_with_a_count(tiny, tiny_dataset, tmp_path):
+    data = _long_prompt_rows(tiny_dataset)
+    with pytest.warns(UserWarning, match=r"3 of 8 prompts of train_dataset are longer than max_prompt_length=32 "
+                                         r"tokens \(longest 600\) and are cut from the left to 32 tokens"):
+        trainer = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"],
+                             args=config(tmp_path, max_prompt_length=32, max_steps=1), train_dataset=data)
+    ids = trainer._tokenize_prompts([data[0]["prompt"], data[5]["prompt"]])[0]
+    full = trainer._tokenizer(text=[data[0]["prompt"]])["input_ids"][0]
+    assert ids[0] == full[-32:] and len(ids[1]) < 32  # the long one keeps its end; the short one is untouched
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+# ------------------------------------------------------------------------------------------------------ divergence
+def test_divergence_in_sampling_stops_at_its_step_and_keeps_the_last_checkpoint(tiny, tiny_dataset, tmp_path):
+    """`--learning_rate 1e12` (AMM, default critic and anchor): loss and gradient norm stay finite, but after step 1
+    the weights (~1e13) overflow the logits, and step 2's rollouts would crash inside HF sampling."""
+    with pytest.raises(NonFiniteTrainingError, match=r"Training diverged at step 2: the student's next-token "
+                                                     r"probabilities became inf/nan while it sampled rollouts .* "
+                                                     r"Stopped before saving anything of this step: the newest "
+                                                     r"complete checkpoint, .*checkpoint-1, is unaffected and "
+                                                     r"resumable\. Likely causes: a learning rate too high "
+                                                     r".*learning rates "):
+        main(["train", "--config", recipe(tmp_path, tiny, max_steps=4, save_strategy="steps", save_steps=1),
+              "--learning_rate", "1e12"])
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1"]
+    assert not (out / "model.safetensors").exists()  # no final save
+    assert resolve_resume("latest", str(out)) == str(out / "checkpoint-1")
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint-1" / "model.safetensors")).values())
+    fresh = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=config(tmp_path / "fresh"),
+                       train_dataset=tiny_dataset)
+    fresh._load_from_checkpoint(str(out / "checkpoint-1"))  # loads: student and heads
+    assert torch.equal(fresh.q_heads.on.weight.detach(),
+                       load_file(str(out / "checkpoint-1" / "amm_q_heads.safetensors"))["on.weight"])
+
+
+def test_nan_gradient_norm_stops_before_the_optimizer_step(tiny, tiny_dataset, tmp_path):
+    """fkl with lr 1e12: the gradient norm of step 2 is NaN; without the guard the NaN step is applied, logged as
+    loss 0 (`logging_nan_inf_filter`) and saved."""
+    trainer = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], train_dataset=tiny_dataset,
+                         args=config(tmp_path, objective="fkl", learning_rate=1e12, max_steps=4,
+                                     save_strategy="steps", save_steps=1))
+    with pytest.raises(NonFiniteTrainingError, match=r"Training diverged at step 2: loss nan \(per process\), "
+                                                     r"gradient norm nan \(before clipping\)\. Stopped before saving "
+                                                     r"anything of this step: the newest complete checkpoint, "
+                                                     r".*checkpoint-1, is unaffected"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # the NaN step was not applied
+    out = tmp_path / "out"
+    assert checkpoint_problem(str(out / "checkpoint-1")) is None and not (out / "checkpoint-2").exists()
+
+
+def test_non_finite_weights_are_never_saved(tiny, tiny_dataset, tmp_path):
+    trainer = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], train_dataset=tiny_dataset,
+                         args=config(tmp_path, objective="fkl", save_strategy="steps", save_steps=1))
+    with torch.no_grad():
+        trainer.model.lm_head.weight[3, 3] = float("inf")
+    trainer.state.global_step = 5
+    with pytest.raises(NonFiniteTrainingError, match=r"the weights after step 5 are not finite, so checkpoint-5 is "
+                                                     r"not written"):
+        trainer._save_checkpoint(trainer.model, None)
+    assert not os.path.exists(os.path.join(trainer.args.output_dir, "checkpoint-5"))
