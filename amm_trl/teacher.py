@@ -20,7 +20,8 @@ def load_teacher(teacher_model, args, objective, student=None, processing_class=
     """The teacher model, or None if the objective never uses it (sft, seqkd on cached teacher data). Before it loads,
     its tokenizer is compared with the student's (`student`, a path or model, or `processing_class`; see
     `checks.check_teacher_tokenizer`). From a path it is loaded in the training precision unless
-    `teacher_model_init_kwargs` says otherwise (TRL's fp32 default would double a frozen teacher's memory under bf16)."""
+    `teacher_model_init_kwargs` says otherwise (TRL's fp32 default would double a frozen teacher's memory under
+    bf16)."""
     if needs_teacher(args, objective) and teacher_model is None:
         raise ValueError(f"teacher_model is required for objective {args.objective!r}.")
     if teacher_model is None or not needs_teacher(args, objective):
