@@ -45,6 +45,7 @@ from .config import AMMConfig
 from .data import check_dataset, completion_token_ids
 from .qhead import HEADS_ATTRIBUTE, build_q_heads
 from .replay import DistillmState, student_probability
+from .vllm_cpu import trl_builds_generation, vllm_generation_class
 
 HEADS_FILE = "amm_q_heads.safetensors"
 DISTILLM_STATE_FILE = "distillm_state_rank{rank}.pt"
@@ -193,9 +194,12 @@ class AMMTrainer(DistillationTrainer):
         # Objectives that never read the teacher (sft, seqkd on cached teacher data) do not load it.
         teacher = self._load_teacher(teacher_model, args) if teacher_model is not None and needs_teacher else None
 
-        super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
-                         optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
+        # TRL builds our generator (on vLLM's CPU build: with the weight syncs that work there, `vllm_cpu.py`).
+        generation = vllm_generation_class(HeadFreeVLLMGeneration) if args.use_vllm else HeadFreeVLLMGeneration
+        with trl_builds_generation(generation):
+            super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                             optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
 
         student_config = self.model.config.get_text_config()
         self.vocab_size = student_config.vocab_size
@@ -231,7 +235,6 @@ class AMMTrainer(DistillationTrainer):
         self.loss_module.register_trainable_weights(
             [head.weight, head.bias] + (list(self.q_heads.parameters()) if self.q_heads is not None else []))
         if self.use_vllm:
-            self.vllm_generation.__class__ = HeadFreeVLLMGeneration
             if args.vllm_importance_sampling_correction:
                 self.vllm_generation.logprobs = 0  # TRL's distillation asks for none; the ratio needs the sampled ones
                 if args.vllm_mode == "server" and self.accelerator.is_main_process:
