@@ -105,8 +105,9 @@ def check_stream(report, lora):
     assert report["streamed_heads"] == [] and report["streamed_adapters"] == []
     assert report["streamed_missing"] == [] and report["streamed_unexpected"] == []
     assert report["heads_total"] > 0
-    if lora:
-        assert report["lora_b_max"] > 0  # the adapters are not a zero update: merging them matters
+    if lora:  # non-zero adapters from the start: the first sync (merged weights) changes what vLLM computes
+        assert report["lora_b_max"] > 0
+        assert report["syncs"][0]["before"]["mean"] >= BEFORE_SYNC_MIN, report["syncs"][0]
 
 
 # --------------------------------------------------------------------------------------------------- tests
@@ -195,6 +196,35 @@ def test_unreachable_server_fails_within_timeout_with_vllm_installed(assets, tmp
                  f"vllm_server_base_url='http://127.0.0.1:{port}'", f"vllm_server_timeout={timeout}",
                  f"trl vllm-serve --model {assets['student']} --port {port}"):
         assert text in message, (text, message)
+
+
+def run_bench(tmp_path, script, *flags, timeout=400):
+    out = tmp_path / f"{script}.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", f"{script}.py"), "--tiny", "--models-dir",
+           str(tmp_path / "models"), "--json", str(out), *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0 and out.exists(), f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{proc.stdout[-6000:]}"
+    return json.loads(out.read_text())
+
+
+def test_bench_rollout_tiny_runs_vllm_and_hf(tmp_path):
+    """The GPU rollout benchmark's code runs end to end against real vLLM (`--tiny`): both engines produce exactly
+    the forced token counts and a ratio is reported."""
+    result = run_bench(tmp_path, "bench_rollout", "--vllm-eager")
+    assert result["vllm"]["engine"] == "vllm" and result["vllm"]["output_lengths"] == [result["new_tokens"]]
+    assert result["token_counts_match"] and result["ratio_vllm_over_hf_best"] > 0
+    assert result["run"]["versions"]["vllm"].endswith("+cpu")
+
+
+@pytest.mark.parametrize("script,flags", [("bench_step", ["--use-vllm", "1", "--vllm-eager", "1"]),
+                                          ("bench_7b3b", ["--vllm-eager", "1"])])
+def test_bench_training_scripts_tiny_run_with_colocated_vllm(tmp_path, script, flags):
+    """`bench_step.py` and `bench_7b3b.py` (ZeRO-3 under torchrun) in their tiny modes, rollouts from colocated vLLM:
+    every step runs and reports a finite loss."""
+    result = run_bench(tmp_path, script, *flags)
+    print(json.dumps(result)[:3000])
+    raise AssertionError("inspect")
 
 
 # ------------------------------------------------------------------------------------------------- workers
@@ -355,8 +385,9 @@ def _train_worker(assets_root, out, zero3, lora, is_correction, server_url):
         syncs.append(record)
 
     gen.sync_weights = checked_sync
-    if zero3:
-        report["partitioned"] = all(getattr(p, "ds_numel", 0) > 0 and p.numel() == 0 for p in model.parameters())
+    if zero3:  # LoRA adapters are created after the partitioned load: DeepSpeed partitions them when training starts
+        report["partitioned"] = all(getattr(p, "ds_numel", 0) > 0 and p.numel() == 0
+                                    for n, p in model.named_parameters() if "lora_" not in n)
     trainer.train()
     report["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if is_correction:
