@@ -33,9 +33,9 @@ HEAD_DIM = 32
 PROBE_PROMPTS = [[6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24], [30, 31]]
 PROBE_TOKENS = 8  # sampled with `ignore_eos` and no `min_tokens`: min_tokens masks the end tokens, which shifts
 # vLLM's processed log-probs (renormalized without them) away from the model's
-# |log p_vLLM - log p_trainer| per sampled token, both in fp32. Measured on the initial weights (no sync involved):
-# mean 4e-4, max 1.3e-3 (vLLM's CPU kernels); after syncs the same; with the previous step's weights: mean 0.12-0.2.
-AFTER_SYNC_MEAN, AFTER_SYNC_MAX = 2e-3, 5e-3
+# |log p_vLLM - log p_trainer| per sampled token, both in fp32. Measured: at most 5e-7 right after a sync (and on the
+# initial weights); 0.12 - 0.2 on average while the engine still holds the previous step's weights.
+AFTER_SYNC_MEAN, AFTER_SYNC_MAX = 1e-5, 1e-4
 BEFORE_SYNC_MIN = 3e-2  # mean over the probe tokens when the engine holds the previous step's weights
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; vLLM's default asks for most of the machine's memory
        "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -97,7 +97,7 @@ def check_syncs(report, n_syncs):
         assert s["after"]["mean"] <= AFTER_SYNC_MEAN and s["after"]["max"] <= AFTER_SYNC_MAX, (i, s)
         if s["trainer_moved"]:
             assert s["before"]["mean"] >= BEFORE_SYNC_MIN, (i, s)
-            assert s["before"]["mean"] > 20 * s["after"]["mean"], (i, s)
+            assert s["before"]["mean"] > 1000 * s["after"]["mean"], (i, s)
     assert sum(s["trainer_moved"] for s in syncs) >= n_syncs - 1
 
 
@@ -121,6 +121,8 @@ def test_colocated_sync_under_zero3_makes_vllm_score_like_the_trainer(assets, tm
     assert report["zero3_active"] and report["partitioned"]
     assert report["world_size"] == ranks and report["vllm_tp_size"] == ranks
     assert report["generation_class"] == "CPUHeadFreeVLLMGeneration"
+    # the engine runs vLLM's packed CPU kernels: TRL's in-place `load_weights` could not update it
+    assert report["vllm_qkv"]["numel"] == 0 and not report["vllm_qkv"]["has_weight_loader"]
     assert len(report["losses"]) == 2 and all(math.isfinite(x) for x in report["losses"])
     check_syncs(report, n_syncs=3)
     check_stream(report, lora)
@@ -137,7 +139,7 @@ def test_importance_sampling_correction_with_vllm_logprobs(assets, tmp_path):
         assert len(sampling[key]) == 2 and all(0 <= x <= AFTER_SYNC_MAX for x in sampling[key]), sampling
     for key in ("sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
                 "sampling/importance_sampling_ratio/max"):
-        assert len(sampling[key]) == 2 and all(abs(x - 1) < 1e-2 for x in sampling[key]), sampling
+        assert len(sampling[key]) == 2 and all(abs(x - 1) < 1e-3 for x in sampling[key]), sampling
 
 
 @pytest.fixture
@@ -217,14 +219,25 @@ def test_bench_rollout_tiny_runs_vllm_and_hf(tmp_path):
     assert result["run"]["versions"]["vllm"].endswith("+cpu")
 
 
-@pytest.mark.parametrize("script,flags", [("bench_step", ["--use-vllm", "1", "--vllm-eager", "1"]),
-                                          ("bench_7b3b", ["--vllm-eager", "1"])])
-def test_bench_training_scripts_tiny_run_with_colocated_vllm(tmp_path, script, flags):
-    """`bench_step.py` and `bench_7b3b.py` (ZeRO-3 under torchrun) in their tiny modes, rollouts from colocated vLLM:
-    every step runs and reports a finite loss."""
-    result = run_bench(tmp_path, script, *flags)
-    print(json.dumps(result)[:3000])
-    raise AssertionError("inspect")
+def test_bench_step_tiny_runs_both_trainers_with_colocated_vllm(tmp_path):
+    """`bench_step.py --tiny --use-vllm 1`: TRL's trainer and AMM's (both data kinds, rollouts only) each run their
+    3 steps with rollouts from colocated vLLM, and the ratios are computed."""
+    result = run_bench(tmp_path, "bench_step", "--use-vllm", "1", "--vllm-eager", "1")
+    assert result["use_vllm"] and set(result["trainers"]) == {"trl", "amm", "amm_onpolicy"}
+    for name, r in result["trainers"].items():
+        assert "error" not in r, (name, r)
+        assert r["steps"] == 3 and len(r["loss"]) == 3 and all(math.isfinite(x) for x in r["loss"]), (name, r)
+        assert len(r["sync_s"]) == 3 and r["rollout_tokens_per_step"] == 16, (name, r)
+    assert result["ratio_step_amm_over_trl"] > 0
+
+
+def test_bench_7b3b_tiny_trains_under_zero3_with_colocated_vllm(tmp_path):
+    """`bench_7b3b.py --tiny`: the 7B -> 3B script (re-run under torchrun, ZeRO-3 on gloo) trains its 3 AMM steps
+    with rollouts from colocated vLLM and computes its FLOPs / MFU fields."""
+    result = run_bench(tmp_path, "bench_7b3b", "--vllm-eager", "1")
+    assert result["config"]["use_vllm"] == 1 and result["deepspeed_zero3_active"] and result["fits"], result
+    assert len(result["loss"]) == 3 and all(math.isfinite(x) for x in result["loss"]), result
+    assert len(result["sync_s"]) == 3 and "mfu" in result, sorted(result)
 
 
 # ------------------------------------------------------------------------------------------------- workers
@@ -289,7 +302,7 @@ def _difference(model, zero3, completions, logprobs):
     return {"mean": float(d.mean()), "max": float(d.max())}, int(d.numel())
 
 
-def _train_worker(assets_root, out, zero3, lora, is_correction, server_url):
+def _train_worker(assets_root, out, zero3, lora, is_correction, server_url, trl_sync=False):
     import functools
 
     import torch
@@ -297,9 +310,15 @@ def _train_worker(assets_root, out, zero3, lora, is_correction, server_url):
     import trl.generation.vllm_generation as vg
     from datasets import load_dataset
 
-    # Eager engine: torch.compile of the tiny model would take ~30 s of the test's time; weights are under test.
-    vg.LLM = functools.partial(vg.LLM, enforce_eager=True)
+    # fp32 engine (TRL leaves vLLM's dtype at "auto", which serves fp32 checkpoints in 16 bits), so that both sides
+    # run the same fp32 forward; eager: torch.compile of the tiny model would take ~30 s, and weights are under test.
+    vg.LLM = functools.partial(vg.LLM, enforce_eager=True, dtype="float32")
     from amm_trl import AMMConfig, AMMTrainer
+
+    if trl_sync:  # negative control: TRL's own (GPU) weight sync on vLLM's CPU platform
+        import amm_trl.vllm_cpu
+
+        amm_trl.vllm_cpu.on_vllm_cpu_platform = lambda: False
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds = load_dataset("json", data_files=os.path.join(assets_root, "data.jsonl"), split="train")
@@ -337,6 +356,12 @@ def _train_worker(assets_root, out, zero3, lora, is_correction, server_url):
         from vllm.distributed import get_tensor_model_parallel_world_size
 
         report["vllm_tp_size"] = get_tensor_model_parallel_world_size()
+        runner = gen.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        qkv = runner.model.model.layers[0].self_attn.qkv_proj
+        # vLLM's CPU backend packs Linear weights into its kernels' layout and empties the parameter (no
+        # `weight_loader` left: TRL's in-place `load_weights` cannot reach them)
+        report["vllm_qkv"] = {"numel": qkv.weight.numel(), "has_weight_loader": hasattr(qkv.weight, "weight_loader"),
+                              "cpu_linear": type(getattr(qkv, "cpu_linear", None)).__name__}
     # A non-trivial adversary (the heads start at zero: the student would not move in step 1) and, with LoRA,
     # non-zero adapters from the start, so that merging them changes the weights vLLM must hold.
     torch.manual_seed(0)
@@ -413,7 +438,8 @@ def main(argv):
         raise SystemExit(f"unknown worker {kind!r}")
     server_url = flags[flags.index("--server") + 1] if "--server" in flags else None
     report = _train_worker(assets_root, out, zero3="--no-zero3" not in flags, lora="--lora" in flags,
-                           is_correction="--is-correction" in flags, server_url=server_url)
+                           is_correction="--is-correction" in flags, server_url=server_url,
+                           trl_sync="--trl-sync" in flags)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out, "w") as f:
             json.dump(report, f, indent=1)
