@@ -240,6 +240,36 @@ def test_bench_7b3b_tiny_trains_under_zero3_with_colocated_vllm(tmp_path):
     assert len(result["sync_s"]) == 3 and "mfu" in result, sorted(result)
 
 
+@pytest.fixture(scope="module")
+def gpu_test_assets(tmp_path_factory):
+    from tests.test_gpu import build_gpu_assets
+
+    return build_gpu_assets(str(tmp_path_factory.mktemp("gpu_test_assets")))
+
+
+@pytest.mark.parametrize("case", ["sync_full", "sync_lora_zero3", "is_correction", "server_refused"])
+def test_gpu_test_workers_pass_their_checks_on_cpu_vllm(gpu_test_assets, tmp_path, monkeypatch, case):
+    """tests/test_gpu.py's vLLM workers on CPU against vLLM's CPU build, judged by the GPU tests' own assertions (its
+    bf16 head_dim-64 models; vLLM serves them in bf16 and the trainer runs fp32 on CPU), so that a GPU run only
+    measures: the colocated sync (parameter by parameter, full student; LoRA under ZeRO-3), the importance-sampling
+    metrics and the unreachable-server error."""
+    from tests import test_gpu
+
+    for key, value in worker_env().items():
+        monkeypatch.setenv(key, value)
+    if case == "sync_full":
+        test_gpu.check_sync_report(test_gpu.run_worker("train", gpu_test_assets, tmp_path), zero3=False, lora=False)
+    elif case == "sync_lora_zero3":
+        report = test_gpu.run_worker("train", gpu_test_assets, tmp_path, "--zero3", "--lora", torchrun=True)
+        test_gpu.check_sync_report(report, zero3=True, lora=True)
+    elif case == "is_correction":
+        test_gpu.check_is_correction_report(test_gpu.run_worker("train", gpu_test_assets, tmp_path, "--is-correction"))
+    else:
+        url = f"http://127.0.0.1:{free_port()}"
+        report = test_gpu.run_worker("server", gpu_test_assets, tmp_path, url, "5", timeout=180)
+        test_gpu.check_server_report(report, url, 5)
+
+
 # ------------------------------------------------------------------------------------------------- workers
 def _gathered(model, zero3, modify=False):
     """All parameters gathered under ZeRO-3 (`modify`: rank 0's in-place changes are kept, on every rank)."""
