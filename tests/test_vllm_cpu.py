@@ -220,10 +220,10 @@ def test_bench_rollout_tiny_runs_vllm_and_hf(tmp_path):
 
 
 def test_bench_step_tiny_runs_both_trainers_with_colocated_vllm(tmp_path):
-    """`bench_step.py --tiny --use-vllm 1`: TRL's trainer and AMM's (both data kinds, rollouts only) each run their
+    """`bench_step.py --tiny --use-vllm 1 --trainers trl,amm`: TRL's trainer and AMM's each run their
     3 steps with rollouts from colocated vLLM, and the ratios are computed."""
-    result = run_bench(tmp_path, "bench_step", "--use-vllm", "1", "--vllm-eager", "1")
-    assert result["use_vllm"] and set(result["trainers"]) == {"trl", "amm", "amm_onpolicy"}
+    result = run_bench(tmp_path, "bench_step", "--use-vllm", "1", "--vllm-eager", "1", "--trainers", "trl,amm")
+    assert result["use_vllm"] and set(result["trainers"]) == {"trl", "amm"}
     for name, r in result["trainers"].items():
         assert "error" not in r, (name, r)
         assert r["steps"] == 3 and len(r["loss"]) == 3 and all(math.isfinite(x) for x in r["loss"]), (name, r)
