@@ -81,7 +81,7 @@ class CPUWeightSync:
         save_file(weights, path + ".tmp")
         os.replace(path + ".tmp", path)
         client = self.vllm_client
-        response = client.session.post(f"{client.base_url}/collective_rpc",
+        response = client.session.post(f"{client.base_url}/collective_rpc", timeout=self.server_timeout,
                                        json={"method": "reload_weights", "kwargs": {"weights_path": self._weights_dir}})
         if response.status_code != 200:
             hint = " Start the server with VLLM_SERVER_DEV_MODE=1." if response.status_code == 404 else ""

@@ -14,7 +14,7 @@ is vLLM's tokens/s over HF's, for each HF batch size and for the best one.
 Prints one line `RESULT {...}`.
 
 On a CPU machine vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): bf16 in a separate engine process
-dies with SIGILL in vLLM's CPU attention on AMX machines. Its KV cache takes `VLLM_CPU_KVCACHE_SPACE` GiB (1 unless
+can die with SIGILL in vLLM's CPU attention (seen on a 2-core AMD EPYC). Its KV cache takes `VLLM_CPU_KVCACHE_SPACE` GiB (1 unless
 set, `_common.py`).
 """
 
