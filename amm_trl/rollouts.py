@@ -26,16 +26,6 @@ class HeadFreeVLLMGeneration(VLLMGeneration):
 
     last_logprobs = None
 
-    @classmethod
-    def adopt(cls, generation: VLLMGeneration, logprobs: int | None = None) -> "HeadFreeVLLMGeneration":
-        """Turns the generator `DistillationTrainer.__init__` built into this class, in place. The class is swapped
-        rather than a second generator built because TRL constructs it inline (no factory hook) and a second one
-        would start a second vLLM engine. `logprobs=0`: vLLM returns the sampled tokens' log-probs."""
-        generation.__class__ = cls
-        if logprobs is not None:
-            generation.logprobs = logprobs
-        return generation
-
     def generate(self, *args, **kwargs):
         prompt_ids, completion_ids, logprobs, logprob_token_ids = super().generate(*args, **kwargs)
         self.last_logprobs = logprobs  # per completion, per token: [log-prob of the sampled token] (logprobs=0)

@@ -42,6 +42,7 @@ from .qhead import HEADS_ATTRIBUTE, HEADS_FILE, load_heads, save_heads, split_he
 from .teacher import load_teacher, shared_vocab_size
 from .rollouts import (HeadFreeVLLMGeneration, check_server_logprobs_mode, extra_logits_processor, sampled_log_probs,
                        teacher_completions, vllm_correction, wait_for_vllm_server)
+from .vllm_cpu import trl_builds_generation, vllm_generation_class
 
 __all__ = ["AMMTrainer", "ObjectiveCallback", "HEADS_FILE", "HeadFreeVLLMGeneration", "wait_for_vllm_server"]
 
@@ -94,17 +95,19 @@ class AMMTrainer(DistillationTrainer):
         if args.use_vllm and args.vllm_mode == "server" and args.process_index == 0:  # where TRL's client runs
             wait_for_vllm_server(args, model)  # before loading any model: fail fast
         teacher = load_teacher(teacher_model, args, objective)
-        super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
-                         optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
+        # TRL builds our generator where it builds its own (on vLLM's CPU build: with the syncs that work there).
+        with trl_builds_generation(vllm_generation_class(HeadFreeVLLMGeneration)):
+            super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                             optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
         self.objective_unit = objective
         self._pending_metrics = {}
         self._setup_teacher(teacher)
         self._setup_objective_modules(optimizers)
         if self.use_vllm:
             correction = args.vllm_importance_sampling_correction
-            # TRL's distillation asks vLLM for no log-probs; the importance ratio needs the sampled tokens' ones.
-            HeadFreeVLLMGeneration.adopt(self.vllm_generation, logprobs=0 if correction else None)
+            if correction:  # TRL's distillation asks vLLM for no log-probs; the ratio needs the sampled tokens' ones
+                self.vllm_generation.logprobs = 0
             if correction and args.vllm_mode == "server" and self.accelerator.is_main_process:
                 check_server_logprobs_mode(self.vllm_generation)
         self.add_callback(ObjectiveCallback(objective, lambda: self.eval_dataset))
