@@ -27,6 +27,11 @@ class TrainScriptArguments(ScriptArguments):
     eval_dataset_name: str | None = field(default=None, metadata={"help": "Optional evaluation prompts."})
     eval_dataset_split: str = field(default="train", metadata={"help": "Split of `eval_dataset_name`."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    summary_eval_dataset: str | None = field(default=None, metadata={
+        "help": "Prompts + references scored (ROUGE-L, greedy) with the student before and after training; both "
+                "scores end the printed summary."})
+    summary_eval_rows: int = field(default=32, metadata={"help": "Rows of `summary_eval_dataset` scored."})
+    summary_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length limit of that scoring."})
 
     def __post_init__(self):
         # TRL's fields that `amm-trl train` does not read: refused rather than silently ignored.
@@ -135,6 +140,8 @@ def train(argv: list[str], callbacks: list | None = None):
     eval_dataset = (load_prompt_dataset(script.eval_dataset_name, script.eval_dataset_split,
                                         field="eval_dataset_name") if script.eval_dataset_name else None)
 
+    start_rouge = summary_rouge(script, model_args.model_name_or_path,
+                                os.path.join(args.output_dir, "summary_eval", "start"))
     trainer = AMMTrainer(model=model_args.model_name_or_path, teacher_model=args.teacher_model_name_or_path,
                          args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          peft_config=get_peft_config(model_args), callbacks=callbacks)
@@ -142,9 +149,18 @@ def train(argv: list[str], callbacks: list | None = None):
     trainer.check_finite_weights(f"the final model in {args.output_dir}")
     trainer.save_model(args.output_dir)
     if trainer.accelerator.is_main_process:
-        print(training_summary(trainer.state.log_history), flush=True)
-        print(f"amm-trl: student saved to {args.output_dir}", flush=True)
+        _print_summary(trainer, script, start_rouge)
     return trainer
+
+
+def _print_summary(trainer, script, start_rouge: float | None) -> None:
+    output_dir = trainer.args.output_dir
+    print(training_summary(trainer.state.log_history), flush=True)
+    print(f"amm-trl: student saved to {output_dir}", flush=True)
+    if start_rouge is not None:
+        end_rouge = summary_rouge(script, output_dir, os.path.join(output_dir, "summary_eval", "end"))
+        print(f"amm-trl: ROUGE-L of the student's greedy answers on {script.summary_eval_rows} rows of "
+              f"{script.summary_eval_dataset}: start {start_rouge:.2f} -> end {end_rouge:.2f}", flush=True)
 
 
 def _check_train_inputs(script, args, model_args) -> None:
@@ -160,8 +176,24 @@ def _check_train_inputs(script, args, model_args) -> None:
         check_model_path("teacher_model_name_or_path", args.teacher_model_name_or_path)
 
 
+def summary_rouge(script, model_path: str, output_dir: str) -> float | None:
+    """Mean ROUGE-L of `model_path`'s greedy answers on `summary_eval_rows` rows of `summary_eval_dataset` (its
+    `asset:` name already resolved; main process only; None when no dataset is set). Predictions land in
+    `output_dir`."""
+    if script.summary_eval_dataset is None or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    from .evaluation import EvalArguments, evaluate
+
+    summary = evaluate(EvalArguments(model_name_or_path=model_path, dataset_name=script.summary_eval_dataset,
+                                     output_dir=output_dir, metrics="rougeL",
+                                     max_new_tokens=script.summary_eval_max_new_tokens,
+                                     max_samples=script.summary_eval_rows, batch_size=script.summary_eval_rows))
+    return summary["rougeL"]
+
+
 def training_summary(log_history: list[dict]) -> str:
-    """The distances at every logging step: the objective's loss, head-estimated gaps and exact TV."""
+    """The distances at every logging step (the objective's loss, head-estimated gaps, exact TV), then the exact TV
+    on each data kind at the first and the last logged step."""
     logs = [h for h in log_history if "loss" in h]
     if not logs:
         return "amm-trl: nothing logged"
@@ -169,6 +201,11 @@ def training_summary(log_history: list[dict]) -> str:
     lines = ["amm-trl: " + " ".join(f"{k:>12}" for k in ["step"] + keys)]
     for h in logs:
         lines.append("         " + " ".join([f"{h['step']:>12}"] + [f"{h.get(k, float('nan')):>12.4f}" for k in keys]))
+    for key in (k for k in keys if k.startswith("tv/")):
+        kind = {"tv/on": "student rollouts", "tv/off": "off-policy answers"}.get(key, key)
+        first, last = next(h[key] for h in logs if key in h), next(h[key] for h in reversed(logs) if key in h)
+        lines.append(f"amm-trl: exact TV(teacher, student) on {kind}: {first:.4f} (first logged step) -> {last:.4f} "
+                     f"(last), {'lower' if last < first else 'NOT lower'}")
     return "\n".join(lines)
 
 

@@ -26,16 +26,6 @@ class HeadFreeVLLMGeneration(VLLMGeneration):
 
     last_logprobs = None
 
-    @classmethod
-    def adopt(cls, generation: VLLMGeneration, logprobs: int | None = None) -> "HeadFreeVLLMGeneration":
-        """Turns the generator `DistillationTrainer.__init__` built into this class, in place. The class is swapped
-        rather than a second generator built because TRL constructs it inline (no factory hook) and a second one
-        would start a second vLLM engine. `logprobs=0`: vLLM returns the sampled tokens' log-probs."""
-        generation.__class__ = cls
-        if logprobs is not None:
-            generation.logprobs = logprobs
-        return generation
-
     def generate(self, *args, **kwargs):
         prompt_ids, completion_ids, logprobs, logprob_token_ids = super().generate(*args, **kwargs)
         self.last_logprobs = logprobs  # per completion, per token: [log-prob of the sampled token] (logprobs=0)
@@ -90,14 +80,13 @@ def wait_for_vllm_server(args, model) -> None:
     )
 
 
-def adopt_vllm_generation(generation: VLLMGeneration, args, is_main_process: bool) -> HeadFreeVLLMGeneration:
-    """`HeadFreeVLLMGeneration.adopt` with the log-probs the trainer needs: TRL's distillation asks vLLM for none,
-    `vllm_importance_sampling_correction` needs the sampled tokens' ones (from a server: the processed ones)."""
-    correction = args.vllm_importance_sampling_correction
-    HeadFreeVLLMGeneration.adopt(generation, logprobs=0 if correction else None)
-    if correction and args.vllm_mode == "server" and is_main_process:
-        check_server_logprobs_mode(generation)
-    return generation
+def configure_vllm_generation(generation: HeadFreeVLLMGeneration, args, is_main_process: bool) -> None:
+    """The log-probs the trainer needs: TRL's distillation asks vLLM for none, `vllm_importance_sampling_correction`
+    needs the sampled tokens' ones (from a server: the processed ones)."""
+    if args.vllm_importance_sampling_correction:
+        generation.logprobs = 0
+        if args.vllm_mode == "server" and is_main_process:
+            check_server_logprobs_mode(generation)
 
 
 def check_server_logprobs_mode(generation: VLLMGeneration) -> None:

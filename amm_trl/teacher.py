@@ -62,3 +62,12 @@ def shared_vocab_size(student_vocab: int, teacher_vocab: int, tokenizer_vocab: i
             f"tokenizer rows)."
         )
     return tokenizer_vocab
+
+
+def suppress_padded_rows(generation_config, generation_kwargs: dict, vocab_size: int, rows: int) -> None:
+    """Rollouts and teacher generations never sample an embedding row beyond the shared tokenizer: a padded row
+    (Qwen2.5: 151936 or 152064 rows for 151665 tokens) is no token, and the other model may have no such row."""
+    padded = list(range(vocab_size, rows))
+    if padded:
+        suppressed = list(generation_config.suppress_tokens or []) + padded
+        generation_config.suppress_tokens = generation_kwargs["suppress_tokens"] = suppressed

@@ -43,9 +43,10 @@ from .objectives import Objective, get_objective
 from .objectives.base import KINDS, LossContext, Part, Projection, RolloutScorer, Step, load_state, logit_transform
 from .objectives.base import save_state, token_function
 from .qhead import HEADS_ATTRIBUTE, HEADS_FILE, load_heads, save_heads, save_master_heads, split_heads
-from .teacher import load_teacher, shared_vocab_size
-from .rollouts import (HeadFreeVLLMGeneration, adopt_vllm_generation, extra_logits_processor, sampled_log_probs,
+from .teacher import load_teacher, shared_vocab_size, suppress_padded_rows
+from .rollouts import (HeadFreeVLLMGeneration, configure_vllm_generation, extra_logits_processor, sampled_log_probs,
                        teacher_completions, vllm_correction, wait_for_vllm_server)
+from .vllm_cpu import trl_builds_generation, vllm_generation_class
 
 __all__ = ["AMMTrainer", "ObjectiveCallback", "HEADS_FILE", "HeadFreeVLLMGeneration", "wait_for_vllm_server"]
 
@@ -93,15 +94,17 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         if args.use_vllm and args.vllm_mode == "server" and args.process_index == 0:  # where TRL's client runs
             wait_for_vllm_server(args, model)  # before loading any model: fail fast
         teacher = load_teacher(teacher_model, args, objective, model, processing_class)  # tokenizer checked first
-        super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
-                         optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
+        # TRL builds our generator where it builds its own (on vLLM's CPU build: with the syncs that work there).
+        with trl_builds_generation(vllm_generation_class(HeadFreeVLLMGeneration)):
+            super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                             optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
         self.objective_unit = objective
         self._pending_metrics = {}
         self._setup_teacher(teacher)
         self._setup_objective_modules(optimizers)
         if self.use_vllm:
-            adopt_vllm_generation(self.vllm_generation, args, self.accelerator.is_main_process)
+            configure_vllm_generation(self.vllm_generation, args, self.accelerator.is_main_process)
         for callback in [ObjectiveCallback(objective, lambda: self.eval_dataset), *objective.callbacks()]:
             self.add_callback(callback)
         self.check_prompt_lengths({"train_dataset": train_dataset, "eval_dataset": eval_dataset})
@@ -119,20 +122,13 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
             self._teacher_hidden_size = teacher_config.hidden_size
             self._transforms = (self._transforms[0], logit_transform(teacher_config))
             teacher.requires_grad_(False)  # frozen: no gradient buffers, and no gradient computed for its lm_head
-            self._suppress_padded_rows(max(student_config.vocab_size, teacher_config.vocab_size))
+            suppress_padded_rows(self.generation_config, self.generation_kwargs, self.vocab_size,
+                                 max(student_config.vocab_size, teacher_config.vocab_size))
             if self.is_deepspeed_enabled:
                 self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
             else:
                 self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.chunk_size = auto_chunk_size(self.vocab_size, self.args.loss_chunk_tokens)
-
-    def _suppress_padded_rows(self, rows: int) -> None:
-        """Rollouts and teacher generations never sample an embedding row beyond the shared tokenizer: a padded row
-        (Qwen2.5: 151936 or 152064 rows for 151665 tokens) is no token, and the other model may have no such row."""
-        padded = list(range(self.vocab_size, rows))
-        if padded:
-            suppressed = list(self.generation_config.suppress_tokens or []) + padded
-            self.generation_config.suppress_tokens = self.generation_kwargs["suppress_tokens"] = suppressed
 
     def _setup_objective_modules(self, optimizers):
         self.q_heads = self.objective_unit.build_modules(self.model, self._teacher_hidden_size, self.vocab_size)

@@ -37,14 +37,16 @@ SHAPES = {
     # OpenLLaMA-3B / 7B (config.json of openlm-research/open_llama_{3b,7b}_v2)
     "openllama_3b": (3200, 26, 32, 8640),  # 3.43B
     "openllama_7b": (4096, 32, 32, 11008),  # 6.74B
-    # CPU smoke shapes
-    "tiny_student": (64, 2, 4, 128),
-    "tiny_teacher": (96, 3, 4, 192),
+    # CPU smoke shapes (head_dim 32: vLLM's CPU attention supports 32, 64, ...)
+    "tiny_student": (64, 2, 2, 128),
+    "tiny_teacher": (96, 3, 3, 192),
 }
 
 # vLLM 0.26 imports FlashInfer for its sampler unless told not to; the slim GPU build ships without FlashInfer.
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+# vLLM's CPU build (ignored on GPUs): 1 GiB of KV cache; its default asks for most of the machine's memory.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

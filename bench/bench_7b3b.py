@@ -23,7 +23,8 @@ the memory this run measured beyond the 1-GPU model states (formula in the JSON,
     python3 bench/bench_7b3b.py --vllm-enable-sleep-mode 1 --json $OUT/7b3b_sleep.json
     python3 bench/bench_7b3b.py --offload-optimizer cpu --json $OUT/7b3b_offload.json
     python3 bench/bench_7b3b.py --estimate-only                                   # CPU, instant: estimators only
-    python3 bench/bench_7b3b.py --tiny --json /tmp/7b3b.json                      # CPU smoke: ZeRO-3, gloo, no vLLM
+    python3 bench/bench_7b3b.py --tiny --json /tmp/7b3b.json                      # CPU smoke: ZeRO-3, gloo
+                                                             # (colocated vLLM when installed: vLLM's CPU build)
 Prints one line `RESULT {...}`; an out-of-memory run still prints it, with `fits: false` and where it failed.
 """
 
@@ -284,7 +285,7 @@ def train(a, report):
 # -------------------------------------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shapes, ZeRO-3 on gloo, no vLLM")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shapes, ZeRO-3 on gloo")
     ap.add_argument("--estimate-only", action="store_true", help="parameter counts and DeepSpeed estimators only")
     ap.add_argument("--build-only", action="store_true", help="build and save the models, then exit")
     ap.add_argument("--models-dir", default=None, help="default /tmp/amm-7b3b (tiny: /tmp/amm-7b3b-tiny)")
@@ -306,8 +307,11 @@ def main():
     ap.add_argument("--profile-out", default=None, help="torch.profiler table of the last step to this file")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    if a.tiny:
-        a.use_vllm, a.steps, a.batch, a.prompt_words, a.max_completion = 0, min(a.steps, 3), 2, 6, 8
+    if a.tiny:  # colocated vLLM too where it is installed (vLLM's CPU build on a CPU machine)
+        import importlib.util
+
+        a.use_vllm = a.use_vllm if importlib.util.find_spec("vllm") is not None else 0
+        a.steps, a.batch, a.prompt_words, a.max_completion = min(a.steps, 3), 2, 6, 8
     if a.offpolicy_words is None:
         a.offpolicy_words = a.max_completion
     a.models_dir = a.models_dir or ("/tmp/amm-7b3b-tiny" if a.tiny else "/tmp/amm-7b3b")

@@ -8,8 +8,14 @@ take seconds; `--hf-repeats` per HF batch size); tokens/s is the best pass (the 
 is vLLM's tokens/s over HF's, for each HF batch size and for the best one.
 
     python3 bench/bench_rollout.py --json $OUT/rollout.json            # GPU: 0.95B student built in /tmp if absent
-    python3 bench/bench_rollout.py --tiny --json /tmp/rollout.json     # CPU smoke: HF only, vLLM skipped
+    python3 bench/bench_rollout.py --tiny --json /tmp/rollout.json     # smoke run (vLLM too when installed)
+    python3 bench/bench_rollout.py --model asset:smollm2-135m-instruct --dtype bfloat16 --num-prompts 32 \
+        --prompt-len 32 --new-tokens 64 --hf-batch 32 --repeats 1      # CPU, with vLLM's CPU build
 Prints one line `RESULT {...}`.
+
+On a CPU machine vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): bf16 in a separate engine process
+can die with SIGILL in vLLM's CPU attention (seen on a 2-core AMD EPYC). Its KV cache takes `VLLM_CPU_KVCACHE_SPACE` GiB (1 unless
+set, `_common.py`).
 """
 
 import argparse
@@ -41,7 +47,7 @@ def run_hf(a, prompts, batch):
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, a.dtype)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).to(device).eval()
     load_s = time.perf_counter() - start
@@ -78,7 +84,7 @@ def run_vllm(a, prompts):
 
     start = time.perf_counter()
     kw = {"attention_backend": a.attention_backend} if a.attention_backend else {}
-    llm = LLM(model=a.model, dtype="bfloat16", gpu_memory_utilization=a.vllm_gpu_memory_utilization,
+    llm = LLM(model=a.model, dtype=a.dtype, gpu_memory_utilization=a.vllm_gpu_memory_utilization,
               enforce_eager=a.vllm_eager, seed=0, max_model_len=a.prompt_len + a.new_tokens + 64, **kw)
     init_s = time.perf_counter() - start
     sp = SamplingParams(max_tokens=a.new_tokens, min_tokens=a.new_tokens, ignore_eos=True, temperature=1.0,
@@ -92,7 +98,7 @@ def run_vllm(a, prompts):
         dt = time.perf_counter() - t
         lengths.update(len(o.outputs[0].token_ids) for o in outs)
         passes.append((sum(len(o.outputs[0].token_ids) for o in outs), dt))
-    result = {"engine": "vllm", "eager": a.vllm_eager, "gpu_memory_utilization": a.vllm_gpu_memory_utilization,
+    result = {"engine": "vllm", "dtype": a.dtype, "eager": a.vllm_eager, "gpu_memory_utilization": a.vllm_gpu_memory_utilization,
               "attention_backend": a.attention_backend, "init_s": round(init_s, 1),
               "output_lengths": sorted(lengths), **summarize(passes)}
     try:  # release the engine before HF runs (best effort; the HF pass needs a few GiB only)
@@ -106,9 +112,11 @@ def run_vllm(a, prompts):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="student folder; default: build the kit's 0.95B student")
+    ap.add_argument("--model", default=None,
+                    help="student folder or `asset:NAME` (amm-trl assets); default: build the kit's 0.95B student")
+    ap.add_argument("--dtype", default=None, help="both engines; default bfloat16 on a GPU, float32 on CPU")
     ap.add_argument("--models-dir", default="/tmp/amm-bench/models")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, few prompts, HF only")
+    ap.add_argument("--tiny", action="store_true", help="smoke run: tiny model, few prompts")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -122,8 +130,14 @@ def main():
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
+    import importlib.util
+
     import torch
 
+    cuda = torch.cuda.is_available()
+    a.dtype = a.dtype or ("bfloat16" if cuda else "float32")
+    if not cuda:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     vocab = C.VOCAB
     if a.tiny:
         vocab = C.TINY_VOCAB
@@ -136,19 +150,27 @@ def main():
         built = C.build_models(a.models_dir, {"student": "tiny_student" if a.tiny else "kit_student"}, vocab=vocab,
                                dtype="float32" if a.tiny else "bfloat16")
         a.model = built["paths"]["student"]
+    elif a.model.startswith("asset:"):
+        from amm_trl.assets import resolve_asset_refs
+
+        a.model = resolve_asset_refs(a.model)
+        from transformers import AutoConfig
+
+        vocab = min(vocab, AutoConfig.from_pretrained(a.model).vocab_size)
     prompts = prompt_ids(a.num_prompts, a.prompt_len, vocab)
     batches = [int(b) for b in a.hf_batch.split(",") if b]
 
     notes, results = [], {}
-    if a.skip_vllm or a.tiny or not torch.cuda.is_available():
-        why = "--skip-vllm" if a.skip_vllm else "--tiny" if a.tiny else "no CUDA device"
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if a.skip_vllm or not has_vllm:
+        why = "--skip-vllm" if a.skip_vllm else "vLLM is not installed"
         notes.append(f"vLLM path skipped ({why}): HF generate only; no vLLM figure or ratio in this result")
     else:
         # vLLM first: its engine starts in a process whose CUDA state is still clean.
         results["vllm"] = run_vllm(a, prompts)
     results["hf"] = [run_hf(a, prompts, b) for b in batches]
 
-    out = {"bench": "rollout", "tiny": a.tiny, "model": a.model, "num_prompts": a.num_prompts,
+    out = {"bench": "rollout", "tiny": a.tiny, "model": a.model, "dtype": a.dtype, "num_prompts": a.num_prompts,
            "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "vllm_repeats": a.repeats,
            "hf_repeats": a.hf_repeats,
            "expected_tokens_per_pass": a.num_prompts * a.new_tokens, **results, "notes": notes,
@@ -164,7 +186,8 @@ def main():
         v = results["vllm"]["best_tok_per_s"]
         out["ratio_vllm_over_hf"] = {str(r["batch"]): round(v / r["best_tok_per_s"], 2) for r in results["hf"]}
         out["ratio_vllm_over_hf_best"] = round(v / best_hf["best_tok_per_s"], 2)
-        out["target_ratio"] = 10.0
+        if cuda:
+            out["target_ratio"] = 10.0
     C.emit(out, a.json)
     sys.stdout.flush()
     os._exit(0)  # skip the slow teardown of vLLM's engine threads

@@ -22,6 +22,7 @@ Completions are forced to full length (`min_new_tokens`/`min_tokens`), so every 
     python3 bench/bench_step.py --use-vllm 1 --json $OUT/step_vllm.json
     python3 bench/bench_step.py --use-vllm 1 --deepspeed zero3 --json $OUT/step_vllm_zero3.json
     python3 bench/bench_step.py --tiny --json /tmp/step.json                 # CPU smoke (HF generate, tiny models)
+    python3 bench/bench_step.py --tiny --use-vllm 1 --json /tmp/step.json    # the same with vLLM's CPU build
 Prints one line `RESULT {...}` (ratios under `ratio_*`).
 """
 
@@ -163,7 +164,7 @@ def main():
     ap.add_argument("--student", default=None)
     ap.add_argument("--teacher", default=None)
     ap.add_argument("--models-dir", default="/tmp/amm-bench/models", help="kit-shaped models are built here")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny models, 3 steps, HF generate")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny models, 3 steps")
     ap.add_argument("--trainers", default=",".join(TRAINERS))
     ap.add_argument("--use-vllm", type=int, default=0)
     ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3)

@@ -10,12 +10,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
     import torch
 
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    # vLLM's CPU build runs the `vllm` tests on any machine (`.ci/vllm_env.sh` builds that environment).
+    skip_vllm = pytest.mark.skip(reason="vLLM is not installed (bash .ci/vllm_env.sh, then run pytest -m vllm there)")
+    has_vllm = importlib.util.find_spec("vllm") is not None
     for item in items:
-        if ("gpu" in item.keywords or "vllm" in item.keywords) and not torch.cuda.is_available():
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        elif "vllm" in item.keywords and not has_vllm:
+            item.add_marker(skip_vllm)
 
 
 @pytest.fixture(scope="session")

