@@ -65,20 +65,3 @@ def test_deepspeed_file_with_optimizer_section_is_refused(tmp_path):
         error = json.loads(proc.stdout.strip().splitlines()[-1])["error"]
         assert error is not None and source in error and "has an 'optimizer' section" in error, (mode, error)
         assert "Remove the 'optimizer' section" in error
-
-
-def test_head_warmup_also_masks_the_policy_gradient_term(tiny, tiny_dataset, tmp_path):
-    from tests.test_trainer import fixed_batch
-
-    trainer = make_trainer(tiny, tiny_dataset, tmp_path, q_head_warmup_steps=3, amm_beta=0.0,
-                           amm_policy_gradient=True)
-    for p in trainer.q_heads.parameters():
-        p.data.normal_(0, 0.5)
-    inputs = fixed_batch(trainer, tiny_dataset)
-    student = [p for n, p in trainer.model.named_parameters() if "amm_q_heads" not in n]
-    for step, student_learns in ((2, False), (3, True)):
-        trainer.state.global_step = step
-        trainer.model.zero_grad()
-        trainer.compute_loss(trainer.model, inputs).backward()
-        student_grad = sum(float(p.grad.abs().sum()) for p in student if p.grad is not None)
-        assert (student_grad > 0) == student_learns, (step, student_grad)
