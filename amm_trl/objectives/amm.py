@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..qhead import build_q_heads
 from .base import (LossContext, Objective, Part, Tokens, _as, _compute_dtype, _kl, _pair_log_probs,
                    cross_entropy, length_normalize, reward_to_go, token_log_probs)
 
@@ -114,6 +114,110 @@ def score_function_advantages(gaps: Tensor, valid: Tensor, length_normalization:
     if baseline == "mean" and advantages.numel() > 0:
         advantages = advantages - advantages.mean()
     return advantages.clamp(-clip, clip) if clip is not None else advantages
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the critic's learned part: Q-heads g_phi(s, .) in R^V (raw scores; `critic_values` makes them the critic f)
+# ----------------------------------------------------------------------------------------------------------
+# A head reads detached hidden states (so it cannot shape the student's features) and returns one value per
+# vocabulary entry, which makes E_{a~p}[f(s, a)] = <p, f(s, .)> exact for a white-box teacher. Heads are never called
+# through `nn.Module.__call__` during the loss: the loss reads their parameters directly inside the vocabulary-chunked
+# autograd function (`chunked.py`), which gathers them under ZeRO-3 like TRL gathers `lm_head`.
+class LinearQHead(nn.Module):
+    """g(s, .) = W h + b, W: (vocab, features). Zero-initialized, so the learned part of the critic starts at 0."""
+
+    def __init__(self, features: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(vocab_size, features))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def zero_output_(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def scores(self, h: torch.Tensor, params: list[torch.Tensor], output_embedding: torch.Tensor) -> torch.Tensor:
+        weight, bias = params
+        return F.linear(h.to(weight.dtype), weight, bias).float()
+
+
+class LowRankQHead(nn.Module):
+    """g(s, .) = E m(h), E = the detached student output embedding (vocab, hidden), m a two-layer MLP
+    features -> hidden -> hidden. The last layer is zero-initialized, so g starts at 0. Costs ~2 hidden^2."""
+
+    def __init__(self, features: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.zero_output_()
+
+    def zero_output_(self) -> None:
+        """f starts at 0. Under `deepspeed.zero.Init` the caller must gather the parameters first: `nn.Linear` is
+        partitioned as soon as it is built, so zeroing it in `__init__` writes into empty shards."""
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def scores(self, h: torch.Tensor, params: list[torch.Tensor], output_embedding: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = params
+        m = F.linear(F.gelu(F.linear(h.to(w1.dtype), w1, b1)), w2, b2)
+        return F.linear(m.to(output_embedding.dtype), output_embedding.detach()).float()
+
+
+class QHeads(nn.Module):
+    """The adversary: `on` and `off` heads (or one shared head, registered once and used for both)."""
+
+    def __init__(self, head_type: str, features: int, vocab_size: int, hidden: int, shared: bool):
+        super().__init__()
+
+        def make():
+            if head_type == "linear":
+                return LinearQHead(features, vocab_size)
+            return LowRankQHead(features, hidden)
+
+        self.on = make()
+        self.off = self.on if shared else make()
+
+    def head(self, kind: str) -> nn.Module:
+        return self.on if kind == "on" else self.off
+
+
+def build_q_heads(args, student: nn.Module, teacher_hidden_size: int, vocab_size: int) -> QHeads:
+    """Builds the heads like the student was built: partitioned under `deepspeed.zero.Init` when the student's own
+    parameters are (ZeRO-3 with `zero3_init_flag`), else as plain modules in the student's dtype and device.
+
+    A head created outside zero.Init next to a zero.Init student keeps its own dtype, and DeepSpeed's stage-3
+    optimizer then refuses the mixed dtypes. zero.Init takes its dtype from the DeepSpeed config (as transformers'
+    `from_pretrained` does): an explicit `dtype=` is ignored on accelerators without fp16 (DeepSpeed 0.19.8,
+    `Init._set_dtype` operator precedence), so we check the outcome instead.
+
+    `vocab_size` is the vocabulary the loss compares (the shared tokenizer rows), not the student's embedding rows,
+    which may be padded (Qwen2.5: 151936 rows for 151665 tokens).
+    """
+    text_config = student.config.get_text_config()
+    student_hidden = text_config.hidden_size
+    features = student_hidden if args.q_head_features == "student" else teacher_hidden_size
+    param = next(p for p in student.parameters() if p.is_floating_point())
+
+    def make():
+        return QHeads(args.q_head_type, features, vocab_size, student_hidden, args.q_head_shared)
+
+    if not hasattr(param, "ds_id"):
+        return make().to(device=param.device, dtype=param.dtype)
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        heads = make()
+    for head in dict.fromkeys((heads.on, heads.off)):  # a shared head once
+        with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0):
+            head.zero_output_()
+    head_dtype = next(heads.parameters()).dtype
+    if head_dtype != param.dtype:
+        raise ValueError(
+            f"The student was loaded partitioned in {param.dtype} but the DeepSpeed config builds parameters in "
+            f"{head_dtype}; ZeRO-3 needs one dtype. Set the student dtype (recipe `dtype:` / "
+            f"`model_init_kwargs.dtype`) to match the bf16/fp16 setting."
+        )
+    return heads
 
 
 class AMM(Objective):

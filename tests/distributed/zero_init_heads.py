@@ -17,7 +17,7 @@ if __name__ == "__main__":
 
     from transformers import LlamaConfig
 
-    from amm_trl.qhead import build_q_heads
+    from amm_trl.objectives.amm import build_q_heads
 
     class Student(torch.nn.Module):  # what build_q_heads reads of a student: its config and a partitioned weight
         def __init__(self):
