@@ -180,8 +180,8 @@ def summary_rouge(script, model_path: str, output_dir: str) -> float | None:
     """Mean ROUGE-L of `model_path`'s greedy answers on `summary_eval_rows` rows of `summary_eval_dataset` (its
     `asset:` name already resolved; main process only; None when no dataset is set). Predictions land in
     `output_dir`."""
-    if script.summary_eval_dataset is None or int(os.environ.get("RANK", "0")) != 0:
-        return None
+    if not script.summary_eval_dataset or script.summary_eval_rows < 1 or int(os.environ.get("RANK", "0")) != 0:
+        return None  # none asked for (`--summary_eval_rows 0` turns it off), or not the main process
     from .evaluation import EvalArguments, evaluate
 
     summary = evaluate(EvalArguments(model_name_or_path=model_path, dataset_name=script.summary_eval_dataset,

@@ -132,3 +132,13 @@ def test_summary_prints_tv_on_both_kinds_and_rouge_before_and_after(tmp_path, ti
                                            output_dir=str(tmp_path / "check"), metrics="rougeL", max_new_tokens=4))
         assert value == pytest.approx(reference["rougeL"], abs=0.005)
     assert (tmp_path / "out" / "summary_eval" / "end" / "predictions.jsonl").exists()
+
+
+def test_summary_eval_is_off_without_a_dataset_or_rows():
+    from types import SimpleNamespace
+
+    from amm_trl.cli import summary_rouge
+
+    for dataset, rows in ((None, 32), ("", 32), ("data.jsonl", 0)):
+        script = SimpleNamespace(summary_eval_dataset=dataset, summary_eval_rows=rows, summary_eval_max_new_tokens=8)
+        assert summary_rouge(script, "no/model/needed", "/tmp/unused") is None
