@@ -16,6 +16,7 @@ from amm_trl.checks import check_model_path
 from amm_trl.cli import main
 from amm_trl.data import load_prompt_dataset
 from amm_trl.guards import NonFiniteTrainingError
+from tests.test_cli import tiny_recipe
 
 
 def config(tmp_path, **overrides):
@@ -27,17 +28,7 @@ def config(tmp_path, **overrides):
     return AMMConfig(**kwargs)
 
 
-def recipe(tmp_path, tiny, **extra):
-    lines = {
-        "model_name_or_path": tiny["student"], "teacher_model_name_or_path": tiny["teacher"],
-        "dataset_name": tiny["data"], "dtype": "float32", "output_dir": str(tmp_path / "out"), "max_steps": 2,
-        "per_device_train_batch_size": 4, "max_completion_length": 6, "use_cpu": True, "bf16": False,
-        "gradient_checkpointing": False, "report_to": "none", "save_strategy": "no", "logging_steps": 1,
-        "teacher_model_init_kwargs": {"dtype": "float32"}, **extra,
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in lines.items()) + "\n")
-    return str(path)
+recipe = tiny_recipe  # the CLI tests' tiny recipe file
 
 
 # ------------------------------------------------------------------------------------------------------ datasets
