@@ -44,19 +44,24 @@ def assert_same_weights(a, b):
     assert not different, f"tensors differ: {different}"
 
 
-@pytest.fixture(scope="module")
-def trained(tiny, tmp_path_factory):
-    """An uninterrupted 6-step run (checkpoints at steps 2, 4, 6), the reference of the resume tests; one thread, as
-    the `amm-trl train` processes of the fault-injection test, so that float sums run in the same order."""
+def train_one_thread(argv):
+    """`amm-trl train` in this process on one thread, as the `amm-trl train` processes of the fault-injection test
+    (OMP_NUM_THREADS=1): a thread count changes the order of float sums, and resumed runs are compared bit for bit."""
     import torch
 
-    tmp = tmp_path_factory.mktemp("reference")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        main(["train", "--config", recipe(tmp, tiny)])
+        main(["train", *argv])
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """An uninterrupted 6-step run (checkpoints at steps 2, 4, 6), the reference of the resume tests."""
+    tmp = tmp_path_factory.mktemp("reference")
+    train_one_thread(["--config", recipe(tmp, tiny)])
     out = tmp / "out"
     initial = load_file(os.path.join(tiny["student"], "model.safetensors"))
     final = weights(out)
@@ -116,7 +121,7 @@ def test_half_written_newest_checkpoint_is_skipped_with_a_warning_and_resume_mat
     try:
         with pytest.warns(UserWarning, match=r"Skipping incomplete checkpoint\(s\) checkpoint-6 \(trainer_state.json "
                                              r"is missing\): their writing was interrupted; resuming from checkpoint-4"):
-            main(["train", "--config", recipe(tmp_path, tiny), "--resume_from_checkpoint", "latest"])
+            train_one_thread(["--config", recipe(tmp_path, tiny), "--resume_from_checkpoint", "latest"])
     finally:
         hf_logging.get_logger("transformers").removeHandler(handler)
     # the heads come from their own file: no "missing keys" report about them
@@ -164,7 +169,8 @@ def test_stale_checkpoint_of_an_earlier_run_is_replaced_not_mixed(trained, tiny,
     (out / "checkpoint-6" / "stale_leftover.bin").write_bytes(b"x")
     with pytest.warns(UserWarning, match=r"checkpoint-6 holds a complete checkpoint of an earlier run; it is "
                                          r"replaced"):
-        main(["train", "--config", recipe(tmp_path, tiny), "--resume_from_checkpoint", str(out / "checkpoint-4")])
+        train_one_thread(["--config", recipe(tmp_path, tiny), "--resume_from_checkpoint",
+                          str(out / "checkpoint-4")])
     assert not (out / "checkpoint-6" / "stale_leftover.bin").exists()
     assert checkpoint_problem(str(out / "checkpoint-6")) is None
     assert_same_weights(weights(out), weights(trained))
