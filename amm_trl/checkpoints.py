@@ -111,7 +111,8 @@ def resolve_resume(resume: str | None, output_dir: str, is_main_process: bool = 
 
 
 class CompleteCheckpointsMixin:
-    """Trainer mixin: a checkpoint folder is complete exactly when its `trainer_state.json` is valid.
+    """Trainer mixin: a checkpoint folder is complete exactly when its `trainer_state.json` is valid, and holds the
+    Q-heads and the objective's state besides the Trainer's files.
 
     - A stale `checkpoint-N` of an earlier run (complete or not) is removed before step N is saved again, so that old
       and new files never mix under an old, valid `trainer_state.json`.
@@ -156,6 +157,48 @@ class CompleteCheckpointsMixin:
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)
         self.accelerator.wait_for_everyone()  # the main process writes trainer_state.json next: everyone is done
+
+    # What a checkpoint holds besides the Trainer's files: the Q-heads in their own file (the student stays a plain
+    # `from_pretrained` model), DeepSpeed's fp32 master copy of the heads, and each process's objective state.
+    # Imports are local so that the slurm templates' `python -m amm_trl.checkpoints` does not import torch.
+    def _save(self, output_dir=None, state_dict=None):
+        """Saves the student as a plain `from_pretrained` model and the Q-heads beside it."""
+        from .qhead import save_heads, split_heads
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.q_heads is None:
+            return super()._save(output_dir, state_dict)
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        student, heads = split_heads(state_dict, self.q_heads)
+        super()._save(output_dir, state_dict=student)
+        if heads and self.args.should_save:
+            save_heads(heads, output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        from .objectives.base import save_state
+        from .qhead import save_master_heads
+
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.q_heads is not None and self.is_deepspeed_enabled:  # the fp32 master heads, not the 16-bit copies
+            save_master_heads(self.q_heads, output_dir, self.args.should_save)
+        save_state(self.objective_unit, output_dir, self.args.process_index)  # every rank: the states differ
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Every resume path (plain, DDP, DeepSpeed) runs it, after the model; no callback event gets the checkpoint.
+        from .objectives.base import load_state
+
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            load_state(self.objective_unit, checkpoint, self.args.process_index, self.args.world_size)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from .qhead import load_heads
+
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # DeepSpeed restores the heads from its own engine checkpoint; other paths read the heads file.
+        if self.q_heads is not None and not self.is_deepspeed_enabled:
+            load_heads(self.q_heads, resume_from_checkpoint, str(self.args.device))
 
 
 def main(argv: list[str] | None = None) -> int:

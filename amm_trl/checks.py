@@ -1,5 +1,5 @@
-"""Checks at the door: model paths, the teacher's tokenizer and prompt lengths, each failing with the field and the
-fix before any model is loaded or any step is run."""
+"""Checks at the door: model paths and the teacher's tokenizer, each failing with the field and the fix before any
+model is loaded. (Prompt lengths are checked where prompts are tokenized: `rollouts.PromptLengthMixin`.)"""
 
 import os
 import re
@@ -97,91 +97,3 @@ def check_teacher_tokenizer(student, teacher, processing_class=None) -> None:
         f"distributions id by id, so both must use one tokenizer (embedding matrices padded to different sizes are "
         f"fine). Use a teacher of the student's model family, or TRL's GOLDTrainer for cross-tokenizer distillation."
     )
-
-
-def context_length(*configs) -> int | None:
-    """The smallest `max_position_embeddings` of the given model configs (None if none declares one)."""
-    lengths = [getattr(c.get_text_config(), "max_position_embeddings", None) for c in configs if c is not None]
-    lengths = [n for n in lengths if isinstance(n, int) and n > 0]
-    return min(lengths) if lengths else None
-
-
-class PromptLengthMixin:
-    """Trainer mixin: prompts never run past the models' context.
-
-    With `max_prompt_length` set, longer prompts are cut from the left (the end holds the question and the generation
-    prompt), and a warning counts the cut rows (`prompts/truncated` is logged too). Without it, a prompt that leaves no
-    room for `max_completion_length` tokens within the context (`max_position_embeddings` of student and teacher)
-    is refused, with the count and the fix. Map-style datasets are checked once at start; every batch is checked as
-    it is tokenized (iterable datasets, eval sets)."""
-
-    _prompt_warned = False
-
-    def _prompt_context(self) -> int | None:
-        teacher = getattr(self, "teacher_model", None)
-        teacher_config = self.accelerator.unwrap_model(teacher).config if teacher is not None else None
-        return context_length(self.model.config, teacher_config)
-
-    def _prompt_limit(self) -> tuple[int | None, str]:
-        """(longest allowed prompt in tokens, why)."""
-        args, context = self.args, self._prompt_context()
-        if args.max_prompt_length is not None:
-            if context is not None and args.max_prompt_length + self.max_completion_length > context:
-                raise ValueError(
-                    f"AMMConfig.max_prompt_length={args.max_prompt_length} plus max_completion_length="
-                    f"{self.max_completion_length} exceeds the models' context of {context} tokens "
-                    f"(max_position_embeddings): set max_prompt_length <= {context - self.max_completion_length}.")
-            return args.max_prompt_length, f"max_prompt_length={args.max_prompt_length}"
-        if context is None:
-            return None, ""
-        return context - self.max_completion_length, (f"the models' context of {context} tokens "
-                                                      f"(max_position_embeddings) minus max_completion_length="
-                                                      f"{self.max_completion_length}")
-
-    def _prompt_length_verdict(self, lengths: list[int], where: str) -> int:
-        """Warns about or refuses the prompts longer than the limit; returns how many are cut."""
-        limit, why = self._prompt_limit()
-        if limit is None:
-            return 0
-        too_long = [n for n in lengths if n > limit]
-        if not too_long:
-            return 0
-        if self.args.max_prompt_length is None:
-            raise ValueError(
-                f"{len(too_long)} of {len(lengths)} prompts of {where} are longer than {limit} tokens ({why}); the "
-                f"longest has {max(too_long)}. The models cannot attend past their context. Set max_prompt_length "
-                f"(prompts are then cut from the left, with a warning), lower max_completion_length, or filter them.")
-        if not self._prompt_warned and self.accelerator.is_main_process:
-            warnings.warn(f"{len(too_long)} of {len(lengths)} prompts of {where} are longer than {why} tokens "
-                          f"(longest {max(too_long)}) and are cut from the left to {limit} tokens.")
-        self._prompt_warned = True
-        return len(too_long)
-
-    def check_prompt_lengths(self, datasets: dict) -> None:
-        """Checks every prompt of the map-style datasets once, before training starts."""
-        flat = {}
-        for name, dataset in datasets.items():  # an eval dict holds several named sets
-            flat.update({f"{name}[{k!r}]": v for k, v in dataset.items()} if isinstance(dataset, dict)
-                        else {name: dataset})
-        for name, dataset in flat.items():
-            if dataset is None or not hasattr(dataset, "__len__") or "prompt" not in (dataset.column_names or []):
-                continue
-            lengths = []
-            for start in range(0, len(dataset), 1024):
-                prompts = dataset[start:start + 1024]["prompt"]
-                lengths += [len(ids) for ids in self._raw_prompt_ids(prompts)]
-            self._prompt_length_verdict(lengths, name)
-
-    def _raw_prompt_ids(self, prompts: list) -> list[list[int]]:
-        return super()._tokenize_prompts(prompts)[0]
-
-    def _tokenize_prompts(self, prompts: list):
-        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
-        cut = self._prompt_length_verdict([len(ids) for ids in prompt_ids], "this batch")
-        if cut:
-            limit = self.args.max_prompt_length
-            prompt_ids = [ids[-limit:] for ids in prompt_ids]
-        if self.args.max_prompt_length is not None:
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["prompts/truncated"].append(cut / max(len(prompt_ids), 1))
-        return prompt_ids, images, multimodal_fields

@@ -1,4 +1,4 @@
-"""Dataset formats and off-policy completions.
+"""Dataset formats, loading and checks.
 
 Datasets follow TRL's formats: a `prompt` column (text, or a list of chat messages) and, for off-policy training, a
 completion column (text, or a list of assistant messages): TRL's "prompt-completion" format. Local `.jsonl`/`.json`
@@ -10,7 +10,6 @@ import os
 
 from datasets import Dataset, load_dataset, load_from_disk
 from datasets.exceptions import DatasetGenerationError
-from trl.data_utils import is_conversational
 
 
 def load_prompt_dataset(name_or_path: str, split: str = "train", config: str | None = None,
@@ -91,38 +90,3 @@ def check_dataset(dataset, name: str, completion_column: str | None):
                 f"(`off_policy_column`). Add the reference or teacher completions (e.g. with `amm-trl generate`), "
                 f"set `off_policy_column` to the right column, or use `off_policy_source: teacher`."
             )
-
-
-def _ids(encoded):
-    # `apply_chat_template(tokenize=True)` returns a BatchEncoding or a plain list depending on the version.
-    return list(encoded["input_ids"] if not isinstance(encoded, list) else encoded)
-
-
-def completion_token_ids(tokenizer, prompt, completion, eos_token_ids: list[int], max_length: int,
-                         chat_template_kwargs: dict | None = None) -> list[int]:
-    """Token ids of `completion` as the student would emit them after `prompt`, ending with an end-of-turn token.
-
-    Conversational rows render prompt + completion with the chat template and keep what follows the rendered prompt
-    (so the end-of-turn token is the template's, e.g. `<|im_end|>`), cut after the first end token. Text rows are
-    tokenized without special tokens and end with the tokenizer's eos. Truncated to `max_length` tokens.
-    """
-    end = set(eos_token_ids)
-    if is_conversational({"prompt": prompt}):
-        kwargs = chat_template_kwargs or {}
-        messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-        prompt_ids = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, **kwargs))
-        full_ids = _ids(tokenizer.apply_chat_template(prompt + messages, tokenize=True, **kwargs))
-        if full_ids[: len(prompt_ids)] != prompt_ids:
-            raise ValueError(
-                "The chat template does not render the prompt as a prefix of prompt + completion, so the completion's "
-                "tokens cannot be located. Use a prefix-preserving chat template."
-            )
-        ids = full_ids[len(prompt_ids):]
-    else:
-        text = completion if isinstance(completion, str) else completion[0]["content"]
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    for i, token in enumerate(ids):
-        if token in end:
-            ids = ids[: i + 1]
-            break
-    return ids[:max_length]

@@ -15,8 +15,6 @@ later is written, so the last complete one stays resumable. With fp16 loss scali
 overflow the scaler skips, so only the loss is checked there.
 """
 
-import math
-
 import torch
 
 from .checkpoints import latest_complete_checkpoint
@@ -31,37 +29,9 @@ def _fmt(values) -> str:
 
 
 class NonFiniteGuardMixin:
-    """Trainer mixin (before the Trainer class in the bases) implementing the checks in the module docstring."""
-
-    _guard_losses: list | None = None
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        try:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        except RuntimeError as exc:
-            if "probability tensor contains" not in str(exc):
-                raise
-            raise NonFiniteTrainingError(self._divergence_message(
-                "the student's next-token probabilities became inf/nan while it sampled rollouts (its weights, "
-                f"max |w| = {self._max_abs_weight():.3g} after the previous step, overflow the logits)")) from exc
-        if self._guard_losses is None:
-            self._guard_losses = []
-        self._guard_losses.append(loss.detach().float().reshape(()))
-        return loss
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        # Called once per optimizer step, after backward and clipping, before `optimizer.step()`.
-        grad_norm = super()._get_grad_norm(model, grad_norm)
-        losses, self._guard_losses = self._guard_losses or [], []
-        device = self.accelerator.device
-        local = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
-        per_process = self.accelerator.gather(local.to(device)[None]).tolist()  # every process decides alike
-        norm = float(grad_norm) if grad_norm is not None else 0.0
-        bad_norm = not math.isfinite(norm) and not self.args.fp16
-        if bad_norm or not all(math.isfinite(v) for v in per_process):
-            raise NonFiniteTrainingError(self._divergence_message(
-                f"loss {_fmt(per_process)} (per process), gradient norm {norm:.6g} (before clipping)"))
-        return grad_norm
+    """Trainer mixin (before the Trainer class in the bases): the checks of the weights before saving, and the message
+    of every check. The per-step checks run in `AMMTrainer.training_step` and `AMMTrainer._get_grad_norm`, so that a
+    training step reads through the trainer; they call `_divergence_message` only when a value is not finite."""
 
     def _save_checkpoint(self, model, trial):
         self.check_finite_weights(f"checkpoint-{self.state.global_step}")

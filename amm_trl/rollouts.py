@@ -1,5 +1,6 @@
-"""Rollout plumbing around TRL's generation: the vLLM generator without the Q-heads, the server probe, the vLLM
-sampling correction, extra logits processors for HF `generate`, and online teacher completions."""
+"""What a step generates, around TRL's generation: prompts cut to the models' context, the vLLM generator without the
+Q-heads, the server probe, the vLLM sampling correction, extra logits processors for HF `generate`, and the
+off-policy completions (the dataset's, tokenized as the student would emit them, or the teacher's, sampled online)."""
 
 import contextlib
 import math
@@ -10,6 +11,7 @@ from urllib.parse import urlparse
 import torch
 from accelerate.utils import is_peft_model
 from transformers import LogitsProcessorList
+from trl.data_utils import is_conversational
 from trl.generation.vllm_generation import VLLMGeneration
 from trl.models.utils import unwrap_model_for_generation
 
@@ -169,3 +171,126 @@ def teacher_completions(teacher_model, accelerator, gather_params: bool, prompt_
         cut = next((i + 1 for i, t in enumerate(row) if t in end), len(row))
         completions.append(row[:cut])
     return completions
+
+
+def _ids(encoded):
+    # `apply_chat_template(tokenize=True)` returns a BatchEncoding or a plain list depending on the version.
+    return list(encoded["input_ids"] if not isinstance(encoded, list) else encoded)
+
+
+def completion_token_ids(tokenizer, prompt, completion, eos_token_ids: list[int], max_length: int,
+                         chat_template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of `completion` as the student would emit them after `prompt`, ending with an end-of-turn token.
+
+    Conversational rows render prompt + completion with the chat template and keep what follows the rendered prompt
+    (so the end-of-turn token is the template's, e.g. `<|im_end|>`), cut after the first end token. Text rows are
+    tokenized without special tokens and end with the tokenizer's eos. Truncated to `max_length` tokens.
+    """
+    end = set(eos_token_ids)
+    if is_conversational({"prompt": prompt}):
+        kwargs = chat_template_kwargs or {}
+        messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        prompt_ids = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, **kwargs))
+        full_ids = _ids(tokenizer.apply_chat_template(prompt + messages, tokenize=True, **kwargs))
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(
+                "The chat template does not render the prompt as a prefix of prompt + completion, so the completion's "
+                "tokens cannot be located. Use a prefix-preserving chat template."
+            )
+        ids = full_ids[len(prompt_ids):]
+    else:
+        text = completion if isinstance(completion, str) else completion[0]["content"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for i, token in enumerate(ids):
+        if token in end:
+            ids = ids[: i + 1]
+            break
+    return ids[:max_length]
+
+
+def context_length(*configs) -> int | None:
+    """The smallest `max_position_embeddings` of the given model configs (None if none declares one)."""
+    lengths = [getattr(c.get_text_config(), "max_position_embeddings", None) for c in configs if c is not None]
+    lengths = [n for n in lengths if isinstance(n, int) and n > 0]
+    return min(lengths) if lengths else None
+
+
+class PromptLengthMixin:
+    """Trainer mixin: prompts never run past the models' context.
+
+    With `max_prompt_length` set, longer prompts are cut from the left (the end holds the question and the generation
+    prompt), and a warning counts the cut rows (`prompts/truncated` is logged too). Without it, a prompt that leaves no
+    room for `max_completion_length` tokens within the context (`max_position_embeddings` of student and teacher)
+    is refused, with the count and the fix. Map-style datasets are checked once at start; every batch is checked as
+    it is tokenized (iterable datasets, eval sets)."""
+
+    _prompt_warned = False
+
+    def _prompt_context(self) -> int | None:
+        teacher = getattr(self, "teacher_model", None)
+        teacher_config = self.accelerator.unwrap_model(teacher).config if teacher is not None else None
+        return context_length(self.model.config, teacher_config)
+
+    def _prompt_limit(self) -> tuple[int | None, str]:
+        """(longest allowed prompt in tokens, why)."""
+        args, context = self.args, self._prompt_context()
+        if args.max_prompt_length is not None:
+            if context is not None and args.max_prompt_length + self.max_completion_length > context:
+                raise ValueError(
+                    f"AMMConfig.max_prompt_length={args.max_prompt_length} plus max_completion_length="
+                    f"{self.max_completion_length} exceeds the models' context of {context} tokens "
+                    f"(max_position_embeddings): set max_prompt_length <= {context - self.max_completion_length}.")
+            return args.max_prompt_length, f"max_prompt_length={args.max_prompt_length}"
+        if context is None:
+            return None, ""
+        return context - self.max_completion_length, (f"the models' context of {context} tokens "
+                                                      f"(max_position_embeddings) minus max_completion_length="
+                                                      f"{self.max_completion_length}")
+
+    def _prompt_length_verdict(self, lengths: list[int], where: str) -> int:
+        """Warns about or refuses the prompts longer than the limit; returns how many are cut."""
+        limit, why = self._prompt_limit()
+        if limit is None:
+            return 0
+        too_long = [n for n in lengths if n > limit]
+        if not too_long:
+            return 0
+        if self.args.max_prompt_length is None:
+            raise ValueError(
+                f"{len(too_long)} of {len(lengths)} prompts of {where} are longer than {limit} tokens ({why}); the "
+                f"longest has {max(too_long)}. The models cannot attend past their context. Set max_prompt_length "
+                f"(prompts are then cut from the left, with a warning), lower max_completion_length, or filter them.")
+        if not self._prompt_warned and self.accelerator.is_main_process:
+            warnings.warn(f"{len(too_long)} of {len(lengths)} prompts of {where} are longer than {why} tokens "
+                          f"(longest {max(too_long)}) and are cut from the left to {limit} tokens.")
+        self._prompt_warned = True
+        return len(too_long)
+
+    def check_prompt_lengths(self, datasets: dict) -> None:
+        """Checks every prompt of the map-style datasets once, before training starts."""
+        flat = {}
+        for name, dataset in datasets.items():  # an eval dict holds several named sets
+            flat.update({f"{name}[{k!r}]": v for k, v in dataset.items()} if isinstance(dataset, dict)
+                        else {name: dataset})
+        for name, dataset in flat.items():
+            if dataset is None or not hasattr(dataset, "__len__") or "prompt" not in (dataset.column_names or []):
+                continue
+            lengths = []
+            for start in range(0, len(dataset), 1024):
+                prompts = dataset[start:start + 1024]["prompt"]
+                lengths += [len(ids) for ids in self._raw_prompt_ids(prompts)]
+            self._prompt_length_verdict(lengths, name)
+
+    def _raw_prompt_ids(self, prompts: list) -> list[list[int]]:
+        return super()._tokenize_prompts(prompts)[0]
+
+    def _tokenize_prompts(self, prompts: list):
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        cut = self._prompt_length_verdict([len(ids) for ids in prompt_ids], "this batch")
+        if cut:
+            limit = self.args.max_prompt_length
+            prompt_ids = [ids[-limit:] for ids in prompt_ids]
+        if self.args.max_prompt_length is not None:
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["prompts/truncated"].append(cut / max(len(prompt_ids), 1))
+        return prompt_ids, images, multimodal_fields

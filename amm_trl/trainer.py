@@ -13,15 +13,19 @@ objective unit (`self.objective_unit`) what to do and never branches on its name
   per-token loss, chunked over the vocabulary (`chunked.py`), plus its sequence-level terms.
 - `create_optimizer`: the objective's modules get their own parameter groups; `_clip_grad_norm`: the objective's
   clipping (by default the Trainer's).
-- `_save` / `_load_from_checkpoint`: Q-heads go to `amm_q_heads.safetensors`, so the saved student is a plain model.
-- `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler`: the objective's per-process state (and under
-  DeepSpeed the fp32 master heads), written before `trainer_state.json` completes the checkpoint, and restored.
+- `training_step` / `_get_grad_norm`: training stops at the first step whose loss or gradient norm is not finite,
+  before the optimizer applies it (the guard's other checks and its message: `guards.py`).
 - `_prepare_inputs`: a generation batch may serve several optimizer steps (MiniLLM's `ppo_epochs`).
 - `_generate_single_turn`: an objective's logits processor inside HF `generate` (MiniLLM's teacher-mixed sampling).
-- Mixins: complete checkpoints (`checkpoints.py`), the divergence guard (`guards.py`), prompt lengths (`checks.py`);
+- Mixins: checkpoints that are whole or recognisably incomplete and hold the Q-heads and the objective's state
+  (`checkpoints.py`), finite weights before every save (`guards.py`), prompts cut to the context (`rollouts.py`);
   `ObjectiveCallback` feeds the objective the evaluation loss.
+
+One training step reads through this file, `rollouts.py`, `objectives/base.py`, the objective's module and
+`chunked.py`.
 """
 
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -34,18 +38,17 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from .checkpoints import CompleteCheckpointsMixin
-from .checks import PromptLengthMixin
 from .chunked import ChunkedLoss, LossSpec, auto_chunk_size
 from .config import AMMConfig
-from .guards import NonFiniteGuardMixin
-from .data import check_dataset, completion_token_ids
+from .guards import NonFiniteGuardMixin, NonFiniteTrainingError
+from .data import check_dataset
 from .objectives import Objective, get_objective
-from .objectives.base import KINDS, LossContext, Part, Projection, RolloutScorer, Step, load_state, logit_transform
-from .objectives.base import save_state, token_function
-from .qhead import HEADS_ATTRIBUTE, HEADS_FILE, load_heads, save_heads, save_master_heads, split_heads
+from .objectives.base import KINDS, LossContext, Part, Projection, RolloutScorer, Step, logit_transform, token_function
+from .qhead import HEADS_ATTRIBUTE, HEADS_FILE
 from .teacher import load_teacher, shared_vocab_size, suppress_padded_rows
-from .rollouts import (HeadFreeVLLMGeneration, configure_vllm_generation, extra_logits_processor, sampled_log_probs,
-                       teacher_completions, vllm_correction, wait_for_vllm_server)
+from .rollouts import (HeadFreeVLLMGeneration, PromptLengthMixin, completion_token_ids, configure_vllm_generation,
+                       extra_logits_processor, sampled_log_probs, teacher_completions, vllm_correction,
+                       wait_for_vllm_server)
 from .vllm_cpu import trl_builds_generation, vllm_generation_class
 
 __all__ = ["AMMTrainer", "ObjectiveCallback", "HEADS_FILE", "HeadFreeVLLMGeneration", "wait_for_vllm_server"]
@@ -100,7 +103,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                              eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                              optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
         self.objective_unit = objective
-        self._pending_metrics = {}
+        self._pending_metrics, self._step_losses = {}, []
         self._setup_teacher(teacher)
         self._setup_objective_modules(optimizers)
         if self.use_vllm:
@@ -162,6 +165,36 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         for group in self.objective_unit.param_groups(self.q_heads):  # ... then the objective's own groups
             self.optimizer.add_param_group(group)
         return self.optimizer
+
+    # ------------------------------------------------------------------------------------------------ step
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """TRL's step; its loss is kept for the divergence check of the optimizer step (`guards.py`)."""
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except RuntimeError as exc:  # torch.multinomial on inf/nan probabilities while the student samples
+            if "probability tensor contains" not in str(exc):
+                raise
+            raise NonFiniteTrainingError(self._divergence_message(
+                "the student's next-token probabilities became inf/nan while it sampled rollouts (its weights, "
+                f"max |w| = {self._max_abs_weight():.3g} after the previous step, overflow the logits)")) from exc
+        self._step_losses.append(loss.detach().float().reshape(()))
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Called once per optimizer step, after backward and clipping, before `optimizer.step()`: stops training
+        if the step's loss on any process or the gradient norm is not finite (with fp16 loss scaling an infinite
+        norm is an overflow the scaler skips)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        losses, self._step_losses = self._step_losses, []
+        device = self.accelerator.device
+        local = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
+        per_process = self.accelerator.gather(local.to(device)[None]).tolist()  # every process decides alike
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        if (not math.isfinite(norm) and not self.args.fp16) or not all(map(math.isfinite, per_process)):
+            raise NonFiniteTrainingError(self._divergence_message(
+                f"loss {', '.join(f'{v:.6g}' for v in per_process)} (per process), gradient norm {norm:.6g} "
+                f"(before clipping)"))
+        return grad_norm
 
     def _clip_grad_norm(self, model):
         """Clipping as the objective asks (by default the Trainer's joint clip of the student and its heads)."""
@@ -406,37 +439,6 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
             self._metrics[mode]["memory/peak_rss_gib"].append(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         self._pending_metrics = {}
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def _save(self, output_dir=None, state_dict=None):
-        """Saves the student as a plain `from_pretrained` model and the Q-heads beside it."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.q_heads is None:
-            return super()._save(output_dir, state_dict)
-        if state_dict is None:
-            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
-        student, heads = split_heads(state_dict, self.q_heads)
-        super()._save(output_dir, state_dict=student)
-        if heads and self.args.should_save:
-            save_heads(heads, output_dir)
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.q_heads is not None and self.is_deepspeed_enabled:  # the fp32 master heads, not the 16-bit copies
-            save_master_heads(self.q_heads, output_dir, self.args.should_save)
-        save_state(self.objective_unit, output_dir, self.args.process_index)  # every rank: the states differ
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        # Every resume path (plain, DDP, DeepSpeed) runs it, after the model; no callback event gets the checkpoint.
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            load_state(self.objective_unit, checkpoint, self.args.process_index, self.args.world_size)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # DeepSpeed restores the heads from its own engine checkpoint; other paths read the heads file.
-        if self.q_heads is not None and not self.is_deepspeed_enabled:
-            load_heads(self.q_heads, resume_from_checkpoint, str(self.args.device))
 
 
 def _per_token(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amm_trl.assets import drop_layers, resolve
-from amm_trl.data import completion_token_ids
+from amm_trl.rollouts import completion_token_ids
 
 LAYER_SETS = {
     "teacher (30)": None,

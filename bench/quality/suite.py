@@ -23,6 +23,8 @@ Optional suite keys (used by bench/tier_a/tier_a.yaml):
   into every result (e.g. log-probabilities under the teacher).
 - `callbacks: [module:function, ...]`: factories `function(suite) -> TrainerCallback` added to every training run
   (e.g. a validation score every k steps, written into the training log).
+- `gpu_args: {...}`: training arguments that replace the recipes' where CUDA is available (the packaged quickstart
+  recipes train on the CPU in fp32), e.g. `{use_cpu: false, bf16: true}`.
 - `--workers N`: N processes share the plan (a run is claimed by a file holding the claimer's pid; a dead claimer's
   runs are taken over), each with one thread.
 """
@@ -152,6 +154,8 @@ def train_one(suite: dict, run: dict, out: str, learning_rate: float | None = No
         overrides["learning_rate"] = learning_rate
     if run["seed"] is not None:
         overrides["seed"] = run["seed"]
+    if suite.get("gpu_args") and _cuda():
+        overrides.update(suite["gpu_args"])  # the packaged recipes are sized for a CPU
     overrides.update(output_dir=out, save_strategy="no", report_to="none")
     argv = ["--config", run["recipe"]] + _flags(overrides)
     callbacks = [_function(spec)(suite) for spec in suite.get("callbacks", [])] if run["group"] != "reference" else []
@@ -164,6 +168,12 @@ def train_one(suite: dict, run: dict, out: str, learning_rate: float | None = No
     gc.collect()
     _write_json(os.path.join(out, "train_log.json"), history)
     return {"train_seconds": seconds, "train_argv": argv}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def start_model(suite: dict) -> str:
