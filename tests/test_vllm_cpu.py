@@ -148,7 +148,8 @@ def vllm_server(assets, tmp_path):
     port = free_port()
     log_path = tmp_path / "server.log"
     env = {**worker_env(), "VLLM_SERVER_DEV_MODE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [os.path.join(os.path.dirname(sys.executable), "trl"), "vllm-serve", "--model", assets["student"],
+    # `python -m trl.cli.main` is the `trl` command, also where this environment reuses another's trl (no script here)
+    cmd = [sys.executable, "-m", "trl.cli.main", "vllm-serve", "--model", assets["student"],
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max_model_len", "128",
            "--enforce_eager", "true"]
     with open(log_path, "w") as log:
