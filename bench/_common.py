@@ -32,8 +32,8 @@ TINY_VOCAB = 512
 # name -> (hidden, layers, heads, intermediate)
 SHAPES = {
     # the pair TRL's reference figures in docs/benchmarks.md were measured on, so that they compare directly
-    "kit_student": (2048, 16, 16, 5632),  # 0.95B
-    "kit_teacher": (2560, 24, 20, 6912),  # 2.07B
+    "bench_student": (2048, 16, 16, 5632),  # 0.95B
+    "bench_teacher": (2560, 24, 20, 6912),  # 2.07B
     # OpenLLaMA-3B / 7B (config.json of openlm-research/open_llama_{3b,7b}_v2)
     "openllama_3b": (3200, 26, 32, 8640),  # 3.43B
     "openllama_7b": (4096, 32, 32, 11008),  # 6.74B

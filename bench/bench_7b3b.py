@@ -19,9 +19,9 @@ Also DeepSpeed's ZeRO-3 model-state estimators (`estimate_zero3_model_states_mem
 student + Q-heads and for the teacher on 8 GPUs, and a per-GPU estimate for 8 x A100-80GB and 8 x A100-40GB that adds
 the memory this run measured beyond the 1-GPU model states (formula in the JSON, `per_gpu_estimate`).
 
-    python3 bench/bench_7b3b.py --json $OUT/7b3b.json                             # GPU (H100 80GB)
-    python3 bench/bench_7b3b.py --vllm-enable-sleep-mode 1 --json $OUT/7b3b_sleep.json
-    python3 bench/bench_7b3b.py --offload-optimizer cpu --json $OUT/7b3b_offload.json
+    python3 bench/bench_7b3b.py --json results/7b3b.json                             # GPU (H100 80GB)
+    python3 bench/bench_7b3b.py --vllm-enable-sleep-mode 1 --json results/7b3b_sleep.json
+    python3 bench/bench_7b3b.py --offload-optimizer cpu --json results/7b3b_offload.json
     python3 bench/bench_7b3b.py --estimate-only                                   # CPU, instant: estimators only
     python3 bench/bench_7b3b.py --tiny --json /tmp/7b3b.json                      # CPU smoke: ZeRO-3, gloo
                                                              # (colocated vLLM when installed: vLLM's CPU build)

@@ -7,7 +7,7 @@ Each engine runs one untimed warm-up batch, then timed passes over all prompts (
 take seconds; `--hf-repeats` per HF batch size); tokens/s is the best pass (the median is reported too). The ratio
 is vLLM's tokens/s over HF's, for each HF batch size and for the best one.
 
-    python3 bench/bench_rollout.py --json $OUT/rollout.json            # GPU: 0.95B student built in /tmp if absent
+    python3 bench/bench_rollout.py --json results/rollout.json            # GPU: 0.95B student built in /tmp if absent
     python3 bench/bench_rollout.py --tiny --json /tmp/rollout.json     # smoke run (vLLM too when installed)
     python3 bench/bench_rollout.py --model asset:smollm2-135m-instruct --dtype bfloat16 --num-prompts 32 \
         --prompt-len 32 --new-tokens 64 --hf-batch 32 --repeats 1      # CPU, with vLLM's CPU build
@@ -113,7 +113,7 @@ def run_vllm(a, prompts):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
-                    help="student folder or `asset:NAME` (amm-trl assets); default: build the kit's 0.95B student")
+                    help="student folder or `asset:NAME` (amm-trl assets); default: build the benchmark's 0.95B student")
     ap.add_argument("--dtype", default=None, help="both engines; default bfloat16 on a GPU, float32 on CPU")
     ap.add_argument("--models-dir", default="/tmp/amm-bench/models")
     ap.add_argument("--tiny", action="store_true", help="smoke run: tiny model, few prompts")
@@ -147,7 +147,7 @@ def main():
             a.models_dir = "/tmp/amm-bench/tiny-models"
     built = None
     if a.model is None:
-        built = C.build_models(a.models_dir, {"student": "tiny_student" if a.tiny else "kit_student"}, vocab=vocab,
+        built = C.build_models(a.models_dir, {"student": "tiny_student" if a.tiny else "bench_student"}, vocab=vocab,
                                dtype="float32" if a.tiny else "bfloat16")
         a.model = built["paths"]["student"]
     elif a.model.startswith("asset:"):

@@ -18,9 +18,9 @@ median after the first step (first sync, compile, allocator growth); completion 
 steady step; peak memory (torch allocated/reserved and the device's used memory, which includes vLLM's pool).
 Completions are forced to full length (`min_new_tokens`/`min_tokens`), so every trainer processes the same tokens.
 
-    python3 bench/bench_step.py --use-vllm 0 --json $OUT/step_hf.json        # GPU, kit models (0.95B / 2.07B)
-    python3 bench/bench_step.py --use-vllm 1 --json $OUT/step_vllm.json
-    python3 bench/bench_step.py --use-vllm 1 --deepspeed zero3 --json $OUT/step_vllm_zero3.json
+    python3 bench/bench_step.py --use-vllm 0 --json results/step_hf.json        # GPU, benchmark models (0.95B / 2.07B)
+    python3 bench/bench_step.py --use-vllm 1 --json results/step_vllm.json
+    python3 bench/bench_step.py --use-vllm 1 --deepspeed zero3 --json results/step_vllm_zero3.json
     python3 bench/bench_step.py --tiny --json /tmp/step.json                 # CPU smoke (HF generate, tiny models)
     python3 bench/bench_step.py --tiny --use-vllm 1 --json /tmp/step.json    # the same with vLLM's CPU build
 Prints one line `RESULT {...}` (ratios under `ratio_*`).
@@ -163,7 +163,7 @@ def main():
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--student", default=None)
     ap.add_argument("--teacher", default=None)
-    ap.add_argument("--models-dir", default="/tmp/amm-bench/models", help="kit-shaped models are built here")
+    ap.add_argument("--models-dir", default="/tmp/amm-bench/models", help="the benchmark models are built here")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny models, 3 steps")
     ap.add_argument("--trainers", default=",".join(TRAINERS))
     ap.add_argument("--use-vllm", type=int, default=0)
@@ -199,7 +199,7 @@ def main():
     built = None
     if a.student is None or a.teacher is None:
         shapes = {"student": "tiny_student", "teacher": "tiny_teacher"} if a.tiny else \
-            {"student": "kit_student", "teacher": "kit_teacher"}
+            {"student": "bench_student", "teacher": "bench_teacher"}
         built = C.build_models(a.models_dir, shapes, vocab=vocab, dtype="float32" if a.tiny else "bfloat16")
         a.student, a.teacher = a.student or built["paths"]["student"], a.teacher or built["paths"]["teacher"]
     log_dir = a.log_dir or tempfile.mkdtemp(prefix="bench-step-logs-")

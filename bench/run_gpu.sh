@@ -134,7 +134,7 @@ env_info() {
 
 build_bench_models() {
   $PY -c "import sys; sys.path.insert(0, 'bench'); import _common as C; \
-print(C.build_models('/tmp/amm-bench/models', {'student': 'kit_student', 'teacher': 'kit_teacher'}))"
+print(C.build_models('/tmp/amm-bench/models', {'student': 'bench_student', 'teacher': 'bench_teacher'}))"
 }
 
 smoke() {  # every bench in --tiny mode plus test collection: checks the scripts, measures nothing
