@@ -28,8 +28,9 @@ class TrainScriptArguments(ScriptArguments):
     eval_dataset_split: str = field(default="train", metadata={"help": "Split of `eval_dataset_name`."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     summary_eval_dataset: str | None = field(default=None, metadata={
-        "help": "Prompts + references scored (ROUGE-L, greedy) with the student before and after training; both "
-                "scores end the printed summary."})
+        "help": "Prompts + references scored with the student before and after training (ROUGE-L of its greedy "
+                "answers, and the exact TV to the teacher, in fp32, on the teacher's greedy answers); the scores end "
+                "the printed summary. For small models: both are loaded once more."})
     summary_eval_rows: int = field(default=32, metadata={"help": "Rows of `summary_eval_dataset` scored."})
     summary_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length limit of that scoring."})
 
@@ -142,6 +143,7 @@ def train(argv: list[str], callbacks: list | None = None):
 
     start_rouge = summary_rouge(script, model_args.model_name_or_path,
                                 os.path.join(args.output_dir, "summary_eval", "start"))
+    held_out = summary_held_out_tv(script, model_args.model_name_or_path, args.teacher_model_name_or_path)
     trainer = AMMTrainer(model=model_args.model_name_or_path, teacher_model=args.teacher_model_name_or_path,
                          args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          peft_config=get_peft_config(model_args), callbacks=callbacks)
@@ -149,11 +151,11 @@ def train(argv: list[str], callbacks: list | None = None):
     trainer.check_finite_weights(f"the final model in {args.output_dir}")
     trainer.save_model(args.output_dir)
     if trainer.accelerator.is_main_process:
-        _print_summary(trainer, script, start_rouge)
+        _print_summary(trainer, script, start_rouge, held_out)
     return trainer
 
 
-def _print_summary(trainer, script, start_rouge: float | None) -> None:
+def _print_summary(trainer, script, start_rouge: float | None, held_out: dict | None) -> None:
     output_dir = trainer.args.output_dir
     print(training_summary(trainer.state.log_history), flush=True)
     print(f"amm-trl: student saved to {output_dir}", flush=True)
@@ -161,6 +163,13 @@ def _print_summary(trainer, script, start_rouge: float | None) -> None:
         end_rouge = summary_rouge(script, output_dir, os.path.join(output_dir, "summary_eval", "end"))
         print(f"amm-trl: ROUGE-L of the student's greedy answers on {script.summary_eval_rows} rows of "
               f"{script.summary_eval_dataset}: start {start_rouge:.2f} -> end {end_rouge:.2f}", flush=True)
+    if held_out is not None:
+        first = held_out["tv"]
+        teacher = trainer.args.teacher_model_name_or_path
+        last = summary_held_out_tv(script, output_dir, teacher, held_out["teacher"])["tv"]
+        print(f"amm-trl: exact TV(teacher, student) on the teacher's greedy answers to the {script.summary_eval_rows} "
+              f"held-out prompts: start {first:.4f} -> end {last:.4f}, {'lower' if last < first else 'NOT lower'}",
+              flush=True)
 
 
 def _check_train_inputs(script, args, model_args) -> None:
@@ -189,6 +198,29 @@ def summary_rouge(script, model_path: str, output_dir: str) -> float | None:
                                      max_new_tokens=script.summary_eval_max_new_tokens,
                                      max_samples=script.summary_eval_rows, batch_size=script.summary_eval_rows))
     return summary["rougeL"]
+
+
+def summary_held_out_tv(script, student_path: str, teacher_path: str | None, teacher_answers=None) -> dict | None:
+    """Exact TV between teacher and student on the teacher's greedy answers to the summary's held-out prompts
+    (generated once, at the start): fixed data, unlike the training logs' per-batch values. None when the summary
+    scoring is off, without a teacher, or off the main process."""
+    if teacher_path is None:
+        return None
+    if not script.summary_eval_dataset or script.summary_eval_rows < 1 or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    from transformers import AutoTokenizer
+
+    from .data import load_prompt_dataset
+    from .evaluation import exact_tv
+    from .generation import generate_token_ids, render_prompts
+
+    dataset = load_prompt_dataset(script.summary_eval_dataset, field="summary_eval_dataset")
+    rows = dataset.select(range(min(script.summary_eval_rows, len(dataset))))
+    prompts = render_prompts(AutoTokenizer.from_pretrained(student_path), rows["prompt"])
+    if teacher_answers is None:
+        teacher_answers = generate_token_ids(teacher_path, prompts, script.summary_eval_max_new_tokens,
+                                             batch_size=len(prompts), dtype="float32", progress=False)
+    return {"teacher": teacher_answers, "tv": exact_tv(student_path, teacher_path, prompts, teacher_answers)}
 
 
 def training_summary(log_history: list[dict]) -> str:

@@ -145,6 +145,38 @@ def evaluate(a: EvalArguments) -> dict:
     return summary
 
 
+def exact_tv(student_path: str, teacher_path: str, prompt_ids: list[list[int]], completions: list[list[int]],
+             batch_size: int = 16) -> float:
+    """Mean exact total variation between the teacher's and the student's next-token distributions over the tokens
+    of fixed completions: mean over tokens t of 1/2 sum_v |p_T(v | x, y_<t) - p_S(v | x, y_<t)|, on the vocabulary
+    rows both models and the tokenizer share (as the trainer measures `tv/*`), fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).to(device).eval()
+              for p in (student_path, teacher_path)]
+    vocab = min(len(AutoTokenizer.from_pretrained(student_path)),
+                *(m.get_output_embeddings().weight.size(0) for m in models))
+    total, count = 0.0, 0
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = [(p, c) for p, c in zip(prompt_ids[start:start + batch_size], completions[start:start + batch_size])
+                if c]
+        width = max(len(p) + len(c) for p, c in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask, scored = torch.zeros_like(ids), torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, (p, c) in enumerate(rows):  # right padding; position j predicts token j + 1
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, :len(p) + len(c)] = 1
+            scored[i, len(p) - 1:len(p) + len(c) - 1] = True
+        with torch.no_grad():
+            probs = [m(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[..., :vocab].float()
+                     .softmax(-1)[scored.to(device)] for m in models]
+        total += 0.5 * (probs[0] - probs[1]).abs().sum(-1).sum().item()
+        count += int(scored.sum())
+    return total / max(count, 1)
+
+
 def main(argv: list[str] | None = None):
     from transformers import HfArgumentParser
 

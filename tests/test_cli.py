@@ -132,6 +132,54 @@ def test_summary_prints_tv_on_both_kinds_and_rouge_before_and_after(tmp_path, ti
                                            output_dir=str(tmp_path / "check"), metrics="rougeL", max_new_tokens=4))
         assert value == pytest.approx(reference["rougeL"], abs=0.005)
     assert (tmp_path / "out" / "summary_eval" / "end" / "predictions.jsonl").exists()
+    # exact TV on fixed held-out data: start = the initial student on the teacher's greedy answers, as computed here
+    line = next(l for l in printed.splitlines()
+                if l.startswith("amm-trl: exact TV(teacher, student) on the teacher's greedy answers to the 5 held-out"))
+    held_out = [float(x) for x in line.split(": start ", 1)[1].split(",")[0].split(" -> end ")]
+    prompts, answers = _teacher_greedy(tiny, 5, 4)
+    assert held_out == pytest.approx([_tv_loop(tiny["student"], tiny["teacher"], prompts, answers),
+                                                       _tv_loop(str(tmp_path / "out"), tiny["teacher"], prompts,
+                                                                answers)], abs=1e-4)
+
+
+def _teacher_greedy(tiny, rows, new_tokens):
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.float32).eval()
+    with open(tiny["data"]) as f:
+        data = [json.loads(line) for line in f][:rows]
+    prompts, answers = [], []
+    for row in data:
+        ids = tokenizer(row["prompt"])["input_ids"]
+        out = teacher.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        ends = {tokenizer.eos_token_id}
+        cut = next((k + 1 for k, t in enumerate(out) if t in ends), len(out))
+        prompts.append(ids)
+        answers.append(out[:cut])
+    return prompts, answers
+
+
+def _tv_loop(student_path, teacher_path, prompts, answers):
+    """The reference: one sequence and one position at a time, 1/2 sum |p_T - p_S| over the shared vocabulary."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(student_path))
+    student, teacher = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
+                        for p in (student_path, teacher_path))
+    values = []
+    for p, a in zip(prompts, answers):
+        for t in range(len(a)):
+            x = torch.tensor([p + a[:t]])
+            with torch.no_grad():
+                ps, pt = (m(x).logits[0, -1, :vocab].softmax(-1) for m in (student, teacher))
+            values.append(0.5 * (ps - pt).abs().sum().item())
+    return sum(values) / len(values)
 
 
 def test_summary_eval_is_off_without_a_dataset_or_rows():
