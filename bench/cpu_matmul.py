@@ -1,9 +1,10 @@
-"""fp32 vs bf16 matmul throughput on this CPU (why the CPU quickstart trains with bf16 autocast).
+"""fp32 vs bf16 matmul throughput on this CPU (whether `--bf16 true` pays on a CPU; the quickstart recipes use fp32).
 
     OMP_NUM_THREADS=1 python bench/cpu_matmul.py
 
-Printed 2026-11-23 on the quiet 2-core dev machine (AVX512-BF16), one thread, three runs: fp32 81.5-91.3,
-bf16 198.0-207.6 GFLOP/s (~2.3x). Under heavy load an earlier run gave 25.6 vs 160.2: don't time on a busy machine.
+2026-11-23, a quiet 2-core machine with AVX512-BF16, one thread, three runs: fp32 81.5-91.3, bf16 198.0-207.6 GFLOP/s
+(~2.3x). 2026-12-01, a 2-core AMD EPYC with AVX2 only (no native bf16), one run: fp32 60.7, bf16 1.0 GFLOP/s. Under
+heavy load an earlier run gave 25.6 vs 160.2: don't time on a busy machine.
 """
 
 import json
