@@ -149,9 +149,11 @@ def exact_tv(student_path: str, teacher_path: str, prompt_ids: list[list[int]], 
              batch_size: int = 16) -> float:
     """Mean exact total variation between the teacher's and the student's next-token distributions over the tokens
     of fixed completions: mean over tokens t of 1/2 sum_v |p_T(v | x, y_<t) - p_S(v | x, y_<t)|, on the vocabulary
-    rows both models and the tokenizer share (as the trainer measures `tv/*`), fp32."""
+    rows both models and the tokenizer share, with the trainer's `total_variation` (its `tv/*` metrics), fp32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .objectives import total_variation
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).to(device).eval()
@@ -170,9 +172,9 @@ def exact_tv(student_path: str, teacher_path: str, prompt_ids: list[list[int]], 
             mask[i, :len(p) + len(c)] = 1
             scored[i, len(p) - 1:len(p) + len(c) - 1] = True
         with torch.no_grad():
-            probs = [m(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[..., :vocab].float()
-                     .softmax(-1)[scored.to(device)] for m in models]
-        total += 0.5 * (probs[0] - probs[1]).abs().sum(-1).sum().item()
+            logits = [m(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[..., :vocab].float()
+                      [scored.to(device)] for m in models]
+        total += total_variation(*logits).sum().item()
         count += int(scored.sum())
     return total / max(count, 1)
 
