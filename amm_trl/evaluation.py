@@ -7,6 +7,7 @@ with every score) and `summary.json` (means, counts, settings) into `--output_di
 """
 
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -70,13 +71,25 @@ def load_scorer(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
+METRIC_PACKAGES = {"rougeL": ("rouge_score", "rouge-score"), "bleu": ("sacrebleu", "sacrebleu"), "exact_match": None}
+
+
+def check_metrics(metrics: list[str]) -> None:
+    """Each metric is known and its package importable: checked before any generation, not after it."""
+    unknown = [m for m in metrics if m not in METRIC_PACKAGES]
+    if unknown:
+        raise ValueError(f"--metrics: unknown {unknown}; built-in metrics are {sorted(METRIC_PACKAGES)} (or use "
+                         f"--scorer).")
+    for metric in metrics:
+        if METRIC_PACKAGES[metric] and importlib.util.find_spec(METRIC_PACKAGES[metric][0]) is None:
+            raise ImportError(f"--metrics {metric} needs the package {METRIC_PACKAGES[metric][1]!r}: "
+                              f"`pip install {METRIC_PACKAGES[metric][1]}` (amm-trl installs it), or drop the metric.")
+
+
 def score(predictions: list[str], references: list[str], rows: list[dict], metrics: list[str],
           scorer=None) -> tuple[list[dict], dict]:
     """Per-example scores and the summary (means; BLEU at corpus level)."""
-    known = {"rougeL", "bleu", "exact_match"}
-    unknown = [m for m in metrics if m not in known]
-    if unknown:
-        raise ValueError(f"--metrics: unknown {unknown}; built-in metrics are {sorted(known)} (or use --scorer).")
+    check_metrics(metrics)
     per_example = [{} for _ in predictions]
     summary = {}
     if "rougeL" in metrics:
@@ -122,6 +135,7 @@ def evaluate(a: EvalArguments) -> dict:
     if a.max_samples is not None:
         dataset = dataset.select(range(min(a.max_samples, len(dataset))))
     metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
+    check_metrics(metrics)
     scorer = load_scorer(a.scorer) if a.scorer else None
     use_vllm = a.use_vllm
     if use_vllm is None:

@@ -28,7 +28,9 @@ def end_token_ids(tokenizer, model_config_eos) -> list[int]:
 def generate_token_ids(model_path: str, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                        top_p: float = 1.0, batch_size: int = 16, use_vllm: bool = False, dtype: str = "auto",
                        seed: int = 0, progress: bool = True) -> list[list[int]]:
-    """Completion token ids (cut after the first end token) for each prompt. temperature 0 = greedy."""
+    """Completion token ids (cut after the first end token) for each prompt. temperature 0 = greedy. Only ids the
+    tokenizer has are generated: an embedding padded beyond it (Qwen2.5: 152064 rows for 151665 tokens) has rows
+    that are no token, and that another model may not have."""
     if use_vllm:
         return _generate_vllm(model_path, prompt_ids, max_new_tokens, temperature, top_p, seed)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -39,6 +41,8 @@ def generate_token_ids(model_path: str, prompt_ids: list[list[int]], max_new_tok
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ends = end_token_ids(tokenizer, model.generation_config.eos_token_id)
+    rows = model.get_output_embeddings().weight.shape[0]
+    padded = list(range(len(tokenizer), rows)) or None
     torch.manual_seed(seed)
     # Longest prompts first: less padding per batch. Results are put back in the caller's order.
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
@@ -54,7 +58,7 @@ def generate_token_ids(model_path: str, prompt_ids: list[list[int]], max_new_tok
             "do_sample": False}
         with torch.no_grad():
             out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad_id, eos_token_id=ends, **sampling)
+                                 pad_token_id=pad_id, eos_token_id=ends, suppress_tokens=padded, **sampling)
         for i, row in zip(index, out[:, width:].tolist()):
             cut = next((k + 1 for k, t in enumerate(row) if t in ends), len(row))
             results[i] = row[:cut]
@@ -66,7 +70,10 @@ def _generate_vllm(model_path, prompt_ids, max_new_tokens, temperature, top_p, s
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_path, seed=seed)
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    tokens, rows = len(llm.get_tokenizer()), llm.llm_engine.model_config.get_vocab_size()
+    allowed = list(range(tokens)) if tokens < rows else None  # no padded embedding row (see generate_token_ids)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            allowed_token_ids=allowed)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params)
     return [list(o.outputs[0].token_ids) for o in outputs]
 

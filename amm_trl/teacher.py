@@ -23,7 +23,9 @@ def load_teacher(teacher_model, args, objective, student=None, processing_class=
     `teacher_model_init_kwargs` says otherwise (TRL's fp32 default would double a frozen teacher's memory under
     bf16)."""
     if needs_teacher(args, objective) and teacher_model is None:
-        raise ValueError(f"teacher_model is required for objective {args.objective!r}.")
+        raise ValueError(f"teacher_model is required for objective {args.objective!r}: pass "
+                         f"AMMTrainer(teacher_model=...) (in a recipe or on the command line: "
+                         f"teacher_model_name_or_path).")
     if teacher_model is None or not needs_teacher(args, objective):
         return None
     if student is not None:

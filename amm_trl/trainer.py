@@ -26,6 +26,7 @@ One training step reads through this file, `rollouts.py`, `objectives/base.py`, 
 """
 
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -44,11 +45,14 @@ from .guards import NonFiniteGuardMixin, NonFiniteTrainingError
 from .data import check_dataset
 from .objectives import Objective, get_objective
 from .objectives.base import KINDS, LossContext, Part, Projection, RolloutScorer, Step, logit_transform, token_function
+from .preemption import PreemptionCallback, TrainingPreempted
 from .qhead import HEADS_ATTRIBUTE, HEADS_FILE
 from .teacher import load_teacher, shared_vocab_size, suppress_padded_rows
+from .runlock import lock_output_dir
 from .rollouts import (HeadFreeVLLMGeneration, PromptLengthMixin, completion_token_ids, configure_vllm_generation,
                        extra_logits_processor, sampled_log_probs, teacher_completions, vllm_correction,
                        wait_for_vllm_server)
+from .shm import release_deepspeed_shm
 from .vllm_cpu import trl_builds_generation, vllm_generation_class
 
 __all__ = ["AMMTrainer", "ObjectiveCallback", "HEADS_FILE", "HeadFreeVLLMGeneration", "wait_for_vllm_server"]
@@ -90,6 +94,8 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         args = AMMConfig("amm-trl-output") if args is None else args
         if not isinstance(args, AMMConfig):
             raise TypeError(f"args must be an AMMConfig, got {type(args).__name__}.")
+        if args.process_index == 0:
+            lock_output_dir(args.output_dir)  # one run per output_dir; refused here, before any model loads
         objective = get_objective(args)
         off_column = args.off_policy_column if args.uses_off_policy and args.off_policy_source == "dataset" else None
         check_dataset(train_dataset, "train_dataset", off_column)
@@ -102,15 +108,28 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
             super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                              optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
+        release_deepspeed_shm()  # DeepSpeed's CPU allreduce buffers leave /dev/shm once every rank has mapped them
         self.objective_unit = objective
         self._pending_metrics, self._step_losses = {}, []
         self._setup_teacher(teacher)
         self._setup_objective_modules(optimizers)
         if self.use_vllm:
             configure_vllm_generation(self.vllm_generation, args, self.accelerator.is_main_process)
-        for callback in [ObjectiveCallback(objective, lambda: self.eval_dataset), *objective.callbacks()]:
+        self.preemption = PreemptionCallback()  # SIGTERM: checkpoint at the end of the step, then stop
+        for callback in [ObjectiveCallback(objective, lambda: self.eval_dataset), *objective.callbacks(),
+                         self.preemption]:
             self.add_callback(callback)
         self.check_prompt_lengths({"train_dataset": train_dataset, "eval_dataset": eval_dataset})
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; after a preemption signal (see `amm_trl.preemption`) it saves, then raises
+        `TrainingPreempted` (a `SystemExit` with status 128 + the signal's number)."""
+        output = super().train(*args, **kwargs)
+        if self.preemption.stopped_at is not None:
+            step = self.preemption.stopped_at
+            raise TrainingPreempted(self.preemption.signum, step,
+                                    os.path.join(self.args.output_dir, f"checkpoint-{step}"))
+        return output
 
     # ----------------------------------------------------------------------------------------------- setup
     def _setup_teacher(self, teacher):

@@ -8,6 +8,11 @@ gets `CPUWeightSync` in front of it; on GPUs TRL's own syncs run unchanged.
   oneDNN handle after loading and empties the parameter. vLLM's `reload_weights` runs the loader again, repacking
   included, so it is fed the same named-parameter stream (Q-heads skipped, LoRA merged, ZeRO-3 gathered one tensor
   at a time), then the prefix cache is reset as TRL does.
+- Shared memory: vLLM's CPU build names a tensor-parallel group's `/dev/shm` files after `VLLM_DIST_IDENT`, which
+  it sets to the same value for every colocated engine (external launcher, `env://`), and leaves them behind when a
+  process is killed. Each colocated engine gets its own identifier (`amm-trl-<random>`, equal on its ranks) and
+  every rank unlinks its files as soon as the engine is up (`amm_trl.shm`): two tensor-parallel runs in a row, or
+  at once, on one machine never collide, and nothing is left in `/dev/shm` whatever way the run ends.
 - Server (`trl vllm-serve`): TRL streams weights through vLLM's NCCL weight-transfer engine, which needs CUDA (its
   client refuses a CPU device). Here the main process saves the stream as safetensors in a folder the server can
   read (under `tempfile.gettempdir()`, i.e. `$TMPDIR`: the server must run on this machine or share that
@@ -21,6 +26,8 @@ import functools
 import os
 import shutil
 import tempfile
+
+from .shm import release_vllm_engine_shm, shared_engine_ident
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -40,8 +47,11 @@ class CPUWeightSync:
     syncs through safetensors and the server's `/collective_rpc`. Reads the stream from `_iter_named_params`."""
 
     def _init_vllm(self):
-        if self.mode != "server":
-            return super()._init_vllm()  # colocate: TRL's engine setup works on CPU
+        if self.mode != "server":  # colocate: TRL's engine setup works on CPU
+            with engine_ident(shared_engine_ident(self.accelerator)):
+                super()._init_vllm()
+            release_vllm_engine_shm()
+            return
         # TRL's server setup without `init_communicator` (its NCCL group needs a CUDA device).
         from trl.generation.vllm_generation import VLLMClient
 
@@ -113,3 +123,27 @@ def trl_builds_generation(cls: type):
         yield
     finally:
         distillation.VLLMGeneration = original
+
+
+@contextlib.contextmanager
+def engine_ident(ident: str):
+    """Makes the vLLM CPU workers built inside the block use `ident` as `VLLM_DIST_IDENT`: vLLM's `CPUWorker`
+    overwrites the variable from its init method just before it builds its communicators, and for a colocated engine
+    that method is always `env://`, so the value is set again right before that call."""
+    import vllm.v1.worker.cpu_worker as cpu_worker
+
+    original = getattr(cpu_worker, "init_worker_distributed_environment", None)
+    if original is None:  # another vLLM version: its own naming applies
+        yield
+        return
+
+    @functools.wraps(original)
+    def with_ident(*args, **kwargs):
+        os.environ["VLLM_DIST_IDENT"] = ident
+        return original(*args, **kwargs)
+
+    cpu_worker.init_worker_distributed_environment = with_ident
+    try:
+        yield
+    finally:
+        cpu_worker.init_worker_distributed_environment = original

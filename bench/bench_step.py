@@ -17,6 +17,9 @@ Per trainer: wall time of each optimizer step (device-synchronized callback), it
 median after the first step (first sync, compile, allocator growth); completion tokens/s = rollout tokens per step /
 steady step; peak memory (torch allocated/reserved and the device's used memory, which includes vLLM's pool).
 Completions are forced to full length (`min_new_tokens`/`min_tokens`), so every trainer processes the same tokens.
+On vLLM's CPU build TRL's weight sync cannot update the engine (vLLM packs linear weights into its kernels' layout
+on CPUs with AVX-512 BF16, bf16 models), so there both trainers sync through `amm_trl.vllm_cpu.CPUWeightSync`; on
+GPUs TRL's trainer keeps its own. Each trainer's `weight_sync` field says which one ran.
 
     python3 bench/bench_step.py --use-vllm 0 --json results/step_hf.json        # GPU, benchmark models (0.95B / 2.07B)
     python3 bench/bench_step.py --use-vllm 1 --json results/step_vllm.json
@@ -65,16 +68,35 @@ def build_trainer(spec, dataset, callbacks):
     )
     if spec["name"] == "trl":
         from trl import DistillationConfig, DistillationTrainer
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        from amm_trl.vllm_cpu import trl_builds_generation, vllm_generation_class
 
         args = DistillationConfig(**common)
-        return DistillationTrainer(model=spec["student"], teacher_model=spec["teacher"], args=args,
-                                   train_dataset=dataset.select_columns(["prompt"]), callbacks=callbacks)
+        # TRL's own weight sync on GPUs; on vLLM's CPU build it cannot update packed weights, so TRL's trainer gets
+        # the same CPU sync as AMM's there (`weight_sync` in the JSON says which ran)
+        with trl_builds_generation(vllm_generation_class(VLLMGeneration)):
+            return DistillationTrainer(model=spec["student"], teacher_model=spec["teacher"], args=args,
+                                       train_dataset=dataset.select_columns(["prompt"]), callbacks=callbacks)
     from amm_trl import AMMConfig, AMMTrainer
 
     amm_beta = 0.0 if spec["name"] == "amm_onpolicy" else spec["amm_beta"]
     args = AMMConfig(**common, objective="amm", amm_beta=amm_beta)
     return AMMTrainer(model=spec["student"], teacher_model=spec["teacher"], args=args, train_dataset=dataset,
                       callbacks=callbacks)
+
+
+def weight_sync(trainer):
+    """Which weight sync fed the trainer's vLLM engine: TRL's own, or amm_trl's CPU sync (vLLM's CPU build)."""
+    generation = getattr(trainer, "vllm_generation", None)
+    if generation is None:
+        return None
+    from amm_trl.vllm_cpu import CPUWeightSync
+
+    if isinstance(generation, CPUWeightSync):
+        return ("amm_trl.vllm_cpu.CPUWeightSync: vLLM's CPU build packs linear weights into its kernels' layout "
+                "and TRL's in-place load_weights cannot update them")
+    return f"trl {type(generation).__name__}.sync_weights"
 
 
 def worker(spec):
@@ -108,6 +130,7 @@ def worker(spec):
 
     result = {
         "name": spec["name"], "trainer": type(trainer).__name__,
+        "weight_sync": weight_sync(trainer),
         "deepspeed_zero3_active": bool(trainer.is_deepspeed_enabled and is_deepspeed_zero3_enabled()),
         "world_size": trainer.accelerator.num_processes,
         "objective": getattr(trainer.args, "objective", f"trl-jsd(beta={spec['beta']})"),

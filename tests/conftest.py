@@ -38,3 +38,27 @@ def tiny_dataset(tiny):
     from datasets import load_dataset
 
     return load_dataset("json", data_files=tiny["data"], split="train")
+
+
+SHM_DIR = "/dev/shm"
+
+
+def _shm_files():
+    return set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()
+
+
+@pytest.fixture(autouse=True)
+def no_shared_memory_left():
+    """Fails a test that leaves a new file in /dev/shm (memory no one gives back until the machine restarts: vLLM's
+    and DeepSpeed's CPU shared-memory buffers, a killed worker's segments), after removing it so that the next test
+    starts clean. Files that were there before the test are left alone."""
+    before = _shm_files()
+    yield
+    left = sorted(_shm_files() - before)
+    for name in left:
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except OSError:
+            pass
+    if left:
+        pytest.fail(f"the test left {len(left)} file(s) in {SHM_DIR} (removed now): {left}")

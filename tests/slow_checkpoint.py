@@ -2,7 +2,9 @@
 
 When the Trainer has written the model, the Q-heads, the optimizer and the scheduler of `checkpoint-$HOLD_STEP` (but
 not yet its RNG states and `trainer_state.json`), this touches `$HOLD_READY` and sleeps, so that a test can SIGKILL
-the process while the checkpoint is half-written. Nothing else changes.
+the process while the checkpoint is half-written. With `$STEP_READY` set instead, the training step that follows
+step `$STEP_READY` touches `$HOLD_READY` and takes 3 s longer, so that a signal sent then arrives inside that step.
+Nothing else changes.
 """
 
 import os
@@ -24,6 +26,20 @@ def _held(self, output_dir):
 
 
 Trainer._save_optimizer_and_scheduler = _held
+
+
+def _slow_step(self, *args, **kwargs):
+    if self.state.global_step == int(os.environ["STEP_READY"]):
+        open(os.environ["HOLD_READY"], "w").close()
+        time.sleep(3)
+    return _training_step(self, *args, **kwargs)
+
+
+if os.environ.get("STEP_READY"):
+    from amm_trl import AMMTrainer
+
+    _training_step = AMMTrainer.training_step
+    AMMTrainer.training_step = _slow_step
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -235,3 +235,120 @@ def test_python_api_resume_true_applies_the_rule(trained, tiny, tiny_dataset, tm
     trainer.args.output_dir = str(tmp_path / "nothing")
     with pytest.raises(ValueError, match=r"resume_from_checkpoint=True: no complete checkpoint in output_dir"):
         trainer.train(resume_from_checkpoint=True)
+
+
+# ------------------------------------------------------------------------------------- preemption and the lock
+def start_run(tmp_path, config, ready_name, **env_extra):
+    """A real `amm-trl train` (tests/slow_checkpoint.py) on one thread, its stdout and stderr in files."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HOLD_STEP": "none",
+           "HOLD_READY": str(tmp_path / ready_name), **env_extra}
+    out, err = open(tmp_path / f"{ready_name}.out", "w"), open(tmp_path / f"{ready_name}.err", "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "slow_checkpoint.py"), "train", "--config",
+                             config], env=env, stdout=out, stderr=err, text=True)
+    return proc, env["HOLD_READY"]
+
+
+def wait_for(path, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {path}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_sigterm_saves_a_complete_checkpoint_exits_143_and_resume_matches(trained, tiny, tmp_path):
+    """slurm's preemption signal: a real `amm-trl train` (checkpoints every 2 steps) gets SIGTERM inside step 3.
+    The step finishes, checkpoint-3 is saved complete (off the save schedule), the process exits with 143, and
+    `--resume_from_checkpoint latest` continues from step 3 to the uninterrupted run's weights."""
+    config = recipe(tmp_path, tiny, output_dir=str(tmp_path / "out"))
+    proc, ready = start_run(tmp_path, config, "ready", STEP_READY="2")
+    try:
+        wait_for(ready, proc)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    stdout, stderr = (tmp_path / "ready.out").read_text(), (tmp_path / "ready.err").read_text()
+    assert rc == 128 + signal.SIGTERM, (rc, stderr[-3000:])
+    out = tmp_path / "out"
+    assert checkpoint_problem(str(out / "checkpoint-3")) is None
+    assert not (out / "checkpoint-4").exists() and not (out / "model.safetensors").exists()  # stopped, not finished
+    assert "got SIGTERM: saving a checkpoint at the end of this step" in stdout
+    assert (f"got SIGTERM: saved {out / 'checkpoint-3'} at step 3 and stopped. Resume with --resume_from_checkpoint "
+            f"latest") in stderr
+    assert "student saved" not in stdout
+    resumed = subprocess.run([sys.executable, "-m", "amm_trl.cli", "train", "--config", config,
+                              "--resume_from_checkpoint", "latest"], env={**os.environ, "PYTHONPATH": ROOT,
+                             "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(weights(out), weights(trained))
+
+
+def test_second_run_on_a_busy_output_dir_is_refused_and_a_killed_run_never_blocks_it(tiny, tmp_path):
+    """Run A trains in output_dir (held while writing checkpoint-2); run B (same recipe: a second sbatch, a requeue racing a manual restart) stops
+    before loading any model, naming A's pid and host, and A's files are untouched. After A is killed (SIGKILL:
+    no clean-up ran), run C takes the folder over and finishes."""
+    import socket
+
+    config = recipe(tmp_path, tiny, output_dir=str(tmp_path / "out"))
+    proc, ready = start_run(tmp_path, config, "a_ready", HOLD_STEP="2")  # A holds still inside its checkpoint-2
+    try:
+        wait_for(ready, proc)
+        lock = tmp_path / "out" / ".amm-trl.lock"
+        assert json.loads(lock.read_text())["pid"] == proc.pid
+        before = sorted(str(p) for p in (tmp_path / "out").rglob("*"))
+        start = time.monotonic()
+        second = subprocess.run([sys.executable, "-m", "amm_trl.cli", "train", "--config", config],
+                                env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0
+        assert (f"output_dir={str(tmp_path / 'out')!r} is in use by the run with pid {proc.pid} on host "
+                f"{socket.gethostname()}, started ") in second.stderr, second.stderr[-3000:]
+        assert "Wait for that run to end (or stop it), or pass another --output_dir" in second.stderr
+        assert "Loading" not in second.stderr and time.monotonic() - start < 60
+        assert sorted(str(p) for p in (tmp_path / "out").rglob("*")) == before
+        assert proc.poll() is None  # A goes on
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert lock.exists()  # SIGKILL left the file, but not the lock
+    third = subprocess.run([sys.executable, "-m", "amm_trl.cli", "train", "--config", config, "--max_steps", "2"],
+                           env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                           text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "student saved" in third.stdout and not lock.exists()  # released on a normal exit
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 700 KiB tmpfs (real ENOSPC): room for one checkpoint of the tiny run (~400 KiB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_a_save_says_so_and_the_last_checkpoint_resumes(trained, tiny, tmp_path, small_disk):
+    """A real `amm-trl train` whose output_dir fills up while checkpoint-4 is written: the error says the disk is
+    full, which folder, how much one checkpoint needs and that checkpoint-2 is intact; checkpoint-2 is complete."""
+    out = small_disk / "out"
+    config = recipe(tmp_path, tiny, output_dir=str(out))
+    run = subprocess.run([sys.executable, "-m", "amm_trl.cli", "train", "--config", config],
+                         env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode != 0
+    assert f"Disk full while writing {out / 'checkpoint-4'}: " in run.stderr, run.stderr[-3000:]
+    assert "MiB free on the file system of output_dir" in run.stderr
+    assert "a checkpoint of this run takes about 0.4 MiB (checkpoint-2)" in run.stderr
+    assert f"the newest complete checkpoint, {out / 'checkpoint-2'}, is intact" in run.stderr
+    assert checkpoint_problem(str(out / "checkpoint-2")) is None
+    assert checkpoint_problem(str(out / "checkpoint-4")) is not None
+    assert_same_weights(weights(out / "checkpoint-2"), weights(trained / "checkpoint-2"))

@@ -4,6 +4,7 @@ the context, divergence (non-finite loss, gradient norm, weights), iterable data
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -219,3 +220,88 @@ def test_non_finite_weights_are_never_saved(tiny, tiny_dataset, tmp_path):
                                                      r"not written"):
         trainer._save_checkpoint(trainer.model, None)
     assert not os.path.exists(os.path.join(trainer.args.output_dir, "checkpoint-5"))
+
+
+# ----------------------------------------------------------------------------- refused at the door, CLI level
+@pytest.mark.parametrize("field, value, message", [
+    ("per_device_train_batch_size", 0, r"AMMConfig.per_device_train_batch_size=0 is invalid: it must be a whole "
+                                       r"number >= 1\."),
+    ("max_steps", -5, r"AMMConfig.max_steps=-5 is invalid: give a positive number of optimizer steps, or -1 \(the "
+                      r"default\) to train num_train_epochs epochs\."),
+])
+def test_bad_run_sizes_are_refused_before_anything_is_written(tmp_path, tiny, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        main(["train", "--config", recipe(tmp_path, tiny, **{field: value})])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("empty", ["", "   ", None, []], ids=["empty", "blank", "null", "no_messages"])
+def test_a_row_without_a_prompt_is_named(tmp_path, tiny, empty):
+    rows = [{"prompt": f"w{i} w{i + 1}", "completion": "w3"} for i in range(8)]
+    rows[5]["prompt"] = empty
+    if empty == []:
+        rows = [{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} if i != 5 else r for i, r in
+                enumerate(rows)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=rf"dataset_name row 5 \(0-based\) has an empty prompt \({re.escape(repr(empty))}\): every "
+                                         r"row needs a prompt to generate from\. Remove such rows"):
+        main(["train", "--config", recipe(tmp_path, tiny, dataset_name=str(data))])
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_file_that_is_not_utf8_names_the_line_and_the_byte(tmp_path, tiny):
+    data = tmp_path / "latin1.jsonl"
+    lines = [json.dumps({"prompt": "w1 w2", "completion": "w3"}).encode()] * 4
+    lines[2] = '{"prompt": "caf\u00e9 w2", "completion": "w3"}'.encode("latin-1")
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=r"dataset_name='.*latin1.jsonl': line 3 is not UTF-8 \(byte 0xe9 at column "
+                                         r"16\)\. Save the file as UTF-8, e\.g\. `iconv -f latin1 -t utf-8 "):
+        main(["train", "--config", recipe(tmp_path, tiny, dataset_name=str(data))])
+
+
+def test_an_objective_that_needs_a_teacher_names_the_recipe_field(tmp_path, tiny):
+    with pytest.raises(ValueError, match=r"teacher_model_name_or_path: objective 'fkl' reads the teacher's "
+                                         r"distribution; set teacher_model_name_or_path in the recipe or pass "
+                                         r"--teacher_model_name_or_path PATH\."):
+        main(["train", "--config", recipe(tmp_path, tiny, objective="fkl", teacher_model_name_or_path=None)])
+    with pytest.raises(ValueError, match=r"teacher_model is required for objective 'fkl': pass "
+                                         r"AMMTrainer\(teacher_model=\.\.\.\) \(in a recipe or on the command line: "
+                                         r"teacher_model_name_or_path\)"):
+        AMMTrainer(model=tiny["student"], args=config(tmp_path, objective="fkl"), train_dataset=Dataset.from_dict(
+            {"prompt": ["w1 w2"], "completion": ["w3"]}))
+
+
+def test_generation_never_picks_a_padded_embedding_row(tmp_path):
+    """A model whose embedding is padded past its tokenizer (Qwen2.5's case), with the padded rows made the most
+    likely: greedy generation (the summary, `amm-trl generate`, `amm-trl eval`) still only emits real tokens."""
+    from amm_trl.generation import generate_token_ids
+    from tests.tiny import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(len(tok) + 32)
+    with torch.no_grad():
+        model.lm_head.weight[len(tok):] = model.lm_head.weight[:len(tok)].abs().max() * 50
+    model.save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    prompts = [tok("w1 w2 w3")["input_ids"], tok("w4")["input_ids"]]
+    unpadded = model.generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=4, do_sample=False)
+    assert (unpadded[0, len(prompts[1]):] >= len(tok)).all()  # without the limit: padded rows only
+    ids = generate_token_ids(str(tmp_path / "padded"), prompts, max_new_tokens=8, dtype="float32", progress=False)
+    assert all(len(row) > 0 and max(row) < len(tok) for row in ids), ids
+
+
+def test_resuming_onto_another_models_checkpoint_names_the_folder_and_both_shapes(tmp_path, tiny):
+    from tests.tiny import build_model, build_tokenizer
+
+    main(["train", "--config", recipe(tmp_path, tiny, save_strategy="steps", save_steps=2)])
+    other = tmp_path / "wider"
+    build_model(len(build_tokenizer()), hidden=64).save_pretrained(other)
+    build_tokenizer().save_pretrained(other)
+    state = (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text()
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint: .*out/checkpoint-2 was written by a different "
+                                         r"model: lm_head\.weight is \(64, 32\) in .*model\.safetensors but "
+                                         r"\(64, 64\) in this run's model\. Resume from a checkpoint of this model"):
+        main(["train", "--config", recipe(tmp_path, tiny, model_name_or_path=str(other)), "--resume_from_checkpoint",
+              "latest"])
+    assert (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text() == state

@@ -282,16 +282,23 @@ def _vllm_model(llm):
     return llm.llm_engine.model_executor.driver_worker.model_runner.model
 
 
-def _named_params(module):
-    """Named parameters of vLLM's model, through a CUDA-graph wrapper if vLLM put one around it."""
+def _unwrapped(module):
+    """vLLM's model, through a CUDA-graph wrapper if vLLM put one around it."""
     if not hasattr(module, "named_parameters"):
         for attr in ("unwrap", "runnable", "model"):
             inner = getattr(module, attr, None)
             inner = inner() if callable(inner) and attr == "unwrap" else inner
             if inner is not None and hasattr(inner, "named_parameters"):
-                module = inner
-                break
-    return dict(module.named_parameters())
+                return inner
+    return module
+
+
+def _named_params(module):
+    """Named weights of vLLM's model as it computes with them: on vLLM's CPU build a linear weight may live only in
+    its kernel's packed copy (tests/vllm_layout.py reads it back from there)."""
+    from tests.vllm_layout import effective_weights
+
+    return effective_weights(_unwrapped(module))
 
 
 def _gathered(model, zero3):
@@ -470,6 +477,9 @@ def _train_worker(assets_root, out, zero3, lora, use_vllm, is_correction=False):
     merged, deltas, base_before = _trainer_expected(gen.model, zero3)
     vparams = _named_params(vmodel)
     report["vllm_param_count"] = len(vparams)
+    from tests.vllm_layout import packed_linear_count
+
+    report["vllm_packed_linears"] = packed_linear_count(_unwrapped(vmodel))
     report["vllm_head_params"] = [n for n in vparams if HEADS in n]
     expected, unmapped, used = _to_vllm_names(merged, list(vparams))
     report["unmapped_vllm_params"] = unmapped

@@ -124,6 +124,9 @@ def test_colocated_sync_under_zero3_makes_vllm_score_like_the_trainer(assets, tm
     # the engine runs vLLM's packed CPU kernels: TRL's in-place `load_weights` could not update it
     assert report["vllm_qkv"]["numel"] == 0 and not report["vllm_qkv"]["has_weight_loader"]
     assert len(report["losses"]) == 2 and all(math.isfinite(x) for x in report["losses"])
+    # an engine of its own name, whose shared memory is already unlinked while it runs (the syncs and rollouts
+    # below use it): a kill leaves nothing behind, and the next tensor-parallel engine cannot collide with it
+    assert report["vllm_dist_ident"].startswith("amm-trl-") and report["shm_while_running"] == [], report
     check_syncs(report, n_syncs=3)
     check_stream(report, lora)
 
@@ -201,11 +204,19 @@ def test_unreachable_server_fails_within_timeout_with_vllm_installed(assets, tmp
         assert text in message, (text, message)
 
 
-def run_bench(tmp_path, script, *flags, timeout=400):
+def packed_env():
+    """`worker_env()` with vLLM's packed CPU weight layout forced in every process (tests/vllm_layout.py)."""
+    from tests.vllm_layout import FORCE_PACKED_DIR
+
+    env = worker_env()
+    return {**env, "PYTHONPATH": FORCE_PACKED_DIR + os.pathsep + env["PYTHONPATH"]}
+
+
+def run_bench(tmp_path, script, *flags, timeout=400, env=None):
     out = tmp_path / f"{script}.json"
     cmd = [sys.executable, os.path.join(ROOT, "bench", f"{script}.py"), "--tiny", "--models-dir",
            str(tmp_path / "models"), "--json", str(out), *flags]
-    proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
     assert proc.returncode == 0 and out.exists(), f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{proc.stdout[-6000:]}"
     return json.loads(out.read_text())
@@ -222,13 +233,17 @@ def test_bench_rollout_tiny_runs_vllm_and_hf(tmp_path):
 
 def test_bench_step_tiny_runs_both_trainers_with_colocated_vllm(tmp_path):
     """`bench_step.py --tiny --use-vllm 1 --trainers trl,amm`: TRL's trainer and AMM's each run their
-    3 steps with rollouts from colocated vLLM, and the ratios are computed."""
-    result = run_bench(tmp_path, "bench_step", "--use-vllm", "1", "--vllm-eager", "1", "--trainers", "trl,amm")
+    3 steps with rollouts from colocated vLLM, and the ratios are computed. Run with vLLM's packed weight layout
+    forced (`tests/vllm_layout.py`), as on CPUs with AVX-512 BF16, where TRL's stock sync fails."""
+    result = run_bench(tmp_path, "bench_step", "--use-vllm", "1", "--vllm-eager", "1", "--trainers", "trl,amm",
+                       env=packed_env())
     assert result["use_vllm"] and set(result["trainers"]) == {"trl", "amm"}
     for name, r in result["trainers"].items():
         assert "error" not in r, (name, r)
         assert r["steps"] == 3 and len(r["loss"]) == 3 and all(math.isfinite(x) for x in r["loss"]), (name, r)
         assert len(r["sync_s"]) == 3 and r["rollout_tokens_per_step"] == 16, (name, r)
+        # TRL's in-place sync cannot update vLLM's packed CPU weights: both trainers sync through the CPU sync
+        assert r["weight_sync"].startswith("amm_trl.vllm_cpu.CPUWeightSync: vLLM's CPU build packs"), (name, r)
     assert result["ratio_step_amm_over_trl"] > 0
 
 
@@ -248,21 +263,26 @@ def gpu_test_assets(tmp_path_factory):
     return build_gpu_assets(str(tmp_path_factory.mktemp("gpu_test_assets")))
 
 
-@pytest.mark.parametrize("case", ["sync_full", "sync_lora_zero3", "is_correction", "server_refused"])
+@pytest.mark.parametrize("case", ["sync_full", "sync_lora_zero3", "sync_lora_zero3_packed", "is_correction",
+                                  "server_refused"])
 def test_gpu_test_workers_pass_their_checks_on_cpu_vllm(gpu_test_assets, tmp_path, monkeypatch, case):
     """tests/test_gpu.py's vLLM workers on CPU against vLLM's CPU build, judged by the GPU tests' own assertions (its
     bf16 head_dim-64 models; vLLM serves them in bf16 and the trainer runs fp32 on CPU), so that a GPU run only
     measures: the colocated sync (parameter by parameter, full student; LoRA under ZeRO-3), the importance-sampling
-    metrics and the unreachable-server error."""
+    metrics and the unreachable-server error. vLLM packs the bf16 weights on CPUs with AVX-512 BF16 and not on
+    AVX2-only ones; `sync_lora_zero3_packed` forces the packed layout, so every CPU checks both."""
     from tests import test_gpu
 
-    for key, value in worker_env().items():
+    env = packed_env() if case.endswith("_packed") else worker_env()
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     if case == "sync_full":
         test_gpu.check_sync_report(test_gpu.run_worker("train", gpu_test_assets, tmp_path), zero3=False, lora=False)
-    elif case == "sync_lora_zero3":
+    elif case.startswith("sync_lora_zero3"):
         report = test_gpu.run_worker("train", gpu_test_assets, tmp_path, "--zero3", "--lora", torchrun=True)
         test_gpu.check_sync_report(report, zero3=True, lora=True)
+        if case.endswith("_packed"):  # every linear layer packed: 2 layers x (qkv, o, gate_up, down)
+            assert report["vllm_packed_linears"] >= 8, report["vllm_packed_linears"]
     elif case == "is_correction":
         test_gpu.check_is_correction_report(test_gpu.run_worker("train", gpu_test_assets, tmp_path, "--is-correction"))
     else:
@@ -393,6 +413,10 @@ def _train_worker(assets_root, out, zero3, lora, is_correction, server_url, trl_
         # `weight_loader` left: TRL's in-place `load_weights` cannot reach them)
         report["vllm_qkv"] = {"numel": qkv.weight.numel(), "has_weight_loader": hasattr(qkv.weight, "weight_loader"),
                               "cpu_linear": type(getattr(qkv, "cpu_linear", None)).__name__}
+        # the engine's shared-memory group files, while it runs (amm_trl.shm unlinks them once all ranks mapped them)
+        report["vllm_dist_ident"] = os.environ.get("VLLM_DIST_IDENT")
+        report["shm_while_running"] = sorted(n for n in os.listdir("/dev/shm") if "cpushm" in n or
+                                             n.startswith("deepspeed_allreduce_buffer"))
     # A non-trivial adversary (the heads start at zero: the student would not move in step 1) and, with LoRA,
     # non-zero adapters from the start, so that merging them changes the weights vLLM must hold.
     torch.manual_seed(0)
