@@ -110,9 +110,12 @@ def train(argv: list[str], callbacks: list | None = None):
     import torch
     from accelerate import PartialState
 
+    from .launch import LAUNCH_FLAGS, launch
     from .preemption import TrainingPreempted
     from .runlock import lock_output_dir, release_output_dir
 
+    if any(a.partition("=")[0] in LAUNCH_FLAGS for a in argv):  # `--accelerate_config zero3`: relaunch, like TRL's CLI
+        return launch(argv)
     script, args, model_args = parse_train_args(argv)
     if args.use_cpu or not torch.cuda.is_available():
         # Flush denormals to zero on CPU: Adam's second moments of rarely-updated rows (the vocab-sized Q-heads)

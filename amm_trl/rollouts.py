@@ -4,6 +4,7 @@ off-policy completions (the dataset's, tokenized as the student would emit them,
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from urllib.parse import urlparse
@@ -80,6 +81,31 @@ def wait_for_vllm_server(args, model) -> None:
         f"vllm_server_base_url (or vllm_server_host and vllm_server_port) at it; raise vllm_server_timeout if it is "
         f"still loading."
     )
+
+
+def check_vllm_memory(args, model) -> None:
+    """Colocated vLLM on a GPU: refuses (before any model loads) a `vllm_gpu_memory_utilization` whose share of the
+    GPU cannot hold the student's weights (the safetensors files of a local model folder, split over the engine's
+    tensor-parallel ranks) plus 1 GiB of KV cache: vLLM would fail to start after both models loaded."""
+    if not (args.use_vllm and args.vllm_mode == "colocate" and torch.cuda.is_available()):
+        return
+    if not (isinstance(model, str) and os.path.isdir(model)):
+        return  # a hub name or a model object: the weights' size is not known before loading
+    weights = sum(os.path.getsize(os.path.join(model, name)) for name in os.listdir(model)
+                  if name.endswith(".safetensors"))
+    if not weights:
+        return
+    gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
+    per_rank = weights / max(1, args.vllm_tensor_parallel_size)
+    share = args.vllm_gpu_memory_utilization * gpu.total_memory
+    needed = per_rank + 2**30
+    if share < needed:
+        minimum = math.ceil(needed / gpu.total_memory * 20) / 20  # rounded up to 0.05
+        raise ValueError(
+            f"AMMConfig.vllm_gpu_memory_utilization={args.vllm_gpu_memory_utilization} gives vLLM "
+            f"{share / 2**30:.1f} GiB of this GPU's {gpu.total_memory / 2**30:.1f} GiB ({gpu.name}), but the student's "
+            f"weights take {per_rank / 2**30:.1f} GiB per engine rank ({model}) and the KV cache needs room too: set "
+            f"vllm_gpu_memory_utilization >= {minimum:.2f} (the GPU recipes use 0.15 on 80 GB GPUs, 0.3 on 40 GB).")
 
 
 def configure_vllm_generation(generation: HeadFreeVLLMGeneration, args, is_main_process: bool) -> None:
@@ -226,26 +252,31 @@ class PromptLengthMixin:
 
     _prompt_warned = False
 
-    def _prompt_context(self) -> int | None:
+    def _prompt_context(self) -> tuple[int | None, str]:
+        """(tokens a prompt plus its completion may take, what sets it): the models' context, or vLLM's engine
+        limit (`vllm_max_model_length`) when rollouts come from vLLM and it is shorter."""
         teacher = getattr(self, "teacher_model", None)
         teacher_config = self.accelerator.unwrap_model(teacher).config if teacher is not None else None
-        return context_length(self.model.config, teacher_config)
+        context = context_length(self.model.config, teacher_config)
+        limits = [(context, f"the models' context of {context} tokens (max_position_embeddings)")] if context else []
+        engine = self.args.vllm_max_model_length if self.args.use_vllm else None
+        if engine:
+            limits.append((engine, f"vLLM's limit of {engine} tokens (vllm_max_model_length)"))
+        return min(limits) if limits else (None, "")
 
     def _prompt_limit(self) -> tuple[int | None, str]:
         """(longest allowed prompt in tokens, why)."""
-        args, context = self.args, self._prompt_context()
+        args, (context, what) = self.args, self._prompt_context()
         if args.max_prompt_length is not None:
             if context is not None and args.max_prompt_length + self.max_completion_length > context:
                 raise ValueError(
                     f"AMMConfig.max_prompt_length={args.max_prompt_length} plus max_completion_length="
-                    f"{self.max_completion_length} exceeds the models' context of {context} tokens "
-                    f"(max_position_embeddings): set max_prompt_length <= {context - self.max_completion_length}.")
+                    f"{self.max_completion_length} exceeds {what}: set max_prompt_length <= "
+                    f"{context - self.max_completion_length}.")
             return args.max_prompt_length, f"max_prompt_length={args.max_prompt_length}"
         if context is None:
             return None, ""
-        return context - self.max_completion_length, (f"the models' context of {context} tokens "
-                                                      f"(max_position_embeddings) minus max_completion_length="
-                                                      f"{self.max_completion_length}")
+        return context - self.max_completion_length, f"{what} minus max_completion_length={self.max_completion_length}"
 
     def _prompt_length_verdict(self, lengths: list[int], where: str) -> int:
         """Warns about or refuses the prompts longer than the limit; returns how many are cut."""
@@ -258,7 +289,7 @@ class PromptLengthMixin:
         if self.args.max_prompt_length is None:
             raise ValueError(
                 f"{len(too_long)} of {len(lengths)} prompts of {where} are longer than {limit} tokens ({why}); the "
-                f"longest has {max(too_long)}. The models cannot attend past their context. Set max_prompt_length "
+                f"longest has {max(too_long)}. Nothing can run past that limit. Set max_prompt_length "
                 f"(prompts are then cut from the left, with a warning), lower max_completion_length, or filter them.")
         if not self._prompt_warned and self.accelerator.is_main_process:
             warnings.warn(f"{len(too_long)} of {len(lengths)} prompts of {where} are longer than {why} tokens "

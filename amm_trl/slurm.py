@@ -45,11 +45,12 @@ RENDER_MARK = "# ---- rendered by amm-trl slurm"
 
 
 def template_dir() -> str:
-    """`$AMM_TRL_SLURM_DIR`, else the repository's `slurm/` (next to the `amm_trl` package in a source checkout)."""
+    """`$AMM_TRL_SLURM_DIR`, else the templates shipped in the package (`amm_trl/slurm_templates`, also reachable as
+    `slurm/` in a source checkout)."""
     env = os.environ.get("AMM_TRL_SLURM_DIR")
     if env:
         return env
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "slurm_templates")
 
 
 def find_template(template: str) -> str:
@@ -99,6 +100,19 @@ def _recipe_output_dir(recipe: str) -> str | None:
         return str(out) if out else None
     except Exception:
         return None
+
+
+FILE_VARIABLES = {"ACCELERATE_CONFIG": "--accelerate-config", "DS_CONFIG": "--set DS_CONFIG=...", "RECIPE": "--recipe"}
+
+
+def check_files(env: Mapping) -> None:
+    """The files a job reads (recipe, accelerate and DeepSpeed configs) exist now: a job that finds one missing
+    after hours in the queue fails with no training done."""
+    for name, flag in FILE_VARIABLES.items():
+        value = env.get(name)
+        if value and not os.path.isfile(str(value)):
+            raise SystemExit(f"amm-trl slurm: {name}={value!r} ({flag}) is not a file. Pass an existing path (the "
+                             f"packaged ones are listed by `amm-trl slurm list`).")
 
 
 def render(template: str, recipe: str | None, sbatch: Mapping | None = None, **env) -> str:
@@ -225,6 +239,7 @@ def _render_from_args(args) -> tuple[str, dict]:
         sbatch["output"] = os.path.join(os.path.abspath(output_dir), "logs", "slurm-%x-%j.out")
     env.update(_kv(args.set, "set"))
     sbatch.update({k: (v if v != "" else None) for k, v in _kv(args.sbatch, "sbatch").items()})
+    check_files({**env, "RECIPE": args.recipe})
     return render(args.template, args.recipe, sbatch=sbatch, **env), {"output_dir": output_dir}
 
 
@@ -237,8 +252,9 @@ def main(argv: list[str] | None = None, prog: str = "amm-trl slurm") -> int:
         return 0
     text, info = _render_from_args(args)
     output_dir = info["output_dir"]
-    if output_dir and (args.action == "submit" or args.output):
-        # slurm does not create the --output folder; a missing one makes the job fail without a word
+    if output_dir:
+        # slurm does not create the --output folder; a missing one makes the job fail without a word (also when
+        # the script is rendered to stdout and submitted from a pipe)
         os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
     if args.action == "render":
         if args.output:

@@ -47,12 +47,12 @@ from .objectives import Objective, get_objective
 from .objectives.base import KINDS, LossContext, Part, Projection, RolloutScorer, Step, logit_transform, token_function
 from .preemption import PreemptionCallback, TrainingPreempted
 from .qhead import HEADS_ATTRIBUTE, HEADS_FILE
-from .teacher import load_teacher, shared_vocab_size, suppress_padded_rows
+from .rollouts import (HeadFreeVLLMGeneration, PromptLengthMixin, check_vllm_memory, completion_token_ids,
+                       configure_vllm_generation, extra_logits_processor, sampled_log_probs, teacher_completions,
+                       vllm_correction, wait_for_vllm_server)
 from .runlock import lock_output_dir
-from .rollouts import (HeadFreeVLLMGeneration, PromptLengthMixin, completion_token_ids, configure_vllm_generation,
-                       extra_logits_processor, sampled_log_probs, teacher_completions, vllm_correction,
-                       wait_for_vllm_server)
 from .shm import release_deepspeed_shm
+from .teacher import load_teacher, shared_vocab_size, suppress_padded_rows
 from .vllm_cpu import trl_builds_generation, vllm_generation_class
 
 __all__ = ["AMMTrainer", "ObjectiveCallback", "HEADS_FILE", "HeadFreeVLLMGeneration", "wait_for_vllm_server"]
@@ -102,6 +102,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         check_dataset(eval_dataset, "eval_dataset", off_column)
         if args.use_vllm and args.vllm_mode == "server" and args.process_index == 0:  # where TRL's client runs
             wait_for_vllm_server(args, model)  # before loading any model: fail fast
+        check_vllm_memory(args, model)
         teacher = load_teacher(teacher_model, args, objective, model, processing_class)  # tokenizer checked first
         # TRL builds our generator where it builds its own (on vLLM's CPU build: with the syncs that work there).
         with trl_builds_generation(vllm_generation_class(HeadFreeVLLMGeneration)):

@@ -156,6 +156,21 @@ def test_prompts_past_the_context_are_refused(tiny, tiny_dataset, tmp_path):
                    train_dataset=_long_prompt_rows(tiny_dataset))
 
 
+def test_prompts_past_vllms_engine_limit_are_refused(tiny, tiny_dataset, tmp_path):
+    """vLLM's `vllm_max_model_length` (shorter than the models' context) is the limit when rollouts come from vLLM:
+    prompts that pass the models' 256 tokens but not the engine's 100 are refused at the start, not inside vLLM."""
+    rows = [dict(tiny_dataset[i]) for i in range(8)]
+    rows[2]["prompt"] = " ".join(f"w{i % 50}" for i in range(120))
+    data = Dataset.from_list(rows)
+    trainer = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=config(tmp_path),
+                         train_dataset=data)  # the models' context (256) holds 120 + 6 tokens
+    trainer.args.use_vllm, trainer.args.vllm_max_model_length = True, 100
+    with pytest.raises(ValueError, match=r"1 of 8 prompts of train_dataset are longer than 94 tokens \(vLLM's limit "
+                                         r"of 100 tokens \(vllm_max_model_length\) minus max_completion_length=6\); "
+                                         r"the longest has 120\. Nothing can run past that limit"):
+        trainer.check_prompt_lengths({"train_dataset": data})
+
+
 def test_prompts_are_cut_to_max_prompt_length_with_a_count(tiny, tiny_dataset, tmp_path):
     data = _long_prompt_rows(tiny_dataset)
     with pytest.warns(UserWarning, match=r"3 of 8 prompts of train_dataset are longer than max_prompt_length=32 "
@@ -305,3 +320,26 @@ def test_resuming_onto_another_models_checkpoint_names_the_folder_and_both_shape
         main(["train", "--config", recipe(tmp_path, tiny, model_name_or_path=str(other)), "--resume_from_checkpoint",
               "latest"])
     assert (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text() == state
+
+
+def test_a_vllm_share_too_small_for_the_students_weights_is_refused_with_the_numbers(tiny, monkeypatch):
+    """Colocated vLLM on a 40 GB GPU (its properties stood in for on this CPU machine): a share that cannot hold the
+    student's weights is refused before any model loads, with the share, the weights and the minimum."""
+    from types import SimpleNamespace
+
+    from amm_trl.rollouts import check_vllm_memory
+
+    weights = sum(os.path.getsize(os.path.join(tiny["student"], n)) for n in os.listdir(tiny["student"])
+                  if n.endswith(".safetensors"))
+    gpu = SimpleNamespace(total_memory=40 * 2**30, name="NVIDIA A100-SXM4-40GB")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: gpu)
+    args = SimpleNamespace(use_vllm=True, vllm_mode="colocate", vllm_tensor_parallel_size=1,
+                           vllm_gpu_memory_utilization=0.02)
+    with pytest.raises(ValueError, match=rf"AMMConfig.vllm_gpu_memory_utilization=0.02 gives vLLM 0.8 GiB of this "
+                                         rf"GPU's 40.0 GiB \(NVIDIA A100-SXM4-40GB\), but the student's weights take "
+                                         rf"{weights / 2**30:.1f} GiB per engine rank .* set "
+                                         rf"vllm_gpu_memory_utilization >= 0.05 \(the GPU recipes use 0.15 on 80 GB"):
+        check_vllm_memory(args, tiny["student"])
+    check_vllm_memory(SimpleNamespace(**{**vars(args), "vllm_gpu_memory_utilization": 0.05}), tiny["student"])

@@ -190,3 +190,28 @@ def test_summary_eval_is_off_without_a_dataset_or_rows():
     for dataset, rows in ((None, 32), ("", 32), ("data.jsonl", 0)):
         script = SimpleNamespace(summary_eval_dataset=dataset, summary_eval_rows=rows, summary_eval_max_new_tokens=8)
         assert summary_rouge(script, "no/model/needed", "/tmp/unused") is None
+
+
+GPU_RECIPES = [name for name in RECIPES if name.startswith("openllama_7b_3b_")]
+DOLLY_TRAIN_ROWS, GPUS = 14511, 8  # README "Data format" (15,011 rows, 500 held out); the recipes' launch line
+
+
+@pytest.mark.parametrize("name", GPU_RECIPES)
+def test_gpu_recipes_checkpoint_and_evaluate_within_their_documented_run(name):
+    """With the documented launch (8 GPUs) and data (dolly's training split), each GPU recipe's run length is the
+    one its header states, it saves at least 4 checkpoints and evaluates at least 3 times within it, reads the
+    documented eval split, and starts a vLLM engine only if its objective generates rollouts."""
+    import math
+
+    text = (resources.files("amm_trl") / "recipes" / name).read_text()
+    script, args, _ = parse_train_args(["--config", recipe_path(name), "--output_dir", "/tmp/amm-recipe-test",
+                                        "--use_cpu", "true"])
+    per_step = GPUS * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    steps = math.ceil(DOLLY_TRAIN_ROWS / per_step) * int(args.num_train_epochs)
+    assert f"--num_processes {GPUS}" in text and f"= {per_step} rows per optimizer step" in text
+    assert f"x {int(args.num_train_epochs)} epochs = {steps} steps" in text
+    assert args.save_strategy == "steps" and steps // args.save_steps >= 4, (args.save_steps, steps)
+    assert args.eval_strategy == "steps" and steps // args.eval_steps >= 3, (args.eval_steps, steps)
+    assert script.eval_dataset_name == "data/dolly_eval.jsonl" and 'split["test"].to_json("data/dolly_eval.jsonl")' \
+        in open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    assert args.use_vllm == args.objective_unit.uses_rollouts, (args.objective, args.use_vllm)

@@ -108,6 +108,34 @@ def test_cli_under_accelerate_launch_zero3(zero3, tmp_path):
     assert os.path.exists(tmp_path / "out" / "amm_q_heads.safetensors")
 
 
+def test_amm_trl_train_launches_itself_with_a_packaged_accelerate_config(zero3, tmp_path):
+    """`amm-trl train --accelerate_config zero3_cpu --num_processes 2` (TRL's CLI style), started outside the
+    repository: the packaged config is found by name, its DeepSpeed file resolved, and 2 ranks train under ZeRO-3."""
+    assets, _ = zero3
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {assets}/student\nteacher_model_name_or_path: {assets}/teacher\n"
+        f"dataset_name: {assets}/data.jsonl\ndtype: float32\nteacher_model_init_kwargs: {{dtype: float32}}\n"
+        f"output_dir: {tmp_path}/out\nmax_steps: 1\nper_device_train_batch_size: 2\nmax_completion_length: 4\n"
+        "use_cpu: true\nbf16: false\ngradient_checkpointing: false\nreport_to: none\nsave_strategy: 'no'\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run([sys.executable, "-m", "amm_trl.cli", "train", "--accelerate_config", "zero3_cpu",
+                           "--num_processes", "2", "--main_process_port", str(free_port()), "--config", str(recipe)],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "student saved" in proc.stdout and os.path.exists(tmp_path / "out" / "model.safetensors")
+    rows = sum(1 for line in open(f"{assets}/data.jsonl") if line.strip())
+    assert f"'epoch': '{2 * 2 / rows:.4g}'" in proc.stdout  # one step read 2 rows on each of 2 ranks
+
+
+def test_accelerate_config_names_the_packaged_ones_when_unknown():
+    from amm_trl.launch import resolve_config
+
+    with pytest.raises(FileNotFoundError, match=r"--accelerate_config 'zero9': no such file, and no packaged config "
+                                                r"of that name \[.*'zero3', 'zero3_cpu', 'zero3_offload'\]"):
+        resolve_config("zero9")
+
+
 MASTER_WORKER = os.path.join(ROOT, "tests", "distributed", "master_heads_worker.py")
 
 

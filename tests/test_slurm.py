@@ -10,6 +10,7 @@ The render tests at the top need no slurm.
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -284,3 +285,48 @@ def test_vllm_server_template_single_node_split(cluster, tmp_path):
     assert result["world_size"] == 2
     server_log = _read(os.path.join(out, "logs", f"vllm-{job}-r0.vllm.log"))
     assert "'--model', '/models/student'" in server_log and "GET /health" in server_log
+
+
+def test_render_to_stdout_creates_the_log_folder_and_missing_files_are_refused(tmp_path, capsys):
+    """`#SBATCH --output` points into OUTPUT_DIR/logs, which slurm does not create: rendering to stdout (to pipe
+    into sbatch) creates it too. A configuration file that does not exist is refused now, not after the queue."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path}/out\n")
+    assert amm_slurm.main(["render", "single_node", "--recipe", str(recipe), "--gpus", "2"]) == 0
+    assert "#SBATCH --output=" in capsys.readouterr().out and (tmp_path / "out" / "logs").is_dir()
+    with pytest.raises(SystemExit, match=r"ACCELERATE_CONFIG='deepspeed_configs/zero4\.yaml' \(--accelerate-config\) "
+                                         r"is not a file"):
+        amm_slurm.main(["render", "single_node", "--recipe", str(recipe), "--accelerate-config",
+                        "deepspeed_configs/zero4.yaml"])
+    with pytest.raises(SystemExit, match=r"RECIPE='.*missing\.yaml' \(--recipe\) is not a file"):
+        amm_slurm.main(["render", "single_node", "--recipe", str(tmp_path / "missing.yaml")])
+
+
+def _template_without_slurm(tmp_path, template, **env):
+    """Runs a template with bash outside slurm: `scontrol show hostnames` answers one node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho node1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path}/out\nmodel_name_or_path: /models/student\n")
+    full = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RECIPE": str(recipe),
+            "SLURM_JOB_NODELIST": "node1", "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", os.path.join(TEMPLATES, f"{template}.sbatch")], env=full, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_vllm_server_on_one_node_refuses_more_gpus_than_the_node_has(tmp_path):
+    run = _template_without_slurm(tmp_path, "vllm_server", SLURM_GPUS_ON_NODE="8", NUM_GPUS="8", VLLM_TP="2")
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert ("one node with 8 GPUs: NUM_GPUS=8 training processes plus the server's VLLM_TP x VLLM_DP = 2 GPUs do "
+            "not fit. On one node NUM_GPUS counts the trainer's GPUs only: pass NUM_GPUS=6") in run.stderr
+
+
+def test_setup_snippets_may_read_unset_variables(tmp_path):
+    """SETUP (conda/module activation) runs before `set -u`: a snippet reading an unset variable does not kill the
+    job (it then stops at the next check, the missing recipe, which proves SETUP ran through)."""
+    run = _template_without_slurm(tmp_path, "single_node", SETUP='echo "setup ran ${AMM_UNSET_VARIABLE}"; '
+                                  'echo "$AMM_UNSET_VARIABLE" > /dev/null', RECIPE="")
+    assert "setup ran" in run.stdout + run.stderr and "unbound variable" not in run.stderr, run.stderr
+    assert "set RECIPE to a recipe YAML" in run.stderr
