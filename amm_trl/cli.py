@@ -98,7 +98,7 @@ def parse_train_args(argv: list[str]):
     if "--config" in argv:
         i = argv.index("--config") + 1
         argv[i] = recipe_path(argv[i])
-    else:
+    elif not {"-h", "--help"} & set(argv):  # `--help` shows AMMConfig's own defaults, not the quickstart's values
         argv = ["--config", recipe_path("quickstart")] + argv
     parser = TrlParser((TrainScriptArguments, AMMConfig, ModelConfig), prog="amm-trl train")
     return parser.parse_args_and_config(argv)

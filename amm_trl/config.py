@@ -72,6 +72,9 @@ class AMMConfig(DistillationConfig):
             weight decay, same schedule).
         q_head_shared (`bool`, *optional*, defaults to `False`):
             One head for both distances instead of separate on-policy and off-policy heads.
+        hub_push_q_heads (`bool`, *optional*, defaults to `False`):
+            Whether `push_to_hub` uploads `amm_q_heads.safetensors` (the trained critic) beside the student. Off: the
+            hub repository holds the student alone.
         q_head_type (`str`, *optional*, defaults to `"linear"`):
             `"linear"`: f = c*tanh(W h + b) with W of shape (vocab, hidden), zero-initialized (distances start at 0).
             `"low_rank"`: f = c*tanh(E g(h)), E the detached student output embedding and g a two-layer MLP
@@ -213,6 +216,8 @@ class AMMConfig(DistillationConfig):
     amm_anchor: str = field(default="fkl", metadata={"help": "Anchor loss.", "choices": list(AMM_ANCHORS)})
     q_head_lr_multiplier: float = field(default=10.0, metadata={"help": "Q-head lr = learning_rate * multiplier."})
     q_head_shared: bool = field(default=False, metadata={"help": "One Q-head for on- and off-policy distances."})
+    hub_push_q_heads: bool = field(default=False, metadata={
+        "help": "push_to_hub uploads the Q-heads file too (default: the student alone)."})
     q_head_type: str = field(default="linear", metadata={"help": "Q-head kind.", "choices": list(Q_HEAD_TYPES)})
     q_head_features: str = field(
         default="student", metadata={"help": "Hidden states the Q-head reads.", "choices": list(Q_HEAD_FEATURES)}

@@ -50,7 +50,7 @@ from .qhead import HEADS_ATTRIBUTE, HEADS_FILE
 from .rollouts import (HeadFreeVLLMGeneration, PromptLengthMixin, check_vllm_memory, completion_token_ids,
                        configure_vllm_generation, extra_logits_processor, sampled_log_probs, teacher_completions,
                        vllm_correction, wait_for_vllm_server)
-from .runlock import lock_output_dir
+from .runlock import LOCK_FILE, hub_ignores, lock_output_dir
 from .shm import release_deepspeed_shm
 from .teacher import load_teacher, shared_vocab_size, suppress_padded_rows
 from .vllm_cpu import trl_builds_generation, vllm_generation_class
@@ -86,7 +86,11 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
     """
 
     _tag_names = ["trl", "distillation", "amm-trl"]
-    _name = "AMM"
+    _name = "amm-trl"
+    _paper = {"title": "Adversarial Moment-Matching Distillation of Large Language Models", "id": "2406.02959",
+              "citation": "@inproceedings{jia2024adversarial,\n    title     = {{Adversarial Moment-Matching Distillation "
+                          "of Large Language Models}},\n    author    = {Jia, Chen},\n    booktitle = {Advances in "
+                          "Neural Information Processing Systems (NeurIPS)},\n    year      = 2024,\n}"}
 
     def __init__(self, model, teacher_model=None, args: AMMConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None),
@@ -121,6 +125,46 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                          self.preemption]:
             self.add_callback(callback)
         self.check_prompt_lengths({"train_dataset": train_dataset, "eval_dataset": eval_dataset})
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None) -> None:
+        """TRL's model card, naming the objective, the paper of its method (AMM's for `amm`, the baseline's own
+        otherwise) and the student and teacher it was distilled between (TRL's card names no base model when the
+        student was loaded from a local folder)."""
+        papers = {"amm": self._paper, "gkd": DistillationTrainer._paper, "jsd": DistillationTrainer._paper,
+                  "minillm": {"title": "MiniLLM: Knowledge Distillation of Large Language Models", "id": "2306.08543"},
+                  "distillm": {"title": "DistiLLM: Towards Streamlined Distillation for Large Language Models",
+                               "id": "2402.03898"},
+                  "pbkd": {"title": "Online Knowledge Distillation with Reward Guidance", "id": "2505.18952"}}
+        objective = self.args.objective
+        self._paper, self._name = papers.get(objective, {}), f"amm-trl (objective `{objective}`)"
+        try:
+            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        finally:
+            self._paper, self._name = type(self)._paper, type(self)._name
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.exists(path):
+            return
+        student = self.accelerator.unwrap_model(self.model).config._name_or_path
+        teacher = self.args.teacher_model_name_or_path or "the teacher given to AMMTrainer"
+        with open(path) as f:
+            card = f.read()
+        card = card.replace("This model is a fine-tuned version of [None](https://huggingface.co/None)",
+                            f"This model is `{student}` distilled from `{teacher}`")
+        with open(path, "w") as f:
+            f.write(card)
+
+    def push_to_hub(self, *args, **kwargs):
+        """`Trainer.push_to_hub`, without the run's lock file and (unless `hub_push_q_heads`) the Q-heads file."""
+        with hub_ignores(self._hub_ignore_patterns()):
+            return super().push_to_hub(*args, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        with hub_ignores(self._hub_ignore_patterns()):
+            super()._push_from_checkpoint(checkpoint_folder)
+
+    def _hub_ignore_patterns(self) -> list[str]:
+        return [LOCK_FILE] + ([] if self.args.hub_push_q_heads else [HEADS_FILE])
 
     def train(self, *args, **kwargs):
         """`Trainer.train`; after a preemption signal (see `amm_trl.preemption`) it saves, then raises

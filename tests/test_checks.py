@@ -343,3 +343,29 @@ def test_a_vllm_share_too_small_for_the_students_weights_is_refused_with_the_num
                                          rf"vllm_gpu_memory_utilization >= 0.05 \(the GPU recipes use 0.15 on 80 GB"):
         check_vllm_memory(args, tiny["student"])
     check_vllm_memory(SimpleNamespace(**{**vars(args), "vllm_gpu_memory_utilization": 0.05}), tiny["student"])
+
+
+@pytest.mark.parametrize("push_heads", [False, True])
+def test_push_to_hub_leaves_out_the_lock_and_unless_asked_the_q_heads(tiny, tiny_dataset, tmp_path, monkeypatch,
+                                                                       push_heads):
+    """The upload of output_dir (hub calls recorded, nothing leaves the machine) skips the run's lock file and the
+    Q-heads file unless `hub_push_q_heads`; the Trainer's own patterns stay."""
+    import transformers.trainer as hf_trainer
+
+    calls = []
+
+    class Recorder:
+        def upload_folder(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setattr(hf_trainer, "hf_api", lambda: Recorder())
+    trainer = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], train_dataset=tiny_dataset,
+                         args=config(tmp_path, max_steps=1, hub_push_q_heads=push_heads))
+    trainer.train()
+    trainer.hub_model_id = "someone/student"
+    trainer.push_to_hub()
+    (call,) = calls
+    assert call["folder_path"] == str(tmp_path / "out") and (tmp_path / "out" / "amm_q_heads.safetensors").exists()
+    assert {"_*", "checkpoint-*", ".amm-trl.lock"} <= set(call["ignore_patterns"])
+    assert ("amm_q_heads.safetensors" in call["ignore_patterns"]) is not push_heads
+    assert isinstance(hf_trainer.hf_api(), Recorder)  # transformers' function is restored after the push

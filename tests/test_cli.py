@@ -215,3 +215,41 @@ def test_gpu_recipes_checkpoint_and_evaluate_within_their_documented_run(name):
     assert script.eval_dataset_name == "data/dolly_eval.jsonl" and 'split["test"].to_json("data/dolly_eval.jsonl")' \
         in open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
     assert args.use_vllm == args.objective_unit.uses_rollouts, (args.objective, args.use_vllm)
+
+
+def test_help_shows_the_configs_defaults_not_the_quickstart_recipes(capsys):
+    """`amm-trl train --help` documents AMMConfig (q_head_lr_multiplier 10), not the quickstart's values (5)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {AMMConfig.__dataclass_fields__['q_head_lr_multiplier'].default})" in \
+        text.split("--q-head-lr-multiplier Q_HEAD_LR_MULTIPLIER")[1].split("--")[0]
+
+
+def test_version_and_env_print_what_a_bug_report_needs(capsys):
+    import importlib.metadata
+
+    import torch
+
+    main(["--version"])
+    assert capsys.readouterr().out.strip() == f"amm-trl {importlib.metadata.version('amm-trl')}"
+    main(["env"])
+    out = capsys.readouterr().out
+    for line in (f"- torch: {torch.__version__}", f"- trl: {importlib.metadata.version('trl')}",
+                 f"- transformers: {importlib.metadata.version('transformers')}",
+                 f"- deepspeed: {importlib.metadata.version('deepspeed')}", "- vllm: ", "- cuda: ", "- cpu: "):
+        assert line in out, (line, out)
+
+
+def test_model_card_names_the_objective_its_paper_and_both_models(tmp_path, tiny):
+    main(["train", "--config", tiny_recipe(tmp_path, tiny, save_strategy="steps", save_steps=2)])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "amm-trl (objective `amm`)" in card and "huggingface.co/papers/2406.02959" in card
+    assert "Adversarial Moment-Matching Distillation of Large Language Models" in card and "2306.13649" not in card
+    assert f"`{tiny['student']}` distilled from `{tiny['teacher']}`" in card and "[None]" not in card
+    fkl = tmp_path / "fkl"
+    fkl.mkdir()
+    main(["train", "--config", tiny_recipe(fkl, tiny, objective="fkl", save_strategy="steps", save_steps=2)])
+    card = (fkl / "out" / "README.md").read_text()
+    assert "amm-trl (objective `fkl`)" in card and "huggingface.co/papers" not in card and "@inproceedings" not in card
