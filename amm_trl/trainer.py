@@ -151,6 +151,8 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
             card = f.read()
         card = card.replace("This model is a fine-tuned version of [None](https://huggingface.co/None)",
                             f"This model is `{student}` distilled from `{teacher}`")
+        card = card.replace('pipeline("text-generation", model="None"',
+                            f'pipeline("text-generation", model="{self.hub_model_id or self.args.output_dir}"')
         with open(path, "w") as f:
             f.write(card)
 

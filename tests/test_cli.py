@@ -247,9 +247,18 @@ def test_model_card_names_the_objective_its_paper_and_both_models(tmp_path, tiny
     card = (tmp_path / "out" / "README.md").read_text()
     assert "amm-trl (objective `amm`)" in card and "huggingface.co/papers/2406.02959" in card
     assert "Adversarial Moment-Matching Distillation of Large Language Models" in card and "2306.13649" not in card
-    assert f"`{tiny['student']}` distilled from `{tiny['teacher']}`" in card and "[None]" not in card
+    assert f"`{tiny['student']}` distilled from `{tiny['teacher']}`" in card and "None" not in card
     fkl = tmp_path / "fkl"
     fkl.mkdir()
     main(["train", "--config", tiny_recipe(fkl, tiny, objective="fkl", save_strategy="steps", save_steps=2)])
     card = (fkl / "out" / "README.md").read_text()
     assert "amm-trl (objective `fkl`)" in card and "huggingface.co/papers" not in card and "@inproceedings" not in card
+
+
+def test_lora_run_gets_the_same_card_not_peft_s_blank_template(tmp_path, tiny):
+    main(["train", "--config", tiny_recipe(tmp_path, tiny, save_strategy="steps", save_steps=2, use_peft=True,
+                                           lora_r=4, lora_target_modules=["q_proj", "v_proj"])])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists() and "library_name: peft" in card
+    assert "amm-trl (objective `amm`)" in card and f"`{tiny['student']}` distilled from `{tiny['teacher']}`" in card
+    assert "[More Information Needed]" not in card  # PEFT's blank template
