@@ -67,7 +67,7 @@ class AMMConfig(DistillationConfig):
             does.
         amm_anchor (`str`, *optional*, defaults to `"fkl"`):
             The anchor: `"fkl"` (forward KL(p_T || p_S)) or `"ce"` (cross-entropy of the completion's tokens).
-        q_head_lr_multiplier (`float`, *optional*, defaults to `10.0`):
+        q_head_lr_multiplier (`float`, *optional*, defaults to `5.0`):
             The Q-heads' learning rate is `learning_rate * q_head_lr_multiplier` (own optimizer parameter group, no
             weight decay, same schedule).
         q_head_shared (`bool`, *optional*, defaults to `False`):
@@ -207,14 +207,15 @@ class AMMConfig(DistillationConfig):
     amm_beta: float = field(default=0.5, metadata={"help": "AMM off-policy weight (1 - amm_beta = on-policy)."})
     q_bound: float | None = field(default=None, metadata={"help": "Critic bound c: f = c * tanh(.); null: unbounded."})
     q_prior_alpha: float = field(default=1.0, metadata={
-        "help": "Informed critic: f = c * tanh(alpha * (log p_T - log p_S) + head); 0 = head only."})
+        "help": "Informed critic: u = alpha * (log p_T - log p_S) + head; f = u (unbounded, the default, with "
+                "q_head_l2) or c * tanh(u) with q_bound c; 0 = the head alone."})
     q_head_l2: float = field(default=1.0, metadata={"help": "L2 penalty lambda/2 * sum_a f^2 in the critic's objective."})
     q_head_max_grad_norm: float | None = field(default=None, metadata={
         "help": "Clip the Q-heads' gradient norm separately (the student keeps max_grad_norm)."})
     amm_anchor_weight: float = field(default=0.5, metadata={
         "help": "Weight of a likelihood anchor on the off-policy completions (AMM / PbKD)."})
     amm_anchor: str = field(default="fkl", metadata={"help": "Anchor loss.", "choices": list(AMM_ANCHORS)})
-    q_head_lr_multiplier: float = field(default=10.0, metadata={"help": "Q-head lr = learning_rate * multiplier."})
+    q_head_lr_multiplier: float = field(default=5.0, metadata={"help": "Q-head lr = learning_rate * multiplier."})
     q_head_shared: bool = field(default=False, metadata={"help": "One Q-head for on- and off-policy distances."})
     hub_push_q_heads: bool = field(default=False, metadata={
         "help": "push_to_hub uploads the Q-heads file too (default: the student alone)."})

@@ -114,3 +114,24 @@ def test_heads_are_clipped_apart_from_the_student(tiny, tiny_dataset, tmp_path):
     assert float(returned) == pytest.approx(float(student_before), rel=1e-5)  # the student's norm, unclipped
     assert float(torch.nn.utils.get_total_norm([p.grad for p in heads])) == pytest.approx(1e-3, rel=1e-3)
     assert float(torch.nn.utils.get_total_norm([p.grad for p in student])) == pytest.approx(float(student_before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_token_the_teacher_rules_out_gives_a_finite_prior_of_the_right_sign(dtype):
+    """Teacher logit -inf (probability 0): the prior is alpha * (log tiny - log p_S), finite and negative, not -inf
+    or the dtype's most negative number; elsewhere it is unchanged, and the unbounded critic's losses and the
+    student's gradient stay finite."""
+    z_s, z_t = logits(6).to(dtype).requires_grad_(), logits(7).to(dtype)
+    z_t[0, 2] = z_t[3, 5] = float("-inf")
+    prior = O.informed_prior(z_s, z_t, 1.0)
+    log_ps = torch.log_softmax(z_s.detach(), -1)
+    tiny = torch.finfo(dtype).tiny
+    assert torch.isfinite(prior).all()
+    torch.testing.assert_close(prior[0, 2], torch.log(torch.tensor(tiny, dtype=dtype)) - log_ps[0, 2])
+    assert prior[0, 2] < -80 and prior[3, 5] < -80
+    finite = torch.isfinite(z_t)
+    torch.testing.assert_close(prior[finite], (torch.log_softmax(z_t, -1) - log_ps)[finite])
+    q = O.critic_values(torch.zeros_like(z_s), None, prior)
+    loss = O.amm_adversarial_gap(z_s, z_t, q, l2=1.0).sum()
+    (grad,) = torch.autograd.grad(loss, z_s)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()

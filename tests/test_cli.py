@@ -218,13 +218,13 @@ def test_gpu_recipes_checkpoint_and_evaluate_within_their_documented_run(name):
 
 
 def test_help_shows_the_configs_defaults_not_the_quickstart_recipes(capsys):
-    """`amm-trl train --help` documents AMMConfig (q_head_lr_multiplier 10), not the quickstart's values (5)."""
+    """`amm-trl train --help` documents AMMConfig's defaults, not the quickstart recipe's values."""
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert f"(default: {AMMConfig.__dataclass_fields__['q_head_lr_multiplier'].default})" in \
-        text.split("--q-head-lr-multiplier Q_HEAD_LR_MULTIPLIER")[1].split("--")[0]
+    assert "(default: 8)" in text.split("--per-device-train-batch-size PER_DEVICE_TRAIN_BATCH_SIZE")[1].split("--")[0]
+    assert "(default: 4)" not in text.split("--per-device-train-batch-size PER_DEVICE_TRAIN_BATCH_SIZE")[1].split("--")[0]
 
 
 def test_version_and_env_print_what_a_bug_report_needs(capsys):
@@ -262,3 +262,21 @@ def test_lora_run_gets_the_same_card_not_peft_s_blank_template(tmp_path, tiny):
     assert (tmp_path / "out" / "adapter_model.safetensors").exists() and "library_name: peft" in card
     assert "amm-trl (objective `amm`)" in card and f"`{tiny['student']}` distilled from `{tiny['teacher']}`" in card
     assert "[More Information Needed]" not in card  # PEFT's blank template
+
+
+CRITIC_FIELDS = ("q_prior_alpha", "q_bound", "q_head_l2", "amm_anchor_weight", "q_head_lr_multiplier")
+
+
+@pytest.mark.parametrize("name", [n for n in RECIPES if n == "quickstart.yaml" or n.endswith(("_amm.yaml", "_pbkd.yaml"))])
+def test_amm_recipes_and_readme_use_the_configs_critic(name):
+    """The critic the recipes and the README's example run is AMMConfig's default (the measured one), not another."""
+    import re
+
+    _, args, _ = parse_train_args(["--config", recipe_path(name), "--output_dir", "/tmp/amm-recipe-test",
+                                   "--use_cpu", "true"])
+    defaults = {f: AMMConfig.__dataclass_fields__[f].default for f in CRITIC_FIELDS}
+    assert {f: getattr(args, f) for f in CRITIC_FIELDS} == defaults, name
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    example = readme.split("```python", 1)[1].split("```", 1)[0]
+    for field_name, value in defaults.items():
+        assert re.search(rf"\b{field_name}={value!r}[,)]", example), (field_name, value)

@@ -8,6 +8,7 @@ with stop-gradients (`amm_adversarial_gap`), so one backward and one optimizer s
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,14 @@ def informed_prior(student_logits: Tensor, teacher_logits: Tensor, alpha: float)
     .. math:: \pi(s, a) = \alpha \, \mathrm{sg}(\log p_T(a|s) - \log p_S(a|s))
 
     Its sign is the best response's, sign(p_T - p_S); c tanh(pi) is a soft version of the sup-critic c sign(.), and
-    for small alpha the student's gradient under f = pi is alpha times the reverse-KL gradient.
+    for small alpha the student's gradient under f = pi is alpha times the reverse-KL gradient. A token one model rules
+    out (logit -inf, probability 0) counts as probability `tiny`, the dtype's smallest normal number: the prior stays
+    finite (at most |log tiny| ~ 87 in float32, 708 in float64) and keeps its sign, instead of -inf or the dtype's
+    most negative number.
     """
     log_ps, log_pt = _pair_log_probs(student_logits.detach(), teacher_logits.detach())
-    return float(alpha) * torch.nan_to_num(log_pt - log_ps, nan=0.0)
+    floor = math.log(torch.finfo(log_pt.dtype).tiny)
+    return float(alpha) * (log_pt.clamp_min(floor) - log_ps.clamp_min(floor))
 
 
 def critic_values(scores: Tensor, bound: float | None, prior: Tensor | None = None) -> Tensor:
