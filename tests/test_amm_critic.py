@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from amm_trl import objectives as O
-from tests.test_trainer import fixed_batch, make_trainer
+from tests.test_trainer import CHUNKS, check_chunks, fixed_batch, make_trainer
 
 
 def logits(seed, n=5, v=7):
@@ -79,11 +79,15 @@ def test_defaults_are_the_informed_unbounded_critic_with_an_anchor_on_teacher_da
     assert make_config(tmp_path, objective="fkl", off_policy_source="auto").off_policy_source == "dataset"
 
 
-def test_anchor_adds_its_weight_times_the_forward_kl_of_the_off_policy_tokens(tiny, tiny_dataset, tmp_path):
-    plain = make_trainer(tiny, tiny_dataset, tmp_path / "a", amm_beta=0.25, amm_anchor_weight=0.0)
-    anchored = make_trainer(tiny, tiny_dataset, tmp_path / "b", amm_beta=0.25, amm_anchor_weight=0.5)
+@CHUNKS
+def test_anchor_adds_its_weight_times_the_forward_kl_of_the_off_policy_tokens(tiny, tiny_dataset, tmp_path, chunk):
+    plain = make_trainer(tiny, tiny_dataset, tmp_path / "a", amm_beta=0.25, amm_anchor_weight=0.0,
+                         loss_chunk_tokens=chunk)
+    anchored = make_trainer(tiny, tiny_dataset, tmp_path / "b", amm_beta=0.25, amm_anchor_weight=0.5,
+                            loss_chunk_tokens=chunk)
     anchored.model.load_state_dict(plain.model.state_dict())
     inputs = fixed_batch(plain, tiny_dataset)
+    check_chunks(plain, inputs, chunk)
     anchored.model.train()
     losses = [t.compute_loss(t.model, inputs).item() for t in (plain, anchored)]
     # naive forward KL of the off-policy tokens, averaged as the loss reduces (num_off_items tokens)

@@ -13,7 +13,7 @@ from amm_trl import AMMTrainer
 from amm_trl import objectives as O
 from amm_trl.objectives.base import STATE_FILE
 from amm_trl.objectives.distillm import DistillmState, ReplayBuffer, next_threshold, student_probability
-from tests.test_trainer import PAPER_CRITIC, fixed_batch, grads, make_config, make_trainer
+from tests.test_trainer import CHUNKS, PAPER_CRITIC, check_chunks, fixed_batch, grads, make_config, make_trainer
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -63,11 +63,13 @@ def test_replay_buffer_and_threshold_pieces():
     assert clone.state_dict() == state.state_dict()
 
 
+@CHUNKS
 @pytest.mark.parametrize("loss_name", ["skl", "srkl"])
-def test_distillm_loss_matches_naive_skew_divergence(tiny, tiny_dataset, tmp_path, loss_name):
+def test_distillm_loss_matches_naive_skew_divergence(tiny, tiny_dataset, tmp_path, loss_name, chunk):
     trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="distillm", distillm_loss=loss_name,
-                           skew_alpha=0.3)
+                           skew_alpha=0.3, loss_chunk_tokens=chunk)
     inputs = fixed_batch(trainer, tiny_dataset)  # threshold 0: reference completions
+    check_chunks(trainer, inputs, chunk)
     assert "completion_ids" not in inputs and "off_completion_ids" in inputs
     params = student_params(trainer)
     trainer.model.zero_grad()
@@ -301,10 +303,11 @@ def test_minillm_ppo_epochs_replay_the_rollout_batch(tiny, tiny_dataset, tmp_pat
 
 
 # ----------------------------------------------------------------------------------------------------- PbKD
-@pytest.fixture
-def pbkd(tiny, tiny_dataset, tmp_path):
+@pytest.fixture(params=[None, 3], ids=["one_chunk", "chunks_of_3"])
+def pbkd(tiny, tiny_dataset, tmp_path, request):
     def build(**overrides):
-        trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="pbkd", **{**PAPER_CRITIC, **overrides})
+        trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="pbkd", loss_chunk_tokens=request.param,
+                               **{**PAPER_CRITIC, **overrides})
         torch.manual_seed(0)
         for p in trainer.q_heads.parameters():
             p.data.normal_(0, 0.5)
@@ -333,6 +336,7 @@ def test_pbkd_bt_gradient_matches_reference_and_pushes_chosen_reward_up(pbkd, ti
     with_bt, without_bt = pbkd(pbkd_bt_weight=2.0), pbkd(pbkd_bt_weight=0.0)
     without_bt.model.load_state_dict(with_bt.model.state_dict())
     inputs = fixed_batch(with_bt, tiny_dataset)
+    check_chunks(with_bt, inputs, with_bt.args.loss_chunk_tokens)
     head_grads = []
     for trainer in (with_bt, without_bt):
         trainer.model.zero_grad()

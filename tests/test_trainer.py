@@ -71,9 +71,23 @@ def grads(module_params):
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in module_params]
 
 
-@pytest.fixture
-def amm(tiny, tiny_dataset, tmp_path):
-    trainer = make_trainer(tiny, tiny_dataset, tmp_path, **PAPER_CRITIC)
+# Every reference test runs twice: the whole micro-batch in one loss chunk, and in chunks of 3 tokens (~10 chunks,
+# the path every real run takes: Qwen's 152k vocabulary gives ~220-token chunks), where the chunked loss's custom
+# backward recomputes and accumulates each chunk's gradient.
+CHUNKS = pytest.mark.parametrize("chunk", [None, 3], ids=["one_chunk", "chunks_of_3"])
+
+
+def check_chunks(trainer, inputs, chunk):
+    """The batch really spans several chunks when `chunk` is set."""
+    tokens = int(inputs["completion_mask"].sum()) if "completion_mask" in inputs else 0
+    tokens += int(inputs["off_completion_mask"].sum()) if "off_completion_mask" in inputs else 0
+    assert trainer.chunk_size == (chunk or trainer.chunk_size)
+    assert tokens > (3 * chunk if chunk else 0) and (chunk or tokens <= trainer.chunk_size), (tokens, chunk)
+
+
+@pytest.fixture(params=[None, 3], ids=["one_chunk", "chunks_of_3"])
+def amm(tiny, tiny_dataset, tmp_path, request):
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, loss_chunk_tokens=request.param, **PAPER_CRITIC)
     torch.manual_seed(0)
     for p in trainer.q_heads.parameters():  # a non-trivial adversary (zero-init would make D = 0)
         p.data.normal_(0, 0.5)
@@ -82,6 +96,7 @@ def amm(tiny, tiny_dataset, tmp_path):
 
 def test_loss_and_both_players_gradients_match_naive_reference(amm, tiny_dataset):
     inputs = fixed_batch(amm, tiny_dataset)
+    check_chunks(amm, inputs, amm.args.loss_chunk_tokens)
     student_params = [p for n, p in amm.model.named_parameters() if "amm_q_heads" not in n]
     head_params = list(amm.q_heads.parameters())
 

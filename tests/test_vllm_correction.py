@@ -120,14 +120,15 @@ def check_buffered_weights(slices, records, mode):
     return all_d, all_units
 
 
-@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask", None])
+@pytest.mark.parametrize("mode, chunk", [("token_truncate", None), ("sequence_mask", 3), (None, None)])
 def test_importance_weights_follow_the_rollouts_and_weight_only_their_loss(tiny, tiny_dataset, tmp_path,
-                                                                          standin_vllm, mode):
+                                                                          standin_vllm, mode, chunk):
     """AMM (rollouts and dataset completions), batch 2 x 2 accumulation steps: one generation of 4 rollouts, shuffled
     and split by TRL. Each buffered rollout carries the weights of its own tokens; the logged mismatch and ratios are
     the injected ones; the loss is the naive AMM loss with the rollout terms weighted (the dataset terms not). With
     the correction off (`None`), vLLM is asked for no log-probs and nothing is weighted or logged."""
-    overrides = dict(use_vllm=True, vllm_mode="colocate", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    overrides = dict(use_vllm=True, vllm_mode="colocate", per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     loss_chunk_tokens=chunk)
     if mode is not None:
         overrides.update(vllm_importance_sampling_correction=True, vllm_importance_sampling_mode=mode)
     trainer = make_trainer(tiny, tiny_dataset, tmp_path, **PAPER_CRITIC, **overrides)
