@@ -390,7 +390,7 @@ def test_pbkd_trains_with_heads_in_their_own_group(tiny, tiny_dataset, tmp_path)
         assert key in logs[-1], key
     head_ids = {id(p) for p in trainer.q_heads.parameters()}
     groups = [g for g in trainer.optimizer.param_groups if {id(p) for p in g["params"]} == head_ids]
-    assert len(groups) == 1 and groups[0]["initial_lr"] == pytest.approx(1e-3 * 10.0)
+    assert len(groups) == 1 and groups[0]["initial_lr"] == pytest.approx(1e-3 * trainer.args.q_head_lr_multiplier)
 
 
 def test_pbkd_checkpoint_stores_the_shared_head_once_and_resume_restores_it(tiny, tiny_dataset, tmp_path):
