@@ -63,3 +63,21 @@ def test_eval_refuses_missing_reference_column(tmp_path, tiny):
     with pytest.raises(ValueError, match="no 'answer' column"):
         main(["eval", "--model_name_or_path", tiny["teacher"], "--dataset_name", tiny["data"],
               "--output_dir", str(tmp_path), "--reference_column", "answer"])
+
+
+def test_a_metric_whose_package_is_missing_fails_before_any_generation(tmp_path, tiny, monkeypatch):
+    """`amm-trl eval --metrics bleu` without sacrebleu stops before loading the model or generating, naming the
+    package, instead of after all generation with nothing written."""
+    import importlib.util
+
+    import amm_trl.generation as generation
+    from amm_trl.evaluation import main as eval_main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sacrebleu" else
+                        find_spec(name, *a))
+    monkeypatch.setattr(generation, "generate_token_ids", lambda *a, **k: pytest.fail("generated before the check"))
+    with pytest.raises(ImportError, match=r"--metrics bleu needs the package 'sacrebleu': `pip install sacrebleu`"):
+        eval_main(["--model_name_or_path", tiny["student"], "--dataset_name", tiny["data"], "--output_dir",
+                   str(tmp_path / "eval"), "--metrics", "rougeL,bleu", "--reference_column", "completion"])
+    assert not (tmp_path / "eval").exists()

@@ -68,7 +68,8 @@ def test_templates_parse_and_cli(tmp_path, capsys):
     for name in amm_slurm.TEMPLATES:
         subprocess.run(["bash", "-n", os.path.join(TEMPLATES, f"{name}.sbatch")], check=True)
         text = _read(os.path.join(TEMPLATES, f"{name}.sbatch"))
-        for needle in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@90", "scontrol requeue", "latest_checkpoint"):
+        for needle in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@90", "scontrol requeue", "latest_checkpoint",
+                       "export WANDB_RUN_ID=${WANDB_RUN_ID:-amm-trl-${SLURM_JOB_ID:-local}} WANDB_RESUME="):
             assert needle in text, (name, needle)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {tmp_path}/out\n")
