@@ -136,3 +136,76 @@ def test_instrument_end_to_end_at_toy_size(tmp_path, capsys):
     assert per_seed["seeds"]["0"]["learning_rate"] == result["learning_rate"]
     assert set(json.loads((export / "references.json").read_text())) == {"teacher", "initial_student", "start"}
     assert (export / "curves_val_score.png").stat().st_size > 0 and (export / "report.md").exists()
+
+
+def test_sign_test_hand_computed():
+    from bench.tier_a.stats import sign_test
+
+    # 8 wins, 1 loss, 1 tie: n = 9, P(<= 1 of 9) = (1 + 9) / 512, two-sided 20 / 512
+    a = {s: 1.0 for s in range(10)}
+    b = {**{s: 0.0 for s in range(8)}, 8: 2.0, 9: 1.0}
+    assert sign_test(a, b) == {"wins": 8, "losses": 1, "ties": 1, "p": pytest.approx(20 / 512)}
+    assert sign_test(a, a)["p"] == 1.0 and sign_test({0: 1.0}, {0: 0.0})["p"] == 1.0  # 1 of 1: p = 2 * 1/2
+
+
+def test_trials_make_candidates_with_an_equal_budget_and_the_best_one_is_used(tmp_path):
+    import suite as suite_module
+
+    runs = [{"name": "a", "recipe": "r", "trials": [{"learning_rate": lr} for lr in (1, 2, 3, 4, 5, 6)]},
+            {"name": "b", "recipe": "r", "trials": [{"beta": 0.1}, {"beta": 0.5}, {"beta": 0.9}]},
+            {"name": "b_ablation", "recipe": "r", "tune_as": "b", "args": {"beta": 0.3, "x": 1}}]
+    suite = {"output_dir": str(tmp_path), "seeds": [0], "common": {}, "teacher": "t", "initial_student": "s",
+             "runs": runs, "select": {"learning_rates": [1.0e-3, 3.0e-3], "seeds": [0], "budget": 6,
+                                      "metric": "score_sampled"}}
+    assert [c[0] for c in suite_module.candidates(suite, runs[1])] == [
+        "t0-lr0.001", "t0-lr0.003", "t1-lr0.001", "t1-lr0.003", "t2-lr0.001", "t2-lr0.003"]
+    assert suite_module.candidates(suite, runs[0])[2] == ("t2-lr3", 3, {})
+    suite_module.check_budget(suite)
+    with pytest.raises(ValueError, match=r"select.budget=5: these runs have another number of candidates: "
+                                         r"\{'a': 6, 'b': 6\}"):
+        suite_module.check_budget({**suite, "select": {**suite["select"], "budget": 5}})
+    plan = [r for r in suite_module.planned_runs(suite) if r["group"] == "select" and r["name"] == "b"]
+    assert [(r["candidate"], r["args"]) for r in plan][2] == ("t1-lr0.001", {"beta": 0.5})
+    assert suite_module.selection(suite, "b")["candidate"] is None  # nothing ran yet
+    for i, run in enumerate(plan):  # t1-lr0.003 scores best
+        suite_module._write_json(os.path.join(suite_module.run_dir(suite, run), "result.json"),
+                                 {"score_sampled": 0.9 if run["candidate"] == "t1-lr0.003" else 0.1 * i})
+    chosen = suite_module.selection(suite, "b")
+    assert (chosen["candidate"], chosen["learning_rate"], chosen["trial_args"]) == ("t1-lr0.003", 3.0e-3,
+                                                                                    {"beta": 0.5})
+    assert chosen["scores"]["t1-lr0.003"] == [0.9]
+
+
+def test_fair_suite_end_to_end_at_toy_size(tmp_path):
+    """bench/tier_a/tier_a_fair.yaml at a toy size: each method's trials are its validation candidates, the test
+    run trains with the chosen trial's knobs and learning rate and records them and the commit; AMM's equal-token
+    batch (8 prompts: 8 rollouts + 8 teacher samples) reaches the trainer."""
+    import suite as suite_module
+
+    with open(os.path.join(ROOT, "bench", "tier_a", "tier_a_fair.yaml")) as f:
+        suite = yaml.safe_load(f)
+    suite.update(output_dir=str(tmp_path / "fair"), task=TOY_TASK, seeds=[0], curve_every=2)
+    suite["start"]["args"].update(max_steps=2, per_device_train_batch_size=8)
+    suite["common"].update(max_steps=2)
+    suite["select"].update(budget=2, learning_rates=[1.0e-2])
+    runs = {r["name"]: r for r in suite["runs"]}
+    runs["sft"]["trials"] = runs["sft"]["trials"][:2]
+    runs["amm"]["trials"] = runs["amm"]["trials"][:2]
+    runs["amm"]["args"] = {**runs["amm"]["args"], "per_device_train_batch_size": 4}  # toy: half of sft's 8
+    runs["sft"]["args"] = {"per_device_train_batch_size": 8}
+    suite["runs"] = [runs["sft"], runs["amm"]]
+    path = tmp_path / "fair.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    suite_module.main([str(path)])
+    out = tmp_path / "fair"
+    result = json.loads((out / "amm" / "seed0" / "result.json").read_text())
+    chosen = suite_module.selection(suite_module.prepare(suite_module.load_suite(str(path))), "amm")
+    assert result["candidate"] == chosen["candidate"] and result["trial_args"] == chosen["trial_args"]
+    assert result["trial_args"]["amm_beta"] in (0.25, 0.5) and result["learning_rate"] == 1.0e-2
+    argv = result["train_argv"]
+    assert argv[argv.index("--amm_beta") + 1] == str(result["trial_args"]["amm_beta"])
+    assert argv[argv.index("--per_device_train_batch_size") + 1] == "4"
+    assert argv[argv.index("--off_policy_column") + 1] == "teacher"
+    assert len(result["commit"]) >= 40
+    sft = json.loads((out / "sft" / "seed0" / "result.json").read_text())
+    assert sft["candidate"] in ("t0-lr0.0001", "t1-lr0.0003") and sft["learning_rate"] in (1.0e-4, 3.0e-4)

@@ -15,10 +15,13 @@ Optional suite keys (used by bench/tier_a/tier_a.yaml):
 - `prepare: module:function`: builds local models / data once (cached) and returns {name: path}; any string
   `prepared:<name>` in the suite (models, datasets, run args) then stands for that path.
 - `select: {learning_rates: [...], seeds: [...], eval: {...}, metric: score}`: fair tuning. Every method first trains
-  once per learning rate and selection seed and is scored on `select.eval` (a validation split); its test runs then
-  use the learning rate with the best mean `metric` (the first in grid order on a tie), recorded in `result.json`.
-  A run with `tune_as: <name>` (an ablation: one change to that run) gets no selection of its own and trains at the
-  learning rate chosen for `<name>`.
+  once per candidate and selection seed and is scored on `select.eval` (a validation split); its test runs then use
+  the candidate with the best mean `metric` (the first in order on a tie), recorded in `result.json`. A candidate is
+  a learning rate of the grid, or, for a run with `trials: [{args}, ...]` (its design budget over its own knobs), a
+  trial's args with each learning rate of the grid (or with the trial's own `learning_rate`). `select.budget: N`
+  requires every tuned run to have exactly N candidates (equal tuning for every method), else the suite refuses to
+  start. A run with `tune_as: <name>` (an ablation: one change to that run) gets no selection of its own and trains
+  with the candidate chosen for `<name>`.
 - `measures: module:function`: extra scores `function(model_path, suite, out, seed, eval_settings) -> dict` merged
   into every result (e.g. log-probabilities under the teacher).
 - `callbacks: [module:function, ...]`: factories `function(suite) -> TrainerCallback` added to every training run
@@ -96,6 +99,30 @@ def _resolve(name: str) -> str:
     return name
 
 
+def candidates(suite: dict, run: dict) -> list[tuple[str, float, dict]]:
+    """(id, learning rate, extra args) of each selection candidate of `run` (see the module docstring)."""
+    grid = suite["select"]["learning_rates"]
+    if not run.get("trials"):
+        return [(f"lr{lr:g}", lr, {}) for lr in grid]
+    out = []
+    for i, trial in enumerate(run["trials"]):
+        trial = dict(trial)
+        lrs = [trial.pop("learning_rate")] if "learning_rate" in trial else grid
+        out += [(f"t{i}-lr{lr:g}", lr, trial) for lr in lrs]
+    return out
+
+
+def check_budget(suite: dict) -> None:
+    """`select.budget`: every tuned run has exactly that many candidates."""
+    budget = (suite.get("select") or {}).get("budget")
+    if budget is None:
+        return
+    wrong = {r["name"]: len(candidates(suite, r)) for r in suite["runs"] if "tune_as" not in r
+             and len(candidates(suite, r)) != budget}
+    if wrong:
+        raise ValueError(f"select.budget={budget}: these runs have another number of candidates: {wrong}.")
+
+
 def planned_runs(suite: dict) -> list[dict]:
     """Eval-only reference rows first, then every method for seed 0, seed 1, ..., then the ablations the same way: a
     suite cut short by the time budget still has complete rows for the seeds it reached."""
@@ -108,10 +135,10 @@ def planned_runs(suite: dict) -> list[dict]:
         for run in suite["runs"]:
             if "tune_as" in run:  # an ablation: trained at the learning rate chosen for the run it varies
                 continue
-            for lr in select["learning_rates"]:
+            for cid, lr, extra in candidates(suite, run):
                 for seed in select["seeds"]:
-                    runs.append({**run, "name": run["name"], "group": "select", "seed": seed, "select_group":
-                                 run.get("group", "method"), "learning_rate": lr})
+                    runs.append({**run, "args": {**run.get("args", {}), **extra}, "group": "select", "seed": seed,
+                                 "select_group": run.get("group", "method"), "learning_rate": lr, "candidate": cid})
     for group in ("method", "ablation"):  # the methods over all seeds first: they are the main table
         for seed in suite["seeds"]:
             runs += [{**run, "group": group, "seed": seed} for run in suite["runs"]
@@ -122,25 +149,32 @@ def planned_runs(suite: dict) -> list[dict]:
 def run_dir(suite: dict, run: dict) -> str:
     leaf = run["name"] if run["seed"] is None else f"{run['name']}/seed{run['seed']}"
     if run.get("group") == "select":
-        leaf = f"select/{run['name']}/lr{run['learning_rate']:g}/seed{run['seed']}"
+        leaf = f"select/{run['name']}/{run['candidate']}/seed{run['seed']}"
     return os.path.join(suite["output_dir"], leaf)
 
 
 def selection(suite: dict, name: str) -> dict:
-    """The selection runs of one method: {lr: [metric per finished seed]}, and the chosen lr (None until all ran)."""
+    """The selection runs of one method: {candidate: [metric per finished seed]}, and the chosen candidate's learning
+    rate and extra args (None until all ran)."""
     select = suite["select"]
-    scores: dict[float, list[float]] = {}
-    for run in planned_runs(suite):
-        if run["group"] == "select" and run["name"] == name:
-            path = os.path.join(run_dir(suite, run), "result.json")
+    run = next(r for r in suite["runs"] if r["name"] == name)
+    options = candidates(suite, run)
+    scores: dict[str, list[float]] = {}
+    for cid, lr, extra in options:
+        for seed in select["seeds"]:
+            path = os.path.join(run_dir(suite, {"name": name, "group": "select", "seed": seed, "candidate": cid}),
+                                "result.json")
             if os.path.exists(path):
                 with open(path) as f:
-                    scores.setdefault(run["learning_rate"], []).append(json.load(f)[select.get("metric", "score")])
-    complete = all(len(scores.get(lr, [])) == len(select["seeds"]) for lr in select["learning_rates"])
-    means = {lr: sum(v) / len(v) for lr, v in scores.items()}
-    chosen = max(select["learning_rates"], key=lambda lr: (means[lr], -select["learning_rates"].index(lr))) \
-        if complete else None
-    return {"scores": {f"{lr:g}": v for lr, v in scores.items()}, "learning_rate": chosen}
+                    scores.setdefault(cid, []).append(json.load(f)[select.get("metric", "score")])
+    complete = all(len(scores.get(cid, [])) == len(select["seeds"]) for cid, _, _ in options)
+    means = {cid: sum(v) / len(v) for cid, v in scores.items()}
+    best = max(range(len(options)), key=lambda i: (means[options[i][0]], -i)) if complete else None
+    legacy = not run.get("trials")  # lr-only selection: scores keyed by the learning rate, as before
+    keyed = {(cid[2:] if legacy else cid): v for cid, v in scores.items()}
+    return {"scores": keyed, "learning_rate": options[best][1] if best is not None else None,
+            "candidate": options[best][0] if best is not None else None,
+            "trial_args": options[best][2] if best is not None else None}
 
 
 def train_one(suite: dict, run: dict, out: str, learning_rate: float | None = None) -> dict:
@@ -204,9 +238,25 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
+def code_version() -> str:
+    """The commit the run trains at (`+dirty` with uncommitted changes), so that a later change of the loss path
+    tells which runs to redo."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def execute(suite: dict, run: dict, keep_models: bool) -> dict:
     out = run_dir(suite, run)
-    record = {"name": run["name"], "group": run["group"], "seed": run["seed"]}
+    record = {"name": run["name"], "group": run["group"], "seed": run["seed"], "commit": code_version()}
     learning_rate, settings = None, None
     if run["group"] == "select":
         learning_rate, settings = run["learning_rate"], suite["select"]["eval"]
@@ -214,7 +264,11 @@ def execute(suite: dict, run: dict, keep_models: bool) -> dict:
     elif suite.get("select") and run["group"] != "reference":
         chosen = selection(suite, run.get("tune_as", run["name"]))
         learning_rate = chosen["learning_rate"]
-        record.update(learning_rate=learning_rate, selection=chosen["scores"])
+        record.update(learning_rate=learning_rate, selection=chosen["scores"], candidate=chosen["candidate"],
+                      trial_args=chosen["trial_args"])
+        if chosen["trial_args"]:  # the chosen trial's knobs, under the run's own args (an ablation's change wins)
+            run = {**run, "args": {**chosen["trial_args"], **run.get("args", {})} if "tune_as" in run else
+                   {**run.get("args", {}), **chosen["trial_args"]}}
     trained = os.path.exists(os.path.join(out, "train_log.json")) and glob.glob(os.path.join(out, "*.safetensors"))
     if "recipe" in run and trained:  # interrupted during evaluation: the student is there, evaluate it
         record["train_seconds"] = None
@@ -256,12 +310,20 @@ def _claim(out: str) -> bool:
     return False
 
 
+def _start_missing(suite: dict, run: dict) -> bool:
+    """The shared start's result is there but not its weights (results committed without models, on a fresh
+    machine): it is trained again (deterministically: same data, seed and one thread) before any run that needs it."""
+    return run["name"] == "start" and run["group"] == "reference" and not glob.glob(
+        os.path.join(run_dir(suite, run), "*.safetensors"))
+
+
 def _ready(suite: dict, run: dict) -> bool:
     """A test run needs its method's learning-rate selection; a trained run needs the shared start."""
     if run["group"] == "reference" and run["name"] != "start" or not run.get("recipe"):
         return True
-    if suite.get("start") and run["name"] != "start" and not os.path.exists(
-            os.path.join(run_dir(suite, {"name": "start", "seed": None}), "result.json")):
+    start = {"name": "start", "group": "reference", "seed": None}
+    if suite.get("start") and run["name"] != "start" and (not os.path.exists(
+            os.path.join(run_dir(suite, start), "result.json")) or _start_missing(suite, start)):
         return False
     if suite.get("select") and run["group"] in ("method", "ablation"):
         return selection(suite, run.get("tune_as", run["name"]))["learning_rate"] is not None
@@ -278,9 +340,9 @@ def work(suite: dict, only, keep_models: bool, dry_run: bool = False) -> None:
         waiting = False
         for run in plan:
             out = run_dir(suite, run)
-            done = os.path.exists(os.path.join(out, "result.json"))
+            done = os.path.exists(os.path.join(out, "result.json")) and not _start_missing(suite, run)
             tag = f"{run['name']} {run['group']} seed={run['seed']}" + (
-                f" lr={run['learning_rate']:g}" if run["group"] == "select" else "")
+                f" {run['candidate']}" if run["group"] == "select" else "")
             if dry_run or done:
                 if dry_run:
                     print(f"suite: {'done' if done else 'todo'} {tag}", flush=True)
@@ -327,6 +389,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the plan (one thread each)")
     a = parser.parse_args(argv)
     suite = prepare(_with_seeds(load_suite(a.suite), a.seeds))  # builds the prepared assets once, before any worker
+    check_budget(suite)
     if a.workers <= 1 or a.dry_run:
         work(suite, a.only, a.keep_models, a.dry_run)
         return

@@ -48,3 +48,16 @@ def disjoint(a: tuple[float, float], b: tuple[float, float]) -> bool:
     (ma, ha), (mb, hb) = a, b
     ha, hb = (0.0 if math.isnan(h) else h for h in (ha, hb))
     return ma + ha < mb - hb or mb + hb < ma - ha
+
+
+def sign_test(a: dict, b: dict) -> dict:
+    """Exact two-sided sign test of a[seed] - b[seed] over the common seeds: wins, losses, ties (dropped, as the test
+    does) and p = P(a split at least as uneven as the observed one | no difference), from Binomial(wins + losses, 1/2)."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError("sign_test: no seed in common")
+    wins = sum(a[s] > b[s] for s in seeds)
+    losses = sum(a[s] < b[s] for s in seeds)
+    n, k = wins + losses, min(wins, losses)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"wins": wins, "losses": losses, "ties": len(seeds) - n, "p": p}
