@@ -209,3 +209,18 @@ def test_fair_suite_end_to_end_at_toy_size(tmp_path):
     assert len(result["commit"]) >= 40
     sft = json.loads((out / "sft" / "seed0" / "result.json").read_text())
     assert sft["candidate"] in ("t0-lr0.0001", "t1-lr0.0003") and sft["learning_rate"] in (1.0e-4, 3.0e-4)
+
+
+def test_report_flags_a_curve_still_rising_and_prints_the_sign_test():
+    from bench.tier_a import report
+
+    rising = {s: {"val_curve": [[0, 0.1, 0.1], [300, 0.5 + 0.01 * s, 0.5], [400, 0.6 + 0.01 * s, 0.6]]}
+              for s in range(5)}
+    flat = {s: {"val_curve": [[0, 0.1, 0.1], [300, 0.7, 0.7], [400, 0.7 + 0.001 * (s - 2), 0.7]]} for s in range(5)}
+    text = report.flattening_table({"amm": rising, "rkl": flat})
+    assert "| amm | 400 | +10.0 ± 0.0 | STILL CHANGING |" in text and "| rkl | 400 | +0.0 ± 0.2 | flat |" in text
+    scores = {"score_sampled": 0.5, "score": 0.5, "quality": -1.0, "coverage": -1.0}
+    tests = {"amm": {s: {**scores, "score_sampled": 0.6 + 0.01 * s} for s in range(10)},
+             "rkl": {s: dict(scores) for s in range(10)}}
+    table = report.paired_table(tests, "amm")
+    assert "| 10-0-0, p=0.00195 |" in table and "Bonferroni over them asks p < 0.05" in table

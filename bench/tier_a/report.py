@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from suite import load_suite, planned_runs, run_dir, selection  # noqa: E402
 
-from bench.tier_a.stats import disjoint, mean_ci, paired_difference  # noqa: E402
+from bench.tier_a.stats import disjoint, mean_ci, paired_difference, sign_test  # noqa: E402
 
 METRICS = {"score_sampled": ("sampled acc", 100.0, 1), "score": ("greedy acc", 100.0, 1),
            "quality": ("quality", 1.0, 3), "coverage": ("coverage", 1.0, 3)}
@@ -48,7 +48,10 @@ def collect(suite: dict) -> tuple[dict, dict, dict]:
         result = _read(os.path.join(out, "result.json"))
         if result is None:
             continue
-        keep = {k: result.get(k) for k in ("seed", "learning_rate", "train_seconds", "eval_seconds", *METRICS)}
+        keep = {k: result.get(k) for k in ("seed", "learning_rate", "train_seconds", "eval_seconds", "candidate",
+                                           "trial_args", *METRICS)}
+        if run["group"] == "select":
+            keep["candidate"] = run["candidate"]
         if run["group"] == "reference":
             refs[run["name"]] = keep
         elif run["group"] == "select":
@@ -102,11 +105,12 @@ def separation(refs: dict, tests: dict) -> tuple[str, dict]:
 
 
 def paired_table(tests: dict, candidate: str) -> str:
-    """candidate - baseline per seed, mean ± 95% half-width; `>0` / `<0` where the interval excludes zero."""
+    """candidate - baseline per seed, mean ± 95% half-width; `>0` / `<0` where the interval excludes zero; then the
+    exact sign test on the primary metric (wins-losses-ties over the seeds, two-sided p)."""
     if candidate not in tests:
         return f"no finished {candidate!r} runs"
-    lines = [f"| {candidate} − baseline | " + " | ".join(METRICS[m][0] for m in METRICS) + " |",
-             "|---" * (len(METRICS) + 1) + "|"]
+    lines = [f"| {candidate} − baseline | " + " | ".join(METRICS[m][0] for m in METRICS) + " | sign test |",
+             "|---" * (len(METRICS) + 2) + "|"]
     for name, by_seed in tests.items():
         if name == candidate:
             continue
@@ -116,11 +120,42 @@ def paired_table(tests: dict, candidate: str) -> str:
                                         {s: r[metric] * scale for s, r in by_seed.items()})
             sign = "" if math.isnan(h) or abs(d) <= h else (" (>0)" if d > 0 else " (<0)")
             cells.append(f"{d:+.{digits}f} ± {h:.{digits}f}{sign}")
+        test = sign_test({s: r[PRIMARY] for s, r in tests[candidate].items()},
+                         {s: r[PRIMARY] for s, r in by_seed.items()})
+        cells.append(f"{test['wins']}-{test['losses']}-{test['ties']}, p={test['p']:.3g}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(f"(sign test on {METRICS[PRIMARY][0]}: seeds where {candidate} is ahead-behind-level. Read the rows "
+                 f"as {len(lines) - 2} comparisons: at the 5% level about one in twenty intervals excludes zero by "
+                 f"chance; Bonferroni over them asks p < {0.05 / max(len(lines) - 2, 1):.3g}.)")
+    return "\n".join(lines)
+
+
+def flattening_table(tests: dict) -> str:
+    """Whether each method's validation curve has flattened: the gain of its sampled accuracy over the last quarter
+    of training (last point minus the point at 3/4 of the steps), mean ± 95% t half-width over the test seeds;
+    `flat` when the interval holds zero or the gain is below 1 point."""
+    lines = ["| method | steps | last-quarter gain (points) | |", "|---|---|---|---|"]
+    for name, by_seed in tests.items():
+        gains, last_step = [], None
+        for r in by_seed.values():
+            curve = r.get("val_curve") or []
+            if len(curve) < 2:
+                continue
+            last_step = curve[-1][0]
+            quarter = min(curve, key=lambda c: abs(c[0] - 0.75 * last_step))
+            gains.append(100 * (curve[-1][1] - quarter[1]))
+        if not gains:
+            continue
+        mean, half = mean_ci(gains)
+        flat = abs(mean) < 1.0 or (not math.isnan(half) and abs(mean) <= half)
+        lines.append(f"| {name} | {last_step} | {mean:+.1f}" + ("" if math.isnan(half) else f" ± {half:.1f}") +
+                     f" | {'flat' if flat else 'STILL CHANGING'} |")
     return "\n".join(lines)
 
 
 def selection_table(suite: dict, selects: dict) -> str:
+    if any(r.get("trials") for r in suite["runs"]):
+        return trials_table(suite, selects)
     grid = suite["select"]["learning_rates"]
     lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |", "|---" * (len(grid) + 2) + "|"]
     for name, rows in selects.items():
@@ -130,6 +165,24 @@ def selection_table(suite: dict, selects: dict) -> str:
             values = [r[suite["select"].get("metric", "score")] * 100 for r in rows if r["learning_rate"] == lr]
             cells.append(f"{sum(values) / len(values):.1f}" if values else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen if chosen is None else format(chosen, 'g')} |")
+    return "\n".join(lines)
+
+
+def trials_table(suite: dict, selects: dict) -> str:
+    """Each method's validation candidates (its trials x learning rates) with their scores, and the chosen one."""
+    metric = suite["select"].get("metric", "score")
+    lines = ["| method | candidates | validation % by candidate | chosen |", "|---|---|---|---|"]
+    for name, rows in selects.items():
+        chosen = selection(suite, name)
+        run = next(r for r in suite["runs"] if r["name"] == name)
+        trials = run.get("trials") or []
+        cells = []
+        for row in sorted(rows, key=lambda r: r["candidate"]):
+            index = int(row["candidate"][1:].split("-")[0]) if row["candidate"].startswith("t") else None
+            knobs = {k: v for k, v in (trials[index] if index is not None else {}).items() if k != "learning_rate"}
+            label = ", ".join(f"{k}={v}" for k, v in knobs.items()) + f" lr={row['learning_rate']:g}"
+            cells.append(f"{label.strip(', ')}: {100 * row[metric]:.1f}")
+        lines.append(f"| {name} | {len(rows)} | " + "; ".join(cells) + f" | {chosen['candidate']} |")
     return "\n".join(lines)
 
 
@@ -218,11 +271,13 @@ def main(argv=None):
         parts.append(f"separation on the primary metric ({PRIMARY}): {verdicts[PRIMARY]}; "
                      + ", ".join(f"{m}: {v}" for m, v in verdicts.items()))
     parts += [f"## Paired differences ({a.candidate} − baseline, same seed; mean ± 95% t half-width)",
-              paired_table(tests, a.candidate)]
+              paired_table(tests, a.candidate),
+              "## Have the curves flattened? (validation sampled accuracy, last quarter of training)",
+              flattening_table(tests)]
     if suite.get("select"):
         metric = suite["select"].get("metric", "score")
-        parts += [f"## Learning-rate selection (validation {METRICS[metric][0]} %, seed(s) "
-                  f"{suite['select']['seeds']}; ties go to the first value of the grid)", selection_table(suite, selects)]
+        parts += [f"## Selection (validation {METRICS[metric][0]} %, seed(s) {suite['select']['seeds']}; ties go to "
+                  f"the first candidate)", selection_table(suite, selects)]
     text = "\n\n".join(parts)
     print(text)
     out_dir = a.export or suite["output_dir"]
