@@ -70,6 +70,10 @@ class AMMConfig(DistillationConfig):
         q_head_lr_multiplier (`float`, *optional*, defaults to `5.0`):
             The Q-heads' learning rate is `learning_rate * q_head_lr_multiplier` (own optimizer parameter group, no
             weight decay, same schedule).
+        q_head_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            The Q-heads' own learning rate, replacing `learning_rate * q_head_lr_multiplier` (same schedule). LLM
+            learning rates (1e-6 to 1e-5) leave a zero-initialized critic nearly still for many steps (in 16 Adam
+            steps at 5 x 1e-5 no head weight moves more than ~8e-4); give the critic its own scale here.
         q_head_shared (`bool`, *optional*, defaults to `False`):
             One head for both distances instead of separate on-policy and off-policy heads.
         hub_push_q_heads (`bool`, *optional*, defaults to `False`):
@@ -216,6 +220,8 @@ class AMMConfig(DistillationConfig):
         "help": "Weight of a likelihood anchor on the off-policy completions (AMM / PbKD)."})
     amm_anchor: str = field(default="fkl", metadata={"help": "Anchor loss.", "choices": list(AMM_ANCHORS)})
     q_head_lr_multiplier: float = field(default=5.0, metadata={"help": "Q-head lr = learning_rate * multiplier."})
+    q_head_learning_rate: float | None = field(default=None, metadata={
+        "help": "The Q-heads' own learning rate (replaces learning_rate * q_head_lr_multiplier)."})
     q_head_shared: bool = field(default=False, metadata={"help": "One Q-head for on- and off-policy distances."})
     hub_push_q_heads: bool = field(default=False, metadata={
         "help": "push_to_hub uploads the Q-heads file too (default: the student alone)."})
@@ -277,6 +283,9 @@ class AMMConfig(DistillationConfig):
         self._validate_critic(fail)
         if not self.q_head_lr_multiplier > 0:
             fail("q_head_lr_multiplier", self.q_head_lr_multiplier, "it must be > 0.")
+        if self.q_head_learning_rate is not None and not self.q_head_learning_rate > 0:
+            fail("q_head_learning_rate", self.q_head_learning_rate, "use a positive learning rate, or null for "
+                 "learning_rate * q_head_lr_multiplier.")
         if self.q_head_type not in Q_HEAD_TYPES:
             fail("q_head_type", self.q_head_type, f"choose one of {list(Q_HEAD_TYPES)}.")
         if self.q_head_features not in Q_HEAD_FEATURES:

@@ -139,3 +139,19 @@ def test_a_token_the_teacher_rules_out_gives_a_finite_prior_of_the_right_sign(dt
     loss = O.amm_adversarial_gap(z_s, z_t, q, l2=1.0).sum()
     (grad,) = torch.autograd.grad(loss, z_s)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_the_critic_can_have_its_own_learning_rate(tiny, tiny_dataset, tmp_path):
+    """`q_head_learning_rate` replaces learning_rate * q_head_lr_multiplier for the heads' group (the student keeps
+    its own), and follows the student's schedule; a non-positive one is refused by name."""
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, learning_rate=1e-5, q_head_learning_rate=3e-3,
+                           lr_scheduler_type="linear", max_steps=4)
+    trainer.train()
+    head_ids = {id(p) for p in trainer.q_heads.parameters()}
+    (heads,) = [g for g in trainer.optimizer.param_groups if {id(p) for p in g["params"]} == head_ids]
+    student = [g for g in trainer.optimizer.param_groups if g is not heads]
+    assert heads["initial_lr"] == 3e-3 and all(g["initial_lr"] == 1e-5 for g in student)
+    assert heads["lr"] == pytest.approx(0.0) and student[0]["lr"] == pytest.approx(0.0)  # linear decay to 0 at the end
+    with pytest.raises(ValueError, match=r"AMMConfig.q_head_learning_rate=0.0 is invalid: use a positive learning "
+                                         r"rate, or null for learning_rate \* q_head_lr_multiplier\."):
+        make_trainer(tiny, tiny_dataset, tmp_path, q_head_learning_rate=0.0)

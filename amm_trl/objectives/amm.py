@@ -277,9 +277,10 @@ class AMM(Objective):
         return list(self.heads.head(kind).parameters())
 
     def param_groups(self, modules: nn.Module) -> list[dict]:
-        """Own group: no weight decay, `learning_rate * q_head_lr_multiplier`, the student's schedule."""
-        return [{"params": list(modules.parameters()), "weight_decay": 0.0,
-                 "lr": self.args.learning_rate * self.args.q_head_lr_multiplier}]
+        """Own group: no weight decay, `q_head_learning_rate` (else `learning_rate * q_head_lr_multiplier`), the
+        student's schedule."""
+        lr = self.args.q_head_learning_rate or self.args.learning_rate * self.args.q_head_lr_multiplier
+        return [{"params": list(modules.parameters()), "weight_decay": 0.0, "lr": lr}]
 
     def q_values(self, tokens: Tokens, kind: str) -> Tensor:
         """The critic f: the head's scores, around the informed prior when `q_prior_alpha` > 0, bounded or not."""
