@@ -25,14 +25,18 @@ One training step reads through this file, `rollouts.py`, `objectives/base.py`, 
 `chunked.py`.
 """
 
+from __future__ import annotations
+
 import math
 import os
 import resource
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from trl import DistillationTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
@@ -62,10 +66,11 @@ class ObjectiveCallback(TrainerCallback):
     """Feeds the objective the evaluation loss that drives it (with several eval sets, the first one; explicit
     `evaluate` calls with another prefix leave it alone)."""
 
-    def __init__(self, objective: Objective, eval_dataset: Callable[[], object]):
+    def __init__(self, objective: Objective, eval_dataset: Callable[[], object]) -> None:
         self.objective, self.eval_dataset = objective, eval_dataset
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    metrics: dict[str, float] | None = None, **kwargs) -> None:
         eval_dataset = self.eval_dataset()
         driving = ["eval"] + ([f"eval_{next(iter(eval_dataset))}"] if isinstance(eval_dataset, dict) else [])
         for prefix in driving:
@@ -92,9 +97,11 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                           "of Large Language Models}},\n    author    = {Jia, Chen},\n    booktitle = {Advances in "
                           "Neural Information Processing Systems (NeurIPS)},\n    year      = 2024,\n}"}
 
-    def __init__(self, model, teacher_model=None, args: AMMConfig | None = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None),
-                 quantization_config=None, peft_config=None):
+    def __init__(self, model: str | PreTrainedModel, teacher_model: str | PreTrainedModel | None = None,
+                 args: AMMConfig | None = None, train_dataset: Any = None, eval_dataset: Any = None,
+                 processing_class: Any = None, callbacks: list[TrainerCallback] | None = None,
+                 optimizers: tuple[Any, Any] = (None, None), quantization_config: Any = None,
+                 peft_config: Any = None) -> None:
         args = AMMConfig("amm-trl-output") if args is None else args
         if not isinstance(args, AMMConfig):
             raise TypeError(f"args must be an AMMConfig, got {type(args).__name__}.")
@@ -156,7 +163,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         with open(path, "w") as f:
             f.write(card)
 
-    def push_to_hub(self, *args, **kwargs):
+    def push_to_hub(self, *args, **kwargs) -> Any:
         """`Trainer.push_to_hub`, without the run's lock file and (unless `hub_push_q_heads`) the Q-heads file."""
         with hub_ignores(self._hub_ignore_patterns()):
             return super().push_to_hub(*args, **kwargs)
@@ -168,7 +175,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
     def _hub_ignore_patterns(self) -> list[str]:
         return [LOCK_FILE] + ([] if self.args.hub_push_q_heads else [HEADS_FILE])
 
-    def train(self, *args, **kwargs):
+    def train(self, *args, **kwargs) -> Any:
         """`Trainer.train`; after a preemption signal (see `amm_trl.preemption`) it saves, then raises
         `TrainingPreempted` (a `SystemExit` with status 128 + the signal's number)."""
         output = super().train(*args, **kwargs)
@@ -179,7 +186,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         return output
 
     # ----------------------------------------------------------------------------------------------- setup
-    def _setup_teacher(self, teacher):
+    def _setup_teacher(self, teacher: PreTrainedModel | None) -> None:
         student_config = self.model.config.get_text_config()
         self.vocab_size, self._teacher_hidden_size = student_config.vocab_size, student_config.hidden_size
         self._transforms = (logit_transform(student_config), None)
@@ -199,7 +206,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                 self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.chunk_size = auto_chunk_size(self.vocab_size, self.args.loss_chunk_tokens)
 
-    def _setup_objective_modules(self, optimizers):
+    def _setup_objective_modules(self, optimizers: tuple[Any, Any]) -> None:
         self.q_heads = self.objective_unit.build_modules(self.model, self._teacher_hidden_size, self.vocab_size)
         if self.q_heads is not None:
             if optimizers[0] is not None:
@@ -217,7 +224,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         self.loss_module.register_trainable_weights(
             [head.weight, head.bias] + (list(self.q_heads.parameters()) if self.q_heads is not None else []))
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is not None or self.q_heads is None:
             return super().create_optimizer(model)
         head_params = list(self.q_heads.parameters())
@@ -233,7 +240,8 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         return self.optimizer
 
     # ------------------------------------------------------------------------------------------------ step
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         """TRL's step; its loss is kept for the divergence check of the optimizer step (`guards.py`)."""
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -246,7 +254,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         self._step_losses.append(loss.detach().float().reshape(()))
         return loss
 
-    def _get_grad_norm(self, model, grad_norm=None):
+    def _get_grad_norm(self, model: nn.Module, grad_norm: torch.Tensor | float | None = None) -> Any:
         """Called once per optimizer step, after backward and clipping, before `optimizer.step()`: stops training
         if the step's loss on any process or the gradient norm is not finite (with fp16 loss scaling an infinite
         norm is an overflow the scaler skips)."""
@@ -262,7 +270,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                 f"(before clipping)"))
         return grad_norm
 
-    def _clip_grad_norm(self, model):
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
         """Clipping as the objective asks (by default the Trainer's joint clip of the student and its heads)."""
         return self.objective_unit.clip_gradients(model, super()._clip_grad_norm)
 
@@ -271,7 +279,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         return Step(self.state.global_step, self.state.max_steps or self.args.max_steps,  # set once training starts
                     self.accelerator.process_index, self.model.training)
 
-    def _generate_and_score_completions(self, inputs):
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         step = self._step_info()
         schedule = self.objective_unit.schedule(len(inputs), step)
         for name, value in schedule.metrics.items():
@@ -296,7 +304,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
             self._add_off_policy(output, completions, step)
         return output
 
-    def _rollouts(self, inputs, step: Step):
+    def _rollouts(self, inputs: list[dict[str, Any]], step: Step) -> dict[str, Any]:
         """TRL's student rollouts, their throughput, the objective's scoring, and the vLLM importance weights."""
         mode = "train" if step.training else "eval"
         start = time.perf_counter()
@@ -317,7 +325,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                 self._metrics[mode][name].append(value)
         return output
 
-    def _add_off_policy(self, output, completions: list[list[int]], step: Step):
+    def _add_off_policy(self, output: dict[str, Any], completions: list[list[int]], step: Step) -> None:
         device = self.accelerator.device
         ids = [torch.tensor(c, dtype=torch.long) for c in completions]
         output["off_completion_ids"] = pad(ids, padding_value=self._tokenizer.pad_token_id,
@@ -328,7 +336,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         self._metrics["train" if step.training else "eval"]["off_policy/mean_length"].append(
             self.accelerator.gather(output["off_completion_mask"].sum(1).float()).mean().item())
 
-    def _padded_prompts(self, prompt_ids: list[list[int]]) -> dict:
+    def _padded_prompts(self, prompt_ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Left-padded prompt ids and mask, as TRL lays out a batch (for steps without student rollouts)."""
         ids = [torch.tensor(p, dtype=torch.long) for p in prompt_ids]
         device = self.accelerator.device
@@ -338,7 +346,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         }
 
     @torch.no_grad()
-    def _rollout_log_probs(self, output, teacher=False) -> list[torch.Tensor]:
+    def _rollout_log_probs(self, output: dict[str, Any], teacher: bool = False) -> list[torch.Tensor]:
         """Log-probs of the rollout tokens under the rollout-time student (and the teacher), (B, T) fp32, 0 at
         padding: one no-grad forward each, projected as the loss projects them."""
         c_ids, c_mask = output["completion_ids"], output["completion_mask"]
@@ -362,7 +370,8 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
             result.append(logp)
         return result
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+    def _generate_single_turn(self, prompt_ids: list[list[int]], images: Any, multimodal_fields: Any,
+                              has_tool_images: bool = False) -> Any:
         """TRL's HF-`generate` rollouts, with the objective's logits processor (MiniLLM's teacher-mixed sampling)."""
         objective = self.objective_unit
         if self.use_vllm or not objective.samples_with_teacher:
@@ -374,7 +383,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                     teacher, self.vocab_size, self.temperature, mask)):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
 
-    def _prepare_inputs(self, generation_batch):
+    def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
         """A generation batch serves `generation_batch_reuse` optimizer steps (TRL regenerates every
         `gradient_accumulation_steps` micro-steps; here only every `reuse` times that). The dataloader's prompts of
         the replayed steps are not used."""
@@ -385,18 +394,20 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         return super()._prepare_inputs(generation_batch)
 
     # ------------------------------------------------------------------------------------------------ loss
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         self._pending_metrics = {}
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self._log_pending_metrics()
         return result
 
-    def _projection(self, student, teacher: bool) -> Projection:
+    def _projection(self, student: PreTrainedModel, teacher: bool) -> Projection:
         t_head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings() if teacher else None
         return Projection(student.get_output_embeddings(), t_head, self.vocab_size, self.temperature,
                           *self._transforms)
 
-    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+    def _compute_loss(self, unwrapped_student: PreTrainedModel, inputs: dict[str, Any],
+                      num_items_in_batch: Any) -> Any:
         objective = self.objective_unit
         if objective.uses_trl_loss:
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
@@ -429,11 +440,13 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         n_valid = sum(part.valid.sum() for part in parts.values())
         return (loss if extra is None else loss + extra), entropy, n_valid
 
-    def _run_chunked(self, token_inputs, weights, fn, params):
+    def _run_chunked(self, token_inputs: list[torch.Tensor], weights: torch.Tensor, fn: Callable,
+                     params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss_module(token_inputs, weights, LossSpec(fn, params, self.chunk_size))
 
     @torch.no_grad()
-    def _teacher_hidden_states(self, input_ids, attention_mask, width):
+    def _teacher_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                               width: int) -> torch.Tensor:
         """The frozen teacher's last hidden states over the last `width` positions, through its own engine (so
         ZeRO-3 gathers its layers), as TRL runs it."""
         self.teacher_model.eval()
@@ -442,10 +455,12 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                                          attention_mask, width)
 
     @staticmethod
-    def _key(kind, what):
+    def _key(kind: str, what: str) -> str:
         return f"completion_{what}" if kind == "on" else f"off_completion_{what}"
 
-    def _part_loss(self, kind, projection, step, completion_ids, valid, h_s, h_t, inputs) -> tuple[torch.Tensor, Part]:
+    def _part_loss(self, kind: str, projection: Projection, step: Step, completion_ids: torch.Tensor,
+                   valid: torch.Tensor, h_s: torch.Tensor, h_t: torch.Tensor | None,
+                   inputs: dict[str, Any]) -> tuple[torch.Tensor, Part]:
         """Loss of one data kind (rollouts or off-policy completions), already weighted for the global reduction."""
         fn, params, names = token_function(self.objective_unit, kind, projection, step)
         weights = self._token_weights(kind, valid, inputs, h_s.device)
@@ -456,7 +471,8 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
             self._add_metric(f"{name}/{kind}", metrics[:, j].sum(), metrics.size(0))
         return loss, Part(kind, completion_ids, valid, h_s, h_t, weights, metrics, names)
 
-    def _token_weights(self, kind, valid, inputs, device) -> torch.Tensor:
+    def _token_weights(self, kind: str, valid: torch.Tensor, inputs: dict[str, Any],
+                       device: torch.device) -> torch.Tensor:
         """Per valid token: the objective's weight of the data kind / the loss-token count it is reduced by, times
         the vLLM importance weight on rollouts."""
         count_key = "num_items_in_batch" if kind == "on" else "num_off_items"
@@ -473,10 +489,10 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         return weights
 
     # --------------------------------------------------------------------------------------------- metrics
-    def _add_metric(self, name, total, count):
+    def _add_metric(self, name: str, total: torch.Tensor, count: torch.Tensor) -> None:
         self._pending_metrics[name] = (total.detach().float(), float(count))
 
-    def _log_means(self, sums: dict, mode: str):
+    def _log_means(self, sums: dict, mode: str) -> None:
         """Logs sum / count of each (local sum, local count) across ranks, in one collective."""
         if not sums:
             return
@@ -486,7 +502,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         for name, (value, count) in zip(sums, total.tolist()):
             self._metrics[mode][name].append(value / max(count, 1.0))
 
-    def _log_pending_metrics(self):
+    def _log_pending_metrics(self) -> None:
         """Gathers the step's metric sums and counts across ranks in one collective (outside the model forward)."""
         if not self._pending_metrics:
             return
