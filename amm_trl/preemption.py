@@ -57,6 +57,10 @@ class PreemptionCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """Gives the signals back to the handlers they had before training (also when training raised)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

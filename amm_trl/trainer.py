@@ -178,7 +178,10 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
     def train(self, *args, **kwargs) -> Any:
         """`Trainer.train`; after a preemption signal (see `amm_trl.preemption`) it saves, then raises
         `TrainingPreempted` (a `SystemExit` with status 128 + the signal's number)."""
-        output = super().train(*args, **kwargs)
+        try:
+            output = super().train(*args, **kwargs)
+        finally:
+            self.preemption.restore()  # a failed run leaves no handler behind that would swallow a later SIGTERM
         if self.preemption.stopped_at is not None:
             step = self.preemption.stopped_at
             raise TrainingPreempted(self.preemption.signum, step,

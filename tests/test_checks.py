@@ -369,3 +369,22 @@ def test_push_to_hub_leaves_out_the_lock_and_unless_asked_the_q_heads(tiny, tiny
     assert {"_*", "checkpoint-*", ".amm-trl.lock"} <= set(call["ignore_patterns"])
     assert ("amm_q_heads.safetensors" in call["ignore_patterns"]) is not push_heads
     assert isinstance(hf_trainer.hf_api(), Recorder)  # transformers' function is restored after the push
+
+
+def test_a_failed_training_gives_sigterm_back(tiny, tiny_dataset, tmp_path, monkeypatch):
+    """The preemption handler lives only while `train()` runs: after a run that raised, SIGTERM has its previous
+    handler again (a swallowed SIGTERM would make the process unkillable by slurm's first signal)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=config(tmp_path),
+                         train_dataset=tiny_dataset)
+
+    def broken_step(*args, **kwargs):
+        assert signal.getsignal(signal.SIGTERM) == trainer.preemption._on_signal  # installed while training
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(trainer, "training_step", broken_step)
+    with pytest.raises(RuntimeError, match="step failed"):
+        trainer.train()
+    assert signal.getsignal(signal.SIGTERM) == before
