@@ -331,7 +331,8 @@ def env(argv: list[str]) -> dict:
     import torch
 
     info["cuda"] = torch.version.cuda or "none (CPU build)"
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    cuda = torch.cuda.is_available()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
     info["gpus"] = f"{len(gpus)} x {gpus[0]}" if gpus else "none"
     flags = _cpu_flags()
     info["cpu"] = f"{platform.processor() or platform.machine()}; " + (

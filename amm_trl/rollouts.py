@@ -103,9 +103,10 @@ def check_vllm_memory(args, model) -> None:
         minimum = math.ceil(needed / gpu.total_memory * 20) / 20  # rounded up to 0.05
         raise ValueError(
             f"AMMConfig.vllm_gpu_memory_utilization={args.vllm_gpu_memory_utilization} gives vLLM "
-            f"{share / 2**30:.1f} GiB of this GPU's {gpu.total_memory / 2**30:.1f} GiB ({gpu.name}), but the student's "
-            f"weights take {per_rank / 2**30:.1f} GiB per engine rank ({model}) and the KV cache needs room too: set "
-            f"vllm_gpu_memory_utilization >= {minimum:.2f} (the GPU recipes use 0.15 on 80 GB GPUs, 0.3 on 40 GB).")
+            f"{share / 2**30:.1f} GiB of this GPU's {gpu.total_memory / 2**30:.1f} GiB ({gpu.name}), but the "
+            f"student's weights take {per_rank / 2**30:.1f} GiB per engine rank ({model}) and the KV cache needs "
+            f"room too: set vllm_gpu_memory_utilization >= {minimum:.2f} (the GPU recipes use 0.15 on 80 GB GPUs, "
+            f"0.3 on 40 GB).")
 
 
 def configure_vllm_generation(generation: HeadFreeVLLMGeneration, args, is_main_process: bool) -> None:

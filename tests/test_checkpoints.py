@@ -286,7 +286,8 @@ def test_sigterm_saves_a_complete_checkpoint_exits_143_and_resume_matches(traine
 
 
 def test_second_run_on_a_busy_output_dir_is_refused_and_a_killed_run_never_blocks_it(tiny, tmp_path):
-    """Run A trains in output_dir (held while writing checkpoint-2); run B (same recipe: a second sbatch, a requeue racing a manual restart) stops
+    """Run A trains in output_dir (held while writing checkpoint-2); run B (same recipe: a second sbatch, a requeue
+    racing a manual restart) stops
     before loading any model, naming A's pid and host, and A's files are untouched. After A is killed (SIGKILL:
     no clean-up ran), run C takes the folder over and finishes."""
     import socket

@@ -259,7 +259,8 @@ def test_a_row_without_a_prompt_is_named(tmp_path, tiny, empty):
                 enumerate(rows)]
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=rf"dataset_name row 5 \(0-based\) has an empty prompt \({re.escape(repr(empty))}\): every "
+    shown = re.escape(repr(empty))
+    with pytest.raises(ValueError, match=rf"dataset_name row 5 \(0-based\) has an empty prompt \({shown}\): every "
                                          r"row needs a prompt to generate from\. Remove such rows"):
         main(["train", "--config", recipe(tmp_path, tiny, dataset_name=str(data))])
     assert not (tmp_path / "out" / "model.safetensors").exists()

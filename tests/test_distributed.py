@@ -51,7 +51,7 @@ def test_zero3_train_partitions_student_and_heads_and_sync_skips_heads(trained):
     # every head parameter is split over the two ranks (64 x 32 weight -> 1024 elements each)
     assert result["partitioned"]["on.weight"] == [[64, 32], 1024]
     assert result["partitioned"]["off.bias"] == [[64], 32]
-    assert result["lrs"] == [1e-2, 1e-2, 5e-2]  # student groups (decay / no decay), the heads' (x q_head_lr_multiplier)
+    assert result["lrs"] == [1e-2, 1e-2, 5e-2]  # student groups (decay / no decay), heads (x q_head_lr_multiplier)
     assert result["stream"] == 21  # all student weights, gathered, and nothing else
     assert "amm_q_heads.safetensors" in result["checkpoint_files"] and "global_step2" in result["checkpoint_files"]
     assert result["metrics"]["amm_gap/on"] > 0 and result["metrics"]["tv/off"] > 0

@@ -52,7 +52,8 @@ def disjoint(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 def sign_test(a: dict, b: dict) -> dict:
     """Exact two-sided sign test of a[seed] - b[seed] over the common seeds: wins, losses, ties (dropped, as the test
-    does) and p = P(a split at least as uneven as the observed one | no difference), from Binomial(wins + losses, 1/2)."""
+    does) and p = P(a split at least as uneven as the observed one | no difference), from
+    Binomial(wins + losses, 1/2)."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
         raise ValueError("sign_test: no seed in common")
