@@ -195,13 +195,14 @@ def plot_curves(tests: dict, selects: dict, refs: dict, out_dir: str) -> list[st
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     for column, (ax, label) in enumerate(zip(axes, ("sampled accuracy (T=1)", "greedy accuracy")), start=1):
-        for name, by_seed in tests.items():
+        for index, (name, by_seed) in enumerate(tests.items()):
             curves = [r["val_curve"] for r in by_seed.values() if r["val_curve"]]
             if not curves:
                 continue
             steps = [c[0] for c in curves[0]]
             means = [100 * sum(c[i][column] for c in curves) / len(curves) for i in range(len(steps))]
-            ax.plot(steps, means, label=name, linestyle="-" if name.startswith(("amm", "pbkd")) else "--")
+            ax.plot(steps, means, label=name, color=plt.cm.tab20(index % 20),  # one color per method
+                    linestyle="-" if name.startswith(("amm", "pbkd")) else "--")
         if "teacher" in refs:
             ax.axhline(100 * refs["teacher"]["score_sampled" if column == 1 else "score"], color="k", lw=0.8,
                        label="teacher (test)")
