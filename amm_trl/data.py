@@ -22,6 +22,8 @@ def load_prompt_dataset(name_or_path: str, split: str = "train", config: str | N
         if not _has_content(name_or_path):
             raise ValueError(f"{field}={name_or_path!r} has no rows: the file is empty. Write one JSON object per "
                              f"line, e.g. {{\"prompt\": \"...\", \"completion\": \"...\"}}.")
+        # Checked before loading: Arrow's JSON reader may accept bytes that are not UTF-8 and fail only when a row
+        # is read, far from the file (one extra read of the file, no parsing).
         not_utf8 = _first_non_utf8_line(name_or_path)
         if not_utf8:
             raise ValueError(f"{field}={name_or_path!r}: {not_utf8}")

@@ -3,8 +3,8 @@
 at that step, training stops and the process exits with status 128 + the signal's number. A requeued job resumes
 from that checkpoint (`--resume_from_checkpoint latest`) and loses no step.
 
-All ranks must save at the same step: each step end they agree (an all-reduce of one flag) on whether any rank got
-the signal. A second SIGTERM while the checkpoint is being written is ignored; SIGKILL (slurm's after its grace
+All ranks must save at the same step: the handler sets accelerate's trigger (`Accelerator.set_trigger`) and each
+step end `Accelerator.check_trigger` tells every rank whether any rank got the signal. A second SIGTERM while the checkpoint is being written is ignored; SIGKILL (slurm's after its grace
 time, `KillWait`) is not, so the grace time must cover a step plus a save.
 """
 
@@ -32,7 +32,8 @@ class TrainingPreempted(SystemExit):
 class PreemptionCallback(TrainerCallback):
     """Turns a preemption signal into a checkpoint at the end of the current step and the end of training."""
 
-    def __init__(self):
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
         self.signum: int | None = None  # the signal this process received
         self.stopped_at: int | None = None  # the step the run stopped and saved at, once all ranks agreed
         self._previous = {}
@@ -45,11 +46,12 @@ class PreemptionCallback(TrainerCallback):
     def _on_signal(self, signum, frame):
         if self.signum is None:
             self.signum = signum
+            self.accelerator.set_trigger()
             print(f"amm-trl: got {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then "
                   f"stopping", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stopped_at is None and _any_rank(self.signum is not None, args.device):
+        if self.stopped_at is None and self.accelerator.check_trigger():
             self.signum = self.signum or signal.SIGTERM  # a rank that got nothing stops with its peers
             self.stopped_at = state.global_step
             control.should_save = True
@@ -65,13 +67,3 @@ class PreemptionCallback(TrainerCallback):
             signal.signal(sig, handler)
         self._previous = {}
 
-
-def _any_rank(flag: bool, device) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)

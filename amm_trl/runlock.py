@@ -11,7 +11,6 @@ across machines for NFS v4 and Lustre/GPFS mounted with flock support.
 """
 
 import atexit
-import contextlib
 import datetime
 import fcntl
 import json
@@ -96,24 +95,3 @@ def _in_use_message(output_dir: str, path: str, holder: dict) -> str:
             f"--output_dir. The lock is released whenever its process exits, even when killed, so a dead run never "
             f"blocks this folder.")
 
-
-@contextlib.contextmanager
-def hub_ignores(patterns: list[str]):
-    """Inside the block, the Trainer's uploads of `output_dir` to the hub (`push_to_hub`, checkpoint pushes) also
-    skip `patterns` (the Trainer itself skips only `_*` and `checkpoint-*`)."""
-    import transformers.trainer as hf_trainer
-
-    original = hf_trainer.hf_api
-
-    class Api:
-        def __getattr__(self, name):
-            return getattr(original(), name)
-
-        def upload_folder(self, *args, ignore_patterns=None, **kwargs):
-            return original().upload_folder(*args, ignore_patterns=[*(ignore_patterns or []), *patterns], **kwargs)
-
-    hf_trainer.hf_api = Api
-    try:
-        yield
-    finally:
-        hf_trainer.hf_api = original

@@ -1,7 +1,8 @@
 """Shared memory (`/dev/shm`) that CPU runs create and would otherwise never give back.
 
 - DeepSpeed's CPU communication op (ZeRO-3 with gloo, all ranks on one machine) creates one
-  `deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>` file per rank (~69 MB) and never unlinks it.
+  `deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>` file per rank (66 MiB: 2 x 1 MiB + 2 x 32 MiB
+  in its shm.cpp) and never unlinks it.
 - vLLM's CPU build gives each tensor-parallel (and pipeline-parallel) group a `<VLLM_DIST_IDENT>-<group>-cpushm_<rank>`
   file per rank and unlinks it only in a destructor that a killed (or `os._exit`-ed) process never runs. Its colocated
   engines (TRL's `vllm_mode="colocate"`, vLLM's external launcher) all get the same identifier, so the next engine of

@@ -27,6 +27,7 @@ One training step reads through this file, `rollouts.py`, `objectives/base.py`, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -54,13 +55,34 @@ from .qhead import HEADS_ATTRIBUTE, HEADS_FILE
 from .rollouts import (HeadFreeVLLMGeneration, PromptLengthMixin, check_vllm_memory, completion_token_ids,
                        configure_vllm_generation, extra_logits_processor, sampled_log_probs, teacher_completions,
                        vllm_correction, wait_for_vllm_server)
-from .runlock import LOCK_FILE, hub_ignores, lock_output_dir
+from .runlock import LOCK_FILE, lock_output_dir
 from .shm import release_deepspeed_shm
 from .teacher import load_teacher, shared_vocab_size, suppress_padded_rows
 from .vllm_cpu import trl_builds_generation, vllm_generation_class
 
 __all__ = ["AMMTrainer", "ObjectiveCallback", "HEADS_FILE", "HeadFreeVLLMGeneration", "wait_for_vllm_server"]
 
+
+@contextlib.contextmanager
+def hub_ignores(patterns: list[str]):
+    """Inside the block, the Trainer's uploads of `output_dir` to the hub (`push_to_hub`, checkpoint pushes) also
+    skip `patterns` (the Trainer itself skips only `_*` and `checkpoint-*`)."""
+    import transformers.trainer as hf_trainer
+
+    original = hf_trainer.hf_api
+
+    class Api:
+        def __getattr__(self, name):
+            return getattr(original(), name)
+
+        def upload_folder(self, *args, ignore_patterns=None, **kwargs):
+            return original().upload_folder(*args, ignore_patterns=[*(ignore_patterns or []), *patterns], **kwargs)
+
+    hf_trainer.hf_api = Api
+    try:
+        yield
+    finally:
+        hf_trainer.hf_api = original
 
 class ObjectiveCallback(TrainerCallback):
     """Feeds the objective the evaluation loss that drives it (with several eval sets, the first one; explicit
@@ -127,7 +149,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         self._setup_objective_modules(optimizers)
         if self.use_vllm:
             configure_vllm_generation(self.vllm_generation, args, self.accelerator.is_main_process)
-        self.preemption = PreemptionCallback()  # SIGTERM: checkpoint at the end of the step, then stop
+        self.preemption = PreemptionCallback(self.accelerator)  # SIGTERM: checkpoint at the end of the step, then stop
         for callback in [ObjectiveCallback(objective, lambda: self.eval_dataset), *objective.callbacks(),
                          self.preemption]:
             self.add_callback(callback)
@@ -144,11 +166,8 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                                "id": "2402.03898"},
                   "pbkd": {"title": "Online Knowledge Distillation with Reward Guidance", "id": "2505.18952"}}
         objective = self.args.objective
-        self._paper, self._name = papers.get(objective, {}), f"amm-trl (objective `{objective}`)"
-        try:
-            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        finally:
-            self._paper, self._name = type(self)._paper, type(self)._name
+        self._paper, self._name = papers.get(objective, {}), f"amm-trl (objective `{objective}`)"  # this run's
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         path = os.path.join(self.args.output_dir, "README.md")
         if not self.is_world_process_zero() or not os.path.exists(path):
             return
