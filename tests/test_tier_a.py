@@ -224,3 +224,25 @@ def test_report_flags_a_curve_still_rising_and_prints_the_sign_test():
              "rkl": {s: dict(scores) for s in range(10)}}
     table = report.paired_table(tests, "amm")
     assert "| 10-0-0, p=0.00195 |" in table and "Bonferroni over them asks p < 0.05" in table
+
+
+def test_a_variant_suite_merges_into_its_base_and_drops_or_changes_named_runs(tmp_path):
+    """bench/tier_a/tier_a_fair_800.yaml is tier_a_fair.yaml with 800 steps and without the paper's reading."""
+    import suite as suite_module
+
+    base = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_a", "tier_a_fair.yaml"))
+    longer = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_a", "tier_a_fair_800.yaml"))
+    assert longer["common"] == {**base["common"], "max_steps": 800}
+    assert longer["output_dir"] == "docs/results/tier_a_fair_800/runs" and longer["curve_every"] == 80
+    assert [r["name"] for r in longer["runs"]] == [r["name"] for r in base["runs"] if r["name"] != "amm_paper"]
+    assert longer["select"] == base["select"] and longer["start"] == base["start"]
+    suite_module.check_budget(longer)
+    (tmp_path / "v.yaml").write_text("base: " + os.path.join(ROOT, "bench", "tier_a", "tier_a_fair.yaml") +
+                                     "\nruns: {gkd: {args: {beta: 0.3}}}\n")
+    gkd = next(r for r in suite_module.load_suite(str(tmp_path / "v.yaml"))["runs"] if r["name"] == "gkd")
+    assert gkd["args"] == {"off_policy_source": "dataset", "off_policy_column": "teacher", "beta": 0.3}
+    assert gkd["trials"] == next(r for r in base["runs"] if r["name"] == "gkd")["trials"]
+    (tmp_path / "w.yaml").write_text("base: " + os.path.join(ROOT, "bench", "tier_a", "tier_a_fair.yaml") +
+                                     "\nruns: {gdk: null}\n")
+    with pytest.raises(KeyError, match=r"runs: \['gdk'\] are not runs of the base suite; it has \['sft', "):
+        suite_module.load_suite(str(tmp_path / "w.yaml"))

@@ -12,6 +12,8 @@ re-running the suite skips it, so an interrupted suite continues where it stoppe
 evaluation unless `--keep_models` (33 students of 113M params would take 15 GB).
 
 Optional suite keys (used by bench/tier_a/tier_a.yaml):
+- `base: other.yaml`: this file is a variant of that suite: its mappings merge into the base's key by key, other values
+  replace; `runs: {name: {...}}` merges into the named runs (`name: null` drops one).
 - `prepare: module:function`: builds local models / data once (cached) and returns {name: path}; any string
   `prepared:<name>` in the suite (models, datasets, run args) then stands for that path.
 - `select: {learning_rates: [...], seeds: [...], eval: {...}, metric: score}`: fair tuning. Every method first trains
@@ -49,9 +51,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 def load_suite(path: str) -> dict:
     with open(path) as f:
         suite = yaml.safe_load(f)
+    if "base" in suite:  # a variant of another suite file (path relative to this one)
+        base = load_suite(os.path.join(os.path.dirname(os.path.abspath(path)), suite.pop("base")))
+        suite = _merge(base, suite)
     suite.setdefault("seeds", [0])
     suite.setdefault("common", {})
     return suite
+
+
+def _merge(base: dict, change: dict) -> dict:
+    """`base` with `change` merged in: mappings merge key by key, other values replace. `runs` in a variant is a
+    mapping {run name: overrides merged into that run, or null to drop it}."""
+    out = dict(base)
+    for key, value in change.items():
+        if key == "runs" and isinstance(value, dict):
+            unknown = sorted(set(value) - {r["name"] for r in base["runs"]})
+            if unknown:
+                names = [r["name"] for r in base["runs"]]
+                raise KeyError(f"runs: {unknown} are not runs of the base suite; it has {names}.")
+            out["runs"] = [_merge(r, value[r["name"]] or {}) if r["name"] in value else r for r in base["runs"]
+                           if r["name"] not in value or value[r["name"]] is not None]
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merge(base[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _function(spec: str):
