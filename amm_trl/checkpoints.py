@@ -23,6 +23,36 @@ import warnings
 PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils' constant; not imported, so this module stays light
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+STATE_FILE = "{name}_state_rank{rank}.pt"  # an objective's per-process state (`Objective.state`) in each checkpoint
+
+
+def save_state(objective, directory: str, rank: int) -> None:
+    """Writes this process's objective state (`objective.state.state_dict()`, if it has one), atomically."""
+    import torch
+
+    if objective.state is None:
+        return
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, STATE_FILE.format(name=objective.name, rank=rank))
+    torch.save(objective.state.state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_state(objective, directory: str, rank: int, world_size: int = 1) -> None:
+    """Restores this process's state saved by `save_state`. Ranks whose file the checkpoint lacks start afresh; rank 0
+    warns once for all of them, naming them."""
+    import torch
+
+    state = objective.state
+    if state is None:
+        return
+    paths = [os.path.join(directory, STATE_FILE.format(name=objective.name, rank=r)) for r in range(world_size)]
+    missing = [r for r, path in enumerate(paths) if not os.path.exists(path)]
+    if missing and rank == 0:
+        warnings.warn(f"{directory} has no {state.title} state of rank(s) {missing} "
+                      f"({os.path.basename(paths[missing[0]])}, ...): their {state.contents} start afresh.")
+    if rank not in missing:
+        state.load_state_dict(torch.load(paths[rank], weights_only=False))
 
 
 def safetensors_shapes(path: str) -> dict[str, tuple]:
@@ -243,7 +273,6 @@ class CompleteCheckpointsMixin:
             save_heads(heads, output_dir)
 
     def _save_optimizer_and_scheduler(self, output_dir):
-        from .objectives.base import save_state
         from .qhead import save_master_heads
 
         super()._save_optimizer_and_scheduler(output_dir)
@@ -253,8 +282,6 @@ class CompleteCheckpointsMixin:
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Every resume path (plain, DDP, DeepSpeed) runs it, after the model; no callback event gets the checkpoint.
-        from .objectives.base import load_state
-
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
             load_state(self.objective_unit, checkpoint, self.args.process_index, self.args.world_size)

@@ -205,7 +205,7 @@ def _check_train_inputs(script, args, model_args) -> None:
     if script.dataset_name is None:
         raise ValueError("dataset_name: set the training prompts (a .jsonl file or a hub dataset).")
     if args.teacher_model_name_or_path is None and needs_teacher(args, args.objective_unit):
-        why = ("reads the teacher's distribution" if args.objective_unit.needs_teacher else
+        why = ("reads the teacher's distribution" if args.objective_unit.info.reads_teacher else
                "has the teacher write its off-policy answers (off_policy_source: teacher)")
         raise ValueError(f"teacher_model_name_or_path: objective {args.objective!r} {why}; set "
                          f"teacher_model_name_or_path in the recipe or pass --teacher_model_name_or_path PATH.")

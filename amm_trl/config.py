@@ -8,7 +8,7 @@ from .objectives import OBJECTIVES as OBJECTIVE_UNITS
 from .objectives import VLLM_IS_MODES, Objective, get_objective
 
 # objective name -> what it trains (the `amm-trl` help text); each is an `Objective` in `amm_trl/objectives/`.
-OBJECTIVES = {name: unit.description for name, unit in OBJECTIVE_UNITS.items()}
+OBJECTIVES = {name: unit.info.description for name, unit in OBJECTIVE_UNITS.items()}
 DISTILLM_LOSSES = ("skl", "srkl")
 OFF_POLICY_SOURCES = ("auto", "dataset", "teacher", "none")
 Q_HEAD_TYPES = ("linear", "low_rank")
@@ -265,7 +265,8 @@ class AMMConfig(DistillationConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.off_policy_source == "auto" and self.objective in OBJECTIVES:
-            self.off_policy_source = self.objective_unit.default_off_policy_source
+            self.off_policy_source = OBJECTIVE_UNITS[self.objective].info.off_policy_default
+        self._objective = None
         self._validate()
 
     def _validate(self):
@@ -294,7 +295,10 @@ class AMMConfig(DistillationConfig):
             fail("pg_baseline", self.pg_baseline, f"choose one of {list(PG_BASELINES)}.")
         self._validate_objective_fields(fail)
         self._validate_vllm_sampling(fail)
-        self.objective_unit.validate(fail)
+        self._objective = get_objective(self)  # refuses the settings this objective cannot run
+        if self._objective.data.off_policy and self.off_policy_source == "none":
+            fail("off_policy_source", "none", f"objective {self.objective!r} (amm_beta={self.amm_beta}, "
+                 f"lmbda={self.lmbda}) trains on off-policy completions: use 'dataset' or 'teacher'.")
         self._validate_deepspeed_optimizer()
 
     def _validate_schedule(self, fail):
@@ -328,7 +332,7 @@ class AMMConfig(DistillationConfig):
         """A DeepSpeed 'optimizer' section (a dict, a JSON file or accelerate's deepspeed_config_file, all read into
         the plugin) makes DeepSpeed build one optimizer over every parameter: the Q-heads would lose their group."""
         plugin = getattr(self, "deepspeed_plugin", None)
-        if plugin is None or "optimizer" not in (plugin.deepspeed_config or {}) or not self.objective_unit.needs_q_heads:
+        if plugin is None or "optimizer" not in (plugin.deepspeed_config or {}) or self.objective_unit.adversary is None:
             return
         source = (f"deepspeed={self.deepspeed!r}" if isinstance(self.deepspeed, str) else "deepspeed" if
                   self.deepspeed is not None else "the accelerate config's deepspeed_config_file")
@@ -352,7 +356,7 @@ class AMMConfig(DistillationConfig):
         if not self.pbkd_bt_weight >= 0:
             fail("pbkd_bt_weight", self.pbkd_bt_weight, "it must be >= 0.")
         for name, default in (("ppo_epochs", 1), ("amm_policy_gradient", False)):  # fields of one objective only
-            owners = [n for n, unit in OBJECTIVE_UNITS.items() if name in unit.own_fields]
+            owners = [n for n, unit in OBJECTIVE_UNITS.items() if name in unit.info.own_fields]
             if getattr(self, name) != default and self.objective not in owners:
                 fail(name, getattr(self, name), f"it applies to objective {' or '.join(map(repr, owners))} only, "
                      f"not {self.objective!r}.")
@@ -364,9 +368,6 @@ class AMMConfig(DistillationConfig):
             fail("max_prompt_length", self.max_prompt_length, "use a positive number of tokens or null.")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             fail("loss_chunk_tokens", self.loss_chunk_tokens, "use a positive number of tokens or null (auto).")
-        if self.uses_off_policy and self.off_policy_source == "none":
-            fail("off_policy_source", "none", f"objective {self.objective!r} (amm_beta={self.amm_beta}, "
-                 f"lmbda={self.lmbda}) trains on off-policy completions: use 'dataset' or 'teacher'.")
 
     def _validate_vllm_sampling(self, fail):
         if self.vllm_importance_sampling_mode not in VLLM_IS_MODES:
@@ -379,19 +380,7 @@ class AMMConfig(DistillationConfig):
             fail("vllm_importance_sampling_clip_max", None, "a '*_truncate' mode needs a bound: set it or "
                  "vllm_importance_sampling_clip_min.")
 
-    # The data schedule is the objective's (see `amm_trl.objectives.base.Objective`).
     @property
     def objective_unit(self) -> Objective:
-        return get_objective(self)
-
-    @property
-    def uses_rollouts(self) -> bool:
-        return self.objective_unit.uses_rollouts
-
-    @property
-    def uses_off_policy(self) -> bool:
-        return self.objective_unit.uses_off_policy
-
-    @property
-    def uses_teacher_logits(self) -> bool:
-        return self.objective_unit.needs_teacher
+        """The objective these settings describe (built once, by `__post_init__`); the trainer builds its own."""
+        return self._objective

@@ -17,7 +17,7 @@ from trl.generation.vllm_generation import VLLMGeneration
 from trl.models.utils import unwrap_model_for_generation
 
 from .objectives import vllm_importance_weights
-from .qhead import HEADS_ATTRIBUTE
+from .qhead import is_head_parameter
 
 
 class HeadFreeVLLMGeneration(VLLMGeneration):
@@ -35,12 +35,11 @@ class HeadFreeVLLMGeneration(VLLMGeneration):
         return prompt_ids, completion_ids, logprobs, logprob_token_ids
 
     def _iter_named_params(self):
-        prefix = HEADS_ATTRIBUTE + "."
         if is_peft_model(self.model) or self._dist.is_fsdp:
-            yield from ((n, p) for n, p in super()._iter_named_params() if not n.startswith(prefix))
+            yield from ((n, p) for n, p in super()._iter_named_params() if not is_head_parameter(n))
             return
         for name, param in self.model.named_parameters():
-            if name.startswith(prefix):
+            if is_head_parameter(name):
                 continue
             with self._dist.gather_params([param]):
                 yield self._fix_param_name_to_vllm(name), param.data

@@ -13,7 +13,7 @@ from .checks import check_teacher_tokenizer
 
 def needs_teacher(args, objective) -> bool:
     """The objective reads teacher logits, or the teacher writes the off-policy completions online."""
-    return objective.needs_teacher or (args.off_policy_source == "teacher" and objective.uses_off_policy)
+    return objective.info.reads_teacher or (args.off_policy_source == "teacher" and objective.data.off_policy)
 
 
 def load_teacher(teacher_model, args, objective, student=None, processing_class=None):
@@ -57,7 +57,7 @@ def shared_vocab_size(student_vocab: int, teacher_vocab: int, tokenizer_vocab: i
             f"next-token distributions; use a teacher with the student's tokenizer (or TRL's GOLD trainer for "
             f"cross-tokenizer distillation)."
         )
-    if objective.uses_trl_loss:
+    if objective.info.trl_loss:
         raise ValueError(
             f"objective {objective.name!r} runs TRL's kernel, which needs equal vocab sizes ({student_vocab} vs "
             f"{teacher_vocab}); use objective 'gkd' with lmbda 1.0 (same loss, compares the {tokenizer_vocab} shared "

@@ -2,27 +2,28 @@
 
 What TRL already does is kept: the generation buffer (rollouts once per optimizer step), HF `generate` / vLLM
 colocate or server rollouts and weight sync, ZeRO-3 teacher preparation, PEFT handling, logging. The trainer asks the
-objective unit (`self.objective_unit`) what to do and never branches on its name. The hooks overridden:
+objective (`self.objective_unit`, see `objectives/base.py`) what to do and never branches on its name. The hooks
+overridden:
 
 - `__init__`: loads the teacher itself (TRL refuses a padded vocabulary, e.g. 151936 vs 152064, that shares the
   tokenizer's rows), attaches the objective's modules (AMM's Q-heads) to the student (one DeepSpeed engine, one
   backward) and keeps them out of vLLM syncs; in vLLM server mode it first waits for the server.
-- `_generate_and_score_completions`: the objective's data schedule: student rollouts, off-policy completions (dataset
-  column or online teacher generation) or replayed rollouts; rollout scoring; vLLM importance weights.
-- `_compute_loss`: one student and one teacher forward over rollouts + off-policy completions, then the objective's
-  per-token loss, chunked over the vocabulary (`chunked.py`), plus its sequence-level terms.
-- `create_optimizer`: the objective's modules get their own parameter groups; `_clip_grad_norm`: the objective's
-  clipping (by default the Trainer's).
+- `_generate_and_score_completions`: the objective's plan: student rollouts, off-policy completions (dataset column or
+  online teacher generation) or replayed rollouts; rollout scoring; vLLM importance weights.
+- `_compute_loss`: one student and one teacher forward over rollouts + off-policy completions, then each data kind's
+  per-token loss terms, chunked over the vocabulary (`projection.py`, `chunked.py`), plus a sequence-level term.
+- `create_optimizer`: the objective's adversary gets its own parameter groups; `_clip_grad_norm`: its clipping (by
+  default the Trainer's).
 - `training_step` / `_get_grad_norm`: training stops at the first step whose loss or gradient norm is not finite,
   before the optimizer applies it (the guard's other checks and its message: `guards.py`).
 - `_prepare_inputs`: a generation batch may serve several optimizer steps (MiniLLM's `ppo_epochs`).
-- `_generate_single_turn`: an objective's logits processor inside HF `generate` (MiniLLM's teacher-mixed sampling).
+- `_generate_single_turn`: the plan's sampler inside HF `generate` (MiniLLM's teacher-mixed sampling).
 - Mixins: checkpoints that are whole or recognisably incomplete and hold the Q-heads and the objective's state
   (`checkpoints.py`), finite weights before every save (`guards.py`), prompts cut to the context (`rollouts.py`);
   `ObjectiveCallback` feeds the objective the evaluation loss.
 
-One training step reads through this file, `rollouts.py`, `objectives/base.py`, the objective's module and
-`chunked.py`.
+One training step reads through this file, `rollouts.py`, `projection.py`, `objectives/base.py`, the objective's
+module (AMM's with `qhead.py`) and `chunked.py`.
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ from trl.trainer.utils import pad
 from .checkpoints import CompleteCheckpointsMixin
 from .chunked import ChunkedLoss, LossSpec, auto_chunk_size
 from .config import AMMConfig
-from .guards import NonFiniteGuardMixin, NonFiniteTrainingError
 from .data import check_dataset
-from .objectives import Objective, get_objective
-from .objectives.base import KINDS, LossContext, Part, Projection, RolloutScorer, Step, logit_transform, token_function
+from .guards import NonFiniteGuardMixin, NonFiniteTrainingError
+from .objectives import OBJECTIVES, get_objective
+from .objectives.amm import AMM_PAPER
+from .objectives.base import Checkpointed, LossContext, Metrics, Part, Term
+from .objectives.batch import KINDS, Kind, Step
+from .projection import Projection, logit_transform, token_pass
 from .preemption import PreemptionCallback, TrainingPreempted
 from .qhead import HEADS_ATTRIBUTE, HEADS_FILE
 from .rollouts import (HeadFreeVLLMGeneration, PromptLengthMixin, check_vllm_memory, completion_token_ids,
@@ -85,11 +89,11 @@ def hub_ignores(patterns: list[str]):
         hf_trainer.hf_api = original
 
 class ObjectiveCallback(TrainerCallback):
-    """Feeds the objective the evaluation loss that drives it (with several eval sets, the first one; explicit
+    """Feeds the objective's state the evaluation loss that drives it (with several eval sets, the first one; explicit
     `evaluate` calls with another prefix leave it alone)."""
 
-    def __init__(self, objective: Objective, eval_dataset: Callable[[], object]) -> None:
-        self.objective, self.eval_dataset = objective, eval_dataset
+    def __init__(self, state: Checkpointed, eval_dataset: Callable[[], object]) -> None:
+        self.state, self.eval_dataset = state, eval_dataset
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     metrics: dict[str, float] | None = None, **kwargs) -> None:
@@ -97,7 +101,7 @@ class ObjectiveCallback(TrainerCallback):
         driving = ["eval"] + ([f"eval_{next(iter(eval_dataset))}"] if isinstance(eval_dataset, dict) else [])
         for prefix in driving:
             if metrics is not None and f"{prefix}_loss" in metrics:
-                metrics.update(self.objective.on_evaluate(metrics[f"{prefix}_loss"], prefix))
+                metrics.update(self.state.on_evaluate(metrics[f"{prefix}_loss"], prefix))
                 return
 
 
@@ -114,10 +118,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
 
     _tag_names = ["trl", "distillation", "amm-trl"]
     _name = "amm-trl"
-    _paper = {"title": "Adversarial Moment-Matching Distillation of Large Language Models", "id": "2406.02959",
-              "citation": "@inproceedings{jia2024adversarial,\n    title     = {{Adversarial Moment-Matching Distillation "
-                          "of Large Language Models}},\n    author    = {Jia, Chen},\n    booktitle = {Advances in "
-                          "Neural Information Processing Systems (NeurIPS)},\n    year      = 2024,\n}"}
+    _paper = AMM_PAPER
 
     def __init__(self, model: str | PreTrainedModel, teacher_model: str | PreTrainedModel | None = None,
                  args: AMMConfig | None = None, train_dataset: Any = None, eval_dataset: Any = None,
@@ -130,7 +131,8 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         if args.process_index == 0:
             lock_output_dir(args.output_dir)  # one run per output_dir; refused here, before any model loads
         objective = get_objective(args)
-        off_column = args.off_policy_column if args.uses_off_policy and args.off_policy_source == "dataset" else None
+        off_column = (args.off_policy_column if objective.data.off_policy and args.off_policy_source == "dataset"
+                      else None)
         check_dataset(train_dataset, "train_dataset", off_column)
         check_dataset(eval_dataset, "eval_dataset", off_column)
         if args.use_vllm and args.vllm_mode == "server" and args.process_index == 0:  # where TRL's client runs
@@ -144,15 +146,15 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                              optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
         release_deepspeed_shm()  # DeepSpeed's CPU allreduce buffers leave /dev/shm once every rank has mapped them
         self.objective_unit = objective
-        self._pending_metrics, self._step_losses = {}, []
+        self._pending_metrics, self._step_losses, self._plan = {}, [], None
         self._setup_teacher(teacher)
         self._setup_objective_modules(optimizers)
         if self.use_vllm:
             configure_vllm_generation(self.vllm_generation, args, self.accelerator.is_main_process)
         self.preemption = PreemptionCallback(self.accelerator)  # SIGTERM: checkpoint at the end of the step, then stop
-        for callback in [ObjectiveCallback(objective, lambda: self.eval_dataset), *objective.callbacks(),
-                         self.preemption]:
-            self.add_callback(callback)
+        if objective.state is not None:
+            self.add_callback(ObjectiveCallback(objective.state, lambda: self.eval_dataset))
+        self.add_callback(self.preemption)
         self.check_prompt_lengths({"train_dataset": train_dataset, "eval_dataset": eval_dataset})
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
@@ -160,13 +162,9 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         """TRL's model card, naming the objective, the paper of its method (AMM's for `amm`, the baseline's own
         otherwise) and the student and teacher it was distilled between (TRL's card names no base model when the
         student was loaded from a local folder)."""
-        papers = {"amm": self._paper, "gkd": DistillationTrainer._paper, "jsd": DistillationTrainer._paper,
-                  "minillm": {"title": "MiniLLM: Knowledge Distillation of Large Language Models", "id": "2306.08543"},
-                  "distillm": {"title": "DistiLLM: Towards Streamlined Distillation for Large Language Models",
-                               "id": "2402.03898"},
-                  "pbkd": {"title": "Online Knowledge Distillation with Reward Guidance", "id": "2505.18952"}}
         objective = self.args.objective
-        self._paper, self._name = papers.get(objective, {}), f"amm-trl (objective `{objective}`)"  # this run's
+        self._paper = OBJECTIVES[objective].info.paper or {}  # this run's
+        self._name = f"amm-trl (objective `{objective}`)"
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         path = os.path.join(self.args.output_dir, "README.md")
         if not self.is_world_process_zero() or not os.path.exists(path):
@@ -229,8 +227,10 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         self.chunk_size = auto_chunk_size(self.vocab_size, self.args.loss_chunk_tokens)
 
     def _setup_objective_modules(self, optimizers: tuple[Any, Any]) -> None:
-        self.q_heads = self.objective_unit.build_modules(self.model, self._teacher_hidden_size, self.vocab_size)
-        if self.q_heads is not None:
+        adversary = self.objective_unit.adversary
+        self.q_heads = None
+        if adversary is not None:
+            self.q_heads = adversary.build(self.model, self._teacher_hidden_size, self.vocab_size)
             if optimizers[0] is not None:
                 raise ValueError(
                     f"AMMTrainer got optimizers=(optimizer, scheduler), but objective {self.args.objective!r} trains "
@@ -257,7 +257,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         finally:
             for p in head_params:
                 p.requires_grad_(True)
-        for group in self.objective_unit.param_groups(self.q_heads):  # ... then the objective's own groups
+        for group in self.objective_unit.adversary.param_groups():  # ... then the adversary's own groups
             self.optimizer.add_param_group(group)
         return self.optimizer
 
@@ -293,8 +293,9 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         return grad_norm
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:
-        """Clipping as the objective asks (by default the Trainer's joint clip of the student and its heads)."""
-        return self.objective_unit.clip_gradients(model, super()._clip_grad_norm)
+        """Clipping as the adversary asks (by default the Trainer's joint clip of the student and its heads)."""
+        adversary = self.objective_unit.adversary
+        return super()._clip_grad_norm(model) if adversary is None else adversary.clip(model, super()._clip_grad_norm)
 
     # ------------------------------------------------------------------------------------------------ data
     def _step_info(self) -> Step:
@@ -303,18 +304,18 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         step = self._step_info()
-        schedule = self.objective_unit.schedule(len(inputs), step)
-        for name, value in schedule.metrics.items():
+        plan = self._plan = self.objective_unit.plan(len(inputs), step)  # its sampler is read by the rollouts
+        for name, value in plan.metrics.items():
             self._metrics["train" if step.training else "eval"][name].append(value)
-        if schedule.rollouts:
+        if plan.rollouts:
             output = self._rollouts(inputs, step)
-        elif schedule.replay is not None:
-            output = self._padded_prompts([p for p, _ in schedule.replay])
+        elif plan.replay is not None:
+            output = self._padded_prompts([p for p, _ in plan.replay])
         else:
             output = self._padded_prompts(self._tokenize_prompts([x["prompt"] for x in inputs])[0])
-        if schedule.off_policy:
-            if schedule.replay is not None:
-                completions = [c for _, c in schedule.replay]
+        if plan.off_policy:
+            if plan.replay is not None:
+                completions = [c for _, c in plan.replay]
             elif self.args.off_policy_source == "teacher":
                 completions = teacher_completions(self.teacher_model, self.accelerator,
                                                   self.args.ds3_gather_for_generation, output["prompt_ids"],
@@ -334,14 +335,16 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         elapsed = time.perf_counter() - start
         tokens = self.accelerator.gather(output["completion_mask"].sum()).sum().item()
         self._metrics[mode]["rollout/tokens_per_second"].append(tokens / max(elapsed, 1e-9))
-        scorer = RolloutScorer(lambda teacher: self._rollout_log_probs(output, teacher=teacher))
-        self._log_means(self.objective_unit.on_rollouts(output, scorer, step), mode)
-        if self.use_vllm and self.args.vllm_importance_sampling_correction:
+        correct = self.use_vllm and self.args.vllm_importance_sampling_correction
+        needed = set(self.objective_unit.data.scores) | ({"logp_student"} if correct else set())
+        scores = self._rollout_log_probs(output, teacher="logp_teacher" in needed) if needed else {}
+        self._log_means(self.objective_unit.on_rollouts(output, scores, step), mode)
+        if correct:
             # Stored in the batch, so TRL's shuffle and split over the gradient-accumulation steps and replays keep
             # the weights aligned with their tokens.
             mask = output["completion_mask"]
             output["vllm_is_weight"], metrics = vllm_correction(
-                self.args, scorer.student(), sampled_log_probs(self.vllm_generation, mask), mask,
+                self.args, scores["logp_student"], sampled_log_probs(self.vllm_generation, mask), mask,
                 self.accelerator.gather)
             for name, value in metrics.items():
                 self._metrics[mode][name].append(value)
@@ -368,9 +371,9 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         }
 
     @torch.no_grad()
-    def _rollout_log_probs(self, output: dict[str, Any], teacher: bool = False) -> list[torch.Tensor]:
+    def _rollout_log_probs(self, output: dict[str, Any], teacher: bool = False) -> dict[str, torch.Tensor]:
         """Log-probs of the rollout tokens under the rollout-time student (and the teacher), (B, T) fp32, 0 at
-        padding: one no-grad forward each, projected as the loss projects them."""
+        padding (`logp_student`, `logp_teacher`): one no-grad forward each, projected as the loss projects them."""
         c_ids, c_mask = output["completion_ids"], output["completion_mask"]
         input_ids = torch.cat([output["prompt_ids"], c_ids], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], c_mask], dim=1)
@@ -378,38 +381,37 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation) as student:
             h_s = self._get_last_hidden_state(student, input_ids, attention_mask, width)
-            token_inputs = [h_s[valid], c_ids[valid]]
+            token_inputs = {"student_hidden": h_s[valid], "target_ids": c_ids[valid]}
             if teacher:
-                token_inputs.append(self._teacher_hidden_states(input_ids, attention_mask, width)[valid])
+                token_inputs["teacher_hidden"] = self._teacher_hidden_states(input_ids, attention_mask, width)[valid]
             projection = self._projection(self.accelerator.unwrap_model(self.model), teacher)
-            fn, params, names = token_function(None, "on", projection, self._step_info())
+            fn, params = token_pass([], projection, self._step_info())
             weights = torch.zeros(int(valid.sum()), device=h_s.device)
-            _, metrics = self.loss_module(token_inputs, weights, LossSpec(fn, params, self.chunk_size))
-        result = []
+            _, metrics = self._chunked(token_inputs, weights, fn, params)
+        result = {}
         for name in ("logp_student", "logp_teacher")[:1 + teacher]:
-            logp = torch.zeros(valid.shape, device=h_s.device, dtype=torch.float32)
-            logp[valid] = metrics[:, names.index(name)].float()
-            result.append(logp)
+            result[name] = torch.zeros(valid.shape, device=h_s.device, dtype=torch.float32)
+            result[name][valid] = metrics[name].float()
         return result
 
     def _generate_single_turn(self, prompt_ids: list[list[int]], images: Any, multimodal_fields: Any,
                               has_tool_images: bool = False) -> Any:
-        """TRL's HF-`generate` rollouts, with the objective's logits processor (MiniLLM's teacher-mixed sampling)."""
-        objective = self.objective_unit
-        if self.use_vllm or not objective.samples_with_teacher:
+        """TRL's HF-`generate` rollouts, with the plan's sampler (MiniLLM's teacher-mixed sampling)."""
+        sampler = self._plan.sampler if self._plan is not None else None
+        if self.use_vllm or sampler is None:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
         student = self.accelerator.unwrap_model(self.model)
         with unwrap_model_for_generation(self.teacher_model, self.accelerator,
                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation) as teacher, \
-                extra_logits_processor(student, lambda mask: objective.logits_processor(
-                    teacher, self.vocab_size, self.temperature, mask)):
+                extra_logits_processor(student, lambda mask: sampler(teacher, self.vocab_size, self.temperature,
+                                                                     mask)):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
 
     def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
-        """A generation batch serves `generation_batch_reuse` optimizer steps (TRL regenerates every
+        """A generation batch serves `data.reuse` optimizer steps (TRL regenerates every
         `gradient_accumulation_steps` micro-steps; here only every `reuse` times that). The dataloader's prompts of
         the replayed steps are not used."""
-        ga, reuse = self.args.gradient_accumulation_steps, self.objective_unit.generation_batch_reuse
+        ga, reuse = self.args.gradient_accumulation_steps, self.objective_unit.data.reuse
         if (self.model.training and reuse > 1 and self._buffered_inputs is not None
                 and self._step % (ga * reuse) != 0):
             return self._buffered_inputs[self._step % ga]
@@ -431,39 +433,46 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
     def _compute_loss(self, unwrapped_student: PreTrainedModel, inputs: dict[str, Any],
                       num_items_in_batch: Any) -> Any:
         objective = self.objective_unit
-        if objective.uses_trl_loss:
+        if objective.info.trl_loss:
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
-        kinds = [kind for kind in KINDS if self._key(kind, "ids") in inputs]
-        width = max(inputs[self._key(kind, "ids")].size(1) for kind in kinds)
-        ids, masks = [], []
-        for kind in kinds:  # right-pad both kinds to one width: one student and one teacher forward for all
-            extra = width - inputs[self._key(kind, "ids")].size(1)
-            ids.append(torch.nn.functional.pad(inputs[self._key(kind, "ids")], (0, extra),
-                                               value=self._tokenizer.pad_token_id))
-            masks.append(torch.nn.functional.pad(inputs[self._key(kind, "mask")], (0, extra), value=0))
-        completion_ids, completion_mask = torch.cat(ids), torch.cat(masks)
+        kinds = [kind for kind in KINDS.values() if kind.ids in inputs]
+        width = max(inputs[kind.ids].size(1) for kind in kinds)
+        # right-pad every kind to one width: one student and one teacher forward for all of them
+        completion_ids = torch.cat([torch.nn.functional.pad(inputs[kind.ids], (0, width - inputs[kind.ids].size(1)),
+                                                            value=self._tokenizer.pad_token_id) for kind in kinds])
+        completion_mask = torch.cat([torch.nn.functional.pad(inputs[kind.mask], (0, width - inputs[kind.mask].size(1)))
+                                     for kind in kinds])
         batch = inputs["prompt_ids"].size(0)
         input_ids = torch.cat([inputs["prompt_ids"].repeat(len(kinds), 1), completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"].repeat(len(kinds), 1), completion_mask], dim=1)
         h_s = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, width)
-        h_t = self._teacher_hidden_states(input_ids, attention_mask, width) if objective.needs_teacher else None
-        projection, step = self._projection(unwrapped_student, objective.needs_teacher), self._step_info()
-        loss, parts = torch.zeros((), device=h_s.device), {}
-        for i, kind in enumerate(kinds):
-            rows = slice(i * batch, (i + 1) * batch)
-            part_loss, parts[kind] = self._part_loss(
-                kind, projection, step, completion_ids[rows], completion_mask[rows].bool(), h_s[rows],
-                None if h_t is None else h_t[rows], inputs)
-            loss = loss + part_loss
-        context = LossContext(self._run_chunked, self._add_metric, projection,
-                              batch * (self.args.gradient_accumulation_steps if step.training else 1), step)
-        extra = objective.extra_loss(parts, context)
-        entropy = sum(part.column("entropy").sum() for part in parts.values())
-        n_valid = sum(part.valid.sum() for part in parts.values())
-        return (loss if extra is None else loss + extra), entropy, n_valid
+        reads_teacher = objective.info.reads_teacher
+        h_t = self._teacher_hidden_states(input_ids, attention_mask, width) if reads_teacher else None
+        projection, step = self._projection(unwrapped_student, reads_teacher), self._step_info()
+        def by_kind(x: torch.Tensor | None) -> dict[str, torch.Tensor | None]:  # the kinds' rows, by name
+            return dict(zip([kind.name for kind in kinds], x.split(batch) if x is not None else [None] * len(kinds)))
 
-    def _run_chunked(self, token_inputs: list[torch.Tensor], weights: torch.Tensor, fn: Callable,
-                     params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, valid, student, teacher = map(by_kind, (completion_ids, completion_mask.bool(), h_s, h_t))
+        terms = objective.terms()
+        loss, parts = torch.zeros((), device=h_s.device), {}
+        for kind in kinds:
+            part_loss, parts[kind.name] = self._part_loss(kind, terms[kind.name], projection, step, ids[kind.name],
+                                                          valid[kind.name], student[kind.name], teacher[kind.name],
+                                                          inputs)
+            loss = loss + part_loss
+        context = LossContext(self._chunked, projection,
+                              batch * (self.args.gradient_accumulation_steps if step.training else 1), step)
+        sequence = objective.sequence_loss(parts, context)
+        if sequence is not None:
+            loss = loss + sequence[0]
+            self._add_metrics(sequence[1])
+        entropy = sum(part.metrics["entropy"].sum() for part in parts.values())
+        n_valid = sum(part.valid.sum() for part in parts.values())
+        return loss, entropy, n_valid
+
+    def _chunked(self, token_inputs: dict[str, torch.Tensor], weights: torch.Tensor, fn: Callable,
+                 params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The chunked engine, run as the forward of the student's loss submodule (ZeRO-3 gathers its weights)."""
         return self.loss_module(token_inputs, weights, LossSpec(fn, params, self.chunk_size))
 
     @torch.no_grad()
@@ -476,43 +485,40 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
         return self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state, teacher, input_ids,
                                          attention_mask, width)
 
-    @staticmethod
-    def _key(kind: str, what: str) -> str:
-        return f"completion_{what}" if kind == "on" else f"off_completion_{what}"
-
-    def _part_loss(self, kind: str, projection: Projection, step: Step, completion_ids: torch.Tensor,
-                   valid: torch.Tensor, h_s: torch.Tensor, h_t: torch.Tensor | None,
+    def _part_loss(self, kind: Kind, terms: list[Term], projection: Projection, step: Step,
+                   completion_ids: torch.Tensor, valid: torch.Tensor, h_s: torch.Tensor, h_t: torch.Tensor | None,
                    inputs: dict[str, Any]) -> tuple[torch.Tensor, Part]:
         """Loss of one data kind (rollouts or off-policy completions), already weighted for the global reduction."""
-        fn, params, names = token_function(self.objective_unit, kind, projection, step)
+        fn, params = token_pass(terms, projection, step)
         weights = self._token_weights(kind, valid, inputs, h_s.device)
-        token_inputs = [h_s[valid], completion_ids[valid]] + ([h_t[valid]] if h_t is not None else [])
-        token_inputs += [_per_token(inputs[key], valid) for key in self.objective_unit.token_input_keys(kind)]
-        loss, metrics = self._run_chunked(token_inputs, weights, fn, params)
-        for j, name in enumerate(names):
-            self._add_metric(f"{name}/{kind}", metrics[:, j].sum(), metrics.size(0))
-        return loss, Part(kind, completion_ids, valid, h_s, h_t, weights, metrics, names)
+        token_inputs = {"student_hidden": h_s[valid], "target_ids": completion_ids[valid]}
+        if h_t is not None:
+            token_inputs["teacher_hidden"] = h_t[valid]
+        token_inputs.update({key: _per_token(inputs[key], valid) for term in terms for key in term.inputs})
+        loss, metrics = self._chunked(token_inputs, weights, fn, params)
+        self._add_metrics({f"{name}/{kind.name}": (column.sum(), column.numel()) for name, column in metrics.items()})
+        return loss, Part(kind.name, completion_ids, valid, h_s, h_t, weights, metrics)
 
-    def _token_weights(self, kind: str, valid: torch.Tensor, inputs: dict[str, Any],
+    def _token_weights(self, kind: Kind, valid: torch.Tensor, inputs: dict[str, Any],
                        device: torch.device) -> torch.Tensor:
-        """Per valid token: the objective's weight of the data kind / the loss-token count it is reduced by, times
-        the vLLM importance weight on rollouts."""
-        count_key = "num_items_in_batch" if kind == "on" else "num_off_items"
-        if self.model.training and inputs.get(count_key) is not None:
+        """Per valid token: 1 / the loss-token count it is reduced by, times the kind's per-token weight (vLLM's
+        importance weight on rollouts) where the batch has one. The objective's own weights are in its terms."""
+        if self.model.training and inputs.get(kind.count) is not None:
             # Global loss-token count of the generation batch / world size: the sum over grad-accumulation steps and
             # ranks (DDP/DeepSpeed average) then reduces exactly as TRL does (`loss_is_scaled_for_ga`).
-            denominator = inputs[count_key].clamp(min=1).float() / self.accelerator.num_processes
+            denominator = inputs[kind.count].clamp(min=1).float() / self.accelerator.num_processes
         else:
             denominator = valid.sum().clamp(min=1).float()
-        weights = torch.full((int(valid.sum()),), self.objective_unit.part_weight(kind), device=device)
-        weights = weights / denominator.to(device)
-        if kind == "on" and "vllm_is_weight" in inputs:  # vLLM sampling correction: rollout tokens only, detached
-            weights = weights * _per_token(inputs["vllm_is_weight"], valid).to(device)
+        weights = torch.ones(int(valid.sum()), device=device) / denominator.to(device)
+        if kind.token_weight in inputs:  # vLLM sampling correction: rollout tokens only, detached
+            weights = weights * _per_token(inputs[kind.token_weight], valid).to(device)
         return weights
 
     # --------------------------------------------------------------------------------------------- metrics
-    def _add_metric(self, name: str, total: torch.Tensor, count: torch.Tensor) -> None:
-        self._pending_metrics[name] = (total.detach().float(), float(count))
+    def _add_metrics(self, metrics: Metrics) -> None:
+        """The step's metrics, (local sum, local count) each, logged once per micro-batch (`_log_pending_metrics`)."""
+        for name, (total, count) in metrics.items():
+            self._pending_metrics[name] = (total.detach().float(), float(count))
 
     def _log_means(self, sums: dict, mode: str) -> None:
         """Logs sum / count of each (local sum, local count) across ranks, in one collective."""

@@ -214,7 +214,7 @@ def test_gpu_recipes_checkpoint_and_evaluate_within_their_documented_run(name):
     assert args.eval_strategy == "steps" and steps // args.eval_steps >= 3, (args.eval_steps, steps)
     assert script.eval_dataset_name == "data/dolly_eval.jsonl" and 'split["test"].to_json("data/dolly_eval.jsonl")' \
         in open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
-    assert args.use_vllm == args.objective_unit.uses_rollouts, (args.objective, args.use_vllm)
+    assert args.use_vllm == args.objective_unit.data.rollouts, (args.objective, args.use_vllm)
 
 
 def test_help_shows_the_configs_defaults_not_the_quickstart_recipes(capsys):

@@ -456,7 +456,7 @@ def test_divergences_match_trls_chunked_kernel(beta):
     the whole `lm_head` (no shared-vocabulary rows of a padded one)."""
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
-    from amm_trl.objectives.base import project, scale_logits
+    from amm_trl.projection import project, scale_logits
 
     torch.manual_seed(0)
     h_s, h_t = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
@@ -477,3 +477,31 @@ def test_divergences_match_trls_chunked_kernel(beta):
     our_grad, = torch.autograd.grad(ours, w_s)
     torch.testing.assert_close(ours, trl_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(our_grad, trl_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_every_registered_objective_speaks_the_small_interface(tmp_path):
+    """The interface has at most ten public members, and every objective declares a term for each data kind its data
+    can bring (TRL's own loss aside), names its terms, and builds from a default config without a trainer."""
+    from amm_trl import AMMConfig
+    from amm_trl.objectives.base import Objective, Term
+
+    base = Objective(None)
+    assert len([n for n in dir(base) if not n.startswith("_")]) <= 10, [n for n in dir(base) if not n.startswith("_")]
+    assert set(O.OBJECTIVES) >= {"sft", "seqkd", "fkl", "rkl", "tvd", "jsd", "gkd", "imitkd", "distillm",
+                                 "distillm2", "minillm", "pbkd", "amm"}
+    for name, cls in O.OBJECTIVES.items():
+        args = AMMConfig(output_dir=str(tmp_path), objective=name, use_cpu=True, report_to="none",
+                         off_policy_source="dataset", eval_strategy="steps" if name == "distillm" else "no",
+                         eval_steps=10)
+        objective = args.objective_unit
+        assert type(objective) is cls and objective.name == name and objective.info.description
+        if objective.info.trl_loss:
+            assert objective.terms() == {} and objective.data.rollouts
+            continue
+        if objective.adversary is not None:  # the terms read the heads' parameters by name
+            continue
+        kinds = {kind for kind, brings in (("on", objective.data.rollouts), ("off", objective.data.off_policy))
+                 if brings}
+        terms = objective.terms()
+        assert kinds <= set(terms), (name, kinds, set(terms))
+        assert all(isinstance(t, Term) and t.name and callable(t.loss) for ts in terms.values() for t in ts), name

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from amm_trl import AMMTrainer
 from amm_trl import objectives as O
-from amm_trl.objectives.base import STATE_FILE
+from amm_trl.checkpoints import STATE_FILE
 from amm_trl.objectives.distillm import DistillmState, ReplayBuffer, next_threshold, student_probability
 from tests.test_trainer import CHUNKS, PAPER_CRITIC, check_chunks, fixed_batch, grads, make_config, make_trainer
 

@@ -1,5 +1,6 @@
-"""One AMM training step, traced as it runs, passes through five project files (the reading path the README names):
-the trainer's hooks, rollouts, the objective interface, the AMM objective and the chunked loss."""
+"""One AMM training step, traced as it runs, passes through the project files of the reading path the trainer's
+docstring names: the trainer's hooks, rollouts, the projection to logits, the objective interface, the AMM objective
+with its Q-heads and shared math, and the chunked loss."""
 
 import os
 import sys
@@ -31,7 +32,7 @@ class TraceOneStep(TrainerCallback):
         sys.setprofile(None)
 
 
-def test_one_amm_step_reads_through_five_project_files(tiny, tiny_dataset, tmp_path):
+def test_one_amm_step_reads_through_the_documented_project_files(tiny, tiny_dataset, tmp_path):
     trace = TraceOneStep()
     args = AMMConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_steps=2, per_device_train_batch_size=4,
                      max_completion_length=6, report_to="none", save_strategy="no", logging_steps=1,
@@ -44,8 +45,9 @@ def test_one_amm_step_reads_through_five_project_files(tiny, tiny_dataset, tmp_p
     finally:
         sys.setprofile(None)
     files = {f for f, _ in trace.calls}
-    assert files == {"trainer.py", "rollouts.py", os.path.join("objectives", "base.py"),
-                     os.path.join("objectives", "amm.py"), "chunked.py"}, sorted(trace.calls)
+    assert files == {"trainer.py", "rollouts.py", "projection.py", os.path.join("objectives", "base.py"),
+                     os.path.join("objectives", "amm.py"), os.path.join("objectives", "functional.py"), "qhead.py",
+                     "chunked.py"}, sorted(trace.calls)
     # the step did what an AMM step does: rollouts and teacher answers, the critic, the chunked loss, the guard
     for call in [("trainer.py", "training_step"), ("trainer.py", "_get_grad_norm"),
                  ("rollouts.py", "teacher_completions"), ("objectives/amm.py", "critic_values"),

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from amm_trl import AMMConfig, AMMTrainer
 from amm_trl.objectives import get_objective
-from amm_trl.objectives.base import Step
+from amm_trl.objectives.batch import Step
 from amm_trl.trainer import HEADS_FILE
 
 
@@ -246,13 +246,13 @@ def test_lmbda_schedule_is_seeded_by_step(tmp_path):
     """GKD's data kind per optimizer step: rollouts with probability lmbda, else off-policy data; the same draw on
     every rank and in a fresh (resumed) run."""
     gkd = get_objective(make_config(tmp_path, objective="gkd", lmbda=0.5))
-    draws = [gkd.schedule(4, Step(step, 40, 0, True)) for step in range(40)]
+    draws = [gkd.plan(4, Step(step, 40, 0, True)) for step in range(40)]
     resumed = get_objective(make_config(tmp_path, objective="gkd", lmbda=0.5))
-    assert resumed.schedule(4, Step(7, 40, 1, True)) == draws[7]  # step 7 after a resume, on rank 1
+    assert resumed.plan(4, Step(7, 40, 1, True)) == draws[7]  # step 7 after a resume, on rank 1
     on = sum(d.rollouts for d in draws)
     assert all(d.rollouts != d.off_policy and d.replay is None for d in draws) and 10 < on < 30
     always = get_objective(make_config(tmp_path, objective="gkd", lmbda=1.0))
-    assert all(always.schedule(4, Step(step, 40, 0, True)).rollouts for step in range(40))
+    assert all(always.plan(4, Step(step, 40, 0, True)).rollouts for step in range(40))
 
 
 def test_padded_teacher_vocab_shares_tokenizer_rows(tmp_path, tiny_dataset):
@@ -347,7 +347,7 @@ def test_logit_transform_is_the_one_trl_applies(tiny, tiny_dataset, tmp_path, mo
     """The (scale, softcap) our projection applies equals what TRL's own `_compute_loss` passes to its kernel."""
     import trl.trainer.distillation_trainer as dt
 
-    from amm_trl.objectives.base import logit_transform
+    from amm_trl.projection import logit_transform
 
     trainer = make_trainer(tiny, tiny_dataset, tmp_path, objective="jsd", max_steps=1)
     inputs = fixed_batch(trainer, tiny_dataset)
@@ -382,7 +382,7 @@ def test_gradient_clipping_is_the_objectives(tiny, tiny_dataset, tmp_path, monke
         norms.append((before, after))
         return torch.tensor(before)
 
-    monkeypatch.setattr(trainer.objective_unit, "clip_gradients", clip)
+    monkeypatch.setattr(trainer.objective_unit.adversary, "clip", clip)
     trainer.train()
     logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     assert len(norms) == 2 and logged == pytest.approx([before for before, _ in norms])

@@ -1,35 +1,36 @@
 """The distillation objectives, one `Objective` subclass each, and their pure loss functions.
 
-Every module of this package is imported here; each `Objective` subclass it defines with a `name` is registered
-under that name (the values `AMMConfig.objective` accepts), and the names in its `__all__` (pure tensor functions)
-are exported from `amm_trl.objectives`. Adding an objective is adding one module.
+Each module of this package lists the objectives it defines in `OBJECTIVES`; they are registered here under their
+`name` (the values `AMMConfig.objective` accepts). Adding an objective is adding one module. The pure tensor functions
+are exported by name.
 """
 
 import importlib
 import pkgutil
 
+from .amm import amm_adversarial_gap, amm_moment_gap, critic_values, informed_prior
 from .base import Objective
+from .distillm import DistillmState, ReplayBuffer, next_threshold, student_probability
+from .divergences import forward_kl, generalized_jsd, reverse_kl, skew_forward_kl, skew_reverse_kl
+from .functional import (VLLM_IS_MODES, cross_entropy, length_normalize, reward_to_go, token_log_probs,
+                         total_variation, vllm_importance_weights)
+from .minillm import TeacherMixProcessor, ppo_clipped_loss, teacher_mix_weights, whiten
+from .pbkd import bradley_terry_loss
 
 OBJECTIVES: dict[str, type[Objective]] = {}
-__all__ = ["OBJECTIVES", "Objective", "get_objective"]
-
-
-def _register(module) -> None:
-    for value in vars(module).values():
-        if isinstance(value, type) and issubclass(value, Objective) and value.__module__ == module.__name__ \
-                and value.name:
-            if value.name in OBJECTIVES:
-                raise ValueError(f"objective {value.name!r} is defined twice ({OBJECTIVES[value.name]} and {value})")
-            OBJECTIVES[value.name] = value
-    for name in getattr(module, "__all__", ()):
-        globals()[name] = getattr(module, name)
-        __all__.append(name)
-
-
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    _register(importlib.import_module(f"{__name__}.{_info.name}"))
+    for _cls in getattr(importlib.import_module(f"{__name__}.{_info.name}"), "OBJECTIVES", []):
+        if _cls.name in OBJECTIVES:
+            raise ValueError(f"objective {_cls.name!r} is defined twice ({OBJECTIVES[_cls.name]} and {_cls})")
+        OBJECTIVES[_cls.name] = _cls
+
+__all__ = ["OBJECTIVES", "Objective", "get_objective", "amm_adversarial_gap", "amm_moment_gap", "critic_values",
+           "informed_prior", "DistillmState", "ReplayBuffer", "next_threshold", "student_probability", "forward_kl",
+           "generalized_jsd", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "VLLM_IS_MODES", "cross_entropy",
+           "length_normalize", "reward_to_go", "token_log_probs", "total_variation", "vllm_importance_weights",
+           "TeacherMixProcessor", "ppo_clipped_loss", "teacher_mix_weights", "whiten", "bradley_terry_loss"]
 
 
 def get_objective(args) -> Objective:
-    """The objective unit `args.objective` names, reading its settings from `args` (an `AMMConfig`)."""
+    """The objective `args.objective` names, reading its settings from `args` (an `AMMConfig`)."""
     return OBJECTIVES[args.objective](args)

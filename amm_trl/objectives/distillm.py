@@ -13,8 +13,12 @@ from __future__ import annotations
 import random
 from collections import deque
 
-from .base import Batch, Objective, RolloutScorer, Schedule, Step, Tokens, step_draw
+from torch import Tensor
+
+from .base import Data, Info, Metrics, Objective, Term
+from .batch import Batch, Plan, Step
 from .divergences import skew_forward_kl, skew_reverse_kl
+from .functional import step_draw
 
 __all__ = ["ReplayBuffer", "DistillmState", "next_threshold", "student_probability"]
 
@@ -66,15 +70,23 @@ def student_probability(threshold: float, step: int, total_steps: int) -> float:
 class DistillmState:
     """Everything of the schedule that must survive a checkpoint: buffer, threshold, last eval loss."""
 
-    def __init__(self, capacity: int, threshold: float):
+    title, contents = "DistiLLM", "replay buffer and threshold"
+
+    def __init__(self, capacity: int, threshold: float, eps: float = 0.1, step: float = 0.1):
         self.buffer = ReplayBuffer(capacity)
         self.threshold = float(threshold)
         self.previous_eval_loss: float | None = None
+        self.eps, self.step = eps, step
 
     def update_on_eval(self, loss: float, eps: float, step: float) -> float:
         self.threshold = next_threshold(self.threshold, self.previous_eval_loss, loss, eps, step)
         self.previous_eval_loss = float(loss)
         return self.threshold
+
+    def on_evaluate(self, loss: float, prefix: str) -> dict[str, float]:
+        """Each evaluation's loss (the skew divergence on the eval off-policy completions, gathered over ranks, so
+        every rank updates alike) drives the adaptive threshold."""
+        return {f"{prefix}_distillm_threshold": self.update_on_eval(loss, self.eps, self.step)}
 
     def state_dict(self) -> dict:
         return {"buffer": self.buffer.state_dict(), "threshold": self.threshold,
@@ -88,29 +100,29 @@ class DistillmState:
 
 class DistiLLM(Objective):
     name = "distillm"
-    description = ("DistiLLM (Ko et al., ICML 2024): skew KL (`distillm_loss: skl`) or skew reverse KL (`srkl`) with "
-                   "`skew_alpha`, on student rollouts with probability threshold * (1 - step/max_steps), otherwise on "
-                   "a replay buffer of past rollouts (`replay_buffer_size`) or the off-policy completions; the "
-                   "threshold rises by 0.1 when the eval loss stops improving (fixed without an eval set).")
+    info = Info("DistiLLM (Ko et al., ICML 2024): skew KL (`distillm_loss: skl`) or skew reverse KL (`srkl`) with "
+                "`skew_alpha`, on student rollouts with probability threshold * (1 - step/max_steps), otherwise on a "
+                "replay buffer of past rollouts (`replay_buffer_size`) or the off-policy completions; the threshold "
+                "rises by 0.1 when the eval loss stops improving (fixed without an eval set).",
+                paper={"title": "DistiLLM: Towards Streamlined Distillation for Large Language Models",
+                       "id": "2402.03898"})
 
     def __init__(self, args):
         super().__init__(args)
-        self.state = DistillmState(args.replay_buffer_size, args.distillm_init_threshold)
+        self.state = DistillmState(args.replay_buffer_size, args.distillm_init_threshold, args.distillm_loss_eps,
+                                   args.distillm_threshold_step)
 
     @property
-    def uses_rollouts(self) -> bool:
-        return self.args.distillm_init_threshold > 0.0 or self.args.eval_strategy != "no"
-
-    @property
-    def uses_off_policy(self) -> bool:
-        return True
+    def data(self) -> Data:
+        return Data(rollouts=self.args.distillm_init_threshold > 0.0 or self.args.eval_strategy != "no",
+                    off_policy=True)
 
     def student_probability(self, step: Step) -> float:
         return student_probability(self.state.threshold, step.step, step.max_steps)
 
-    def schedule(self, n: int, step: Step) -> Schedule:
+    def plan(self, n: int, step: Step) -> Plan:
         if not step.training:  # the eval loss (which drives the threshold) is on the off-policy data
-            return Schedule(False, True)
+            return Plan(rollouts=False, off_policy=True)
         on = step_draw(self.args.seed, step.step) < self.student_probability(step)
         replay = None
         # Not on student rollouts this step: past rollouts from the replay buffer once it holds a batch (the buffers
@@ -121,9 +133,9 @@ class DistiLLM(Objective):
                    "distillm/student_probability": self.student_probability(step),
                    "distillm/replay_size": float(len(self.state.buffer)),
                    "distillm/source": 2.0 if on else 1.0 if replay is not None else 0.0}  # 2 student 1 replay 0 ref
-        return Schedule(on, not on, replay, metrics)
+        return Plan(rollouts=on, off_policy=not on, replay=replay, metrics=metrics)
 
-    def on_rollouts(self, batch: Batch, scorer: RolloutScorer, step: Step):
+    def on_rollouts(self, batch: Batch, scores: dict[str, Tensor], step: Step) -> Metrics:
         """This step's student rollouts (unpadded prompt and completion ids) go into the replay buffer."""
         if step.training:
             rows = zip(batch["prompt_ids"].tolist(), batch["prompt_mask"].tolist(), batch["completion_ids"].tolist(),
@@ -133,20 +145,10 @@ class DistiLLM(Objective):
                                        [t for t, m in zip(c_ids, c_mask) if m])
         return {}
 
-    def token_loss(self, tokens: Tokens, kind: str):
+    def terms(self) -> dict[str, list[Term]]:
         divergence = skew_forward_kl if self.args.distillm_loss == "skl" else skew_reverse_kl
-        return divergence(tokens.student_logits, tokens.teacher_logits, self.args.skew_alpha), []
+        term = Term(lambda t: (divergence(*t.pair(), self.args.skew_alpha), {}), self.name)
+        return {"on": [term], "off": [term]}
 
-    state_title, state_contents = "DistiLLM", "replay buffer and threshold"
 
-    def state_dict(self) -> dict:
-        return self.state.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state.load_state_dict(state)
-
-    def on_evaluate(self, loss: float, prefix: str) -> dict[str, float]:
-        """Each evaluation's loss (the skew divergence on the eval off-policy completions, gathered over ranks, so
-        every rank updates alike) drives the adaptive threshold."""
-        threshold = self.state.update_on_eval(loss, self.args.distillm_loss_eps, self.args.distillm_threshold_step)
-        return {f"{prefix}_distillm_threshold": threshold}
+OBJECTIVES = [DistiLLM]

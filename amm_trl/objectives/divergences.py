@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import (Objective, Schedule, Tokens, _check_unit, _kl, _log_mixture, _pair_log_probs, cross_entropy,
-                   step_draw, total_variation)
+from .base import Data, Info, Objective, Term, invalid
+from .batch import Plan, Step
+from .functional import (check_unit, cross_entropy, kl, log_mixture, pair_log_probs, step_draw,
+                         total_variation)
 
 __all__ = ["forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl"]
+
+GKD_PAPER = {"title": "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes",
+             "id": "2306.13649"}
 
 
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -18,8 +23,8 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
     .. math:: \mathrm{KL}(p_T \| p_S) = \sum_a p_T(a) \, (\log p_T(a) - \log p_S(a))
     """
-    log_ps, log_pt = _pair_log_probs(student_logits, teacher_logits)
-    return _kl(log_pt, log_ps)
+    log_ps, log_pt = pair_log_probs(student_logits, teacher_logits)
+    return kl(log_pt, log_ps)
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -27,8 +32,8 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
     .. math:: \mathrm{KL}(p_S \| p_T) = \sum_a p_S(a) \, (\log p_S(a) - \log p_T(a))
     """
-    log_ps, log_pt = _pair_log_probs(student_logits, teacher_logits)
-    return _kl(log_ps, log_pt)
+    log_ps, log_pt = pair_log_probs(student_logits, teacher_logits)
+    return kl(log_ps, log_pt)
 
 
 def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float) -> Tensor:
@@ -42,15 +47,15 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float)
     ``beta == 1`` returns ``KL(p_S || p_T)`` (reverse KL); the formula itself would be 0 there.
     For small beta, ``JSD_beta / beta -> KL(p_T || p_S)``; for beta near 1, ``JSD_beta / (1-beta) -> KL(p_S || p_T)``.
     """
-    _check_unit("beta", beta)
+    check_unit("beta", beta)
     beta = float(beta)
-    log_ps, log_pt = _pair_log_probs(student_logits, teacher_logits)
+    log_ps, log_pt = pair_log_probs(student_logits, teacher_logits)
     if beta == 0.0:
-        return _kl(log_pt, log_ps)
+        return kl(log_pt, log_ps)
     if beta == 1.0:
-        return _kl(log_ps, log_pt)
-    log_m = _log_mixture(log_pt, log_ps, beta)
-    return beta * _kl(log_pt, log_m) + (1.0 - beta) * _kl(log_ps, log_m)
+        return kl(log_ps, log_pt)
+    log_m = log_mixture(log_pt, log_ps, beta)
+    return beta * kl(log_pt, log_m) + (1.0 - beta) * kl(log_ps, log_m)
 
 
 def skew_forward_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
@@ -58,9 +63,9 @@ def skew_forward_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float
 
     .. math:: \mathrm{SKL}_\alpha = \mathrm{KL}(p_T \| \alpha p_T + (1-\alpha) p_S)
     """
-    _check_unit("alpha", alpha)
-    log_ps, log_pt = _pair_log_probs(student_logits, teacher_logits)
-    return _kl(log_pt, _log_mixture(log_pt, log_ps, float(alpha)))
+    check_unit("alpha", alpha)
+    log_ps, log_pt = pair_log_probs(student_logits, teacher_logits)
+    return kl(log_pt, log_mixture(log_pt, log_ps, float(alpha)))
 
 
 def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
@@ -68,112 +73,98 @@ def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float
 
     .. math:: \mathrm{SRKL}_\alpha = \mathrm{KL}(p_S \| (1-\alpha) p_T + \alpha p_S)
     """
-    _check_unit("alpha", alpha)
-    log_ps, log_pt = _pair_log_probs(student_logits, teacher_logits)
-    return _kl(log_ps, _log_mixture(log_ps, log_pt, float(alpha)))
+    check_unit("alpha", alpha)
+    log_ps, log_pt = pair_log_probs(student_logits, teacher_logits)
+    return kl(log_ps, log_mixture(log_ps, log_pt, float(alpha)))
+
+
+def _one_kind(kind: str, name: str, loss) -> dict[str, list[Term]]:
+    return {kind: [Term(lambda tokens: (loss(tokens), {}), name)]}
 
 
 class SFT(Objective):
     name = "sft"
-    description = "Cross-entropy on the off-policy completions (dataset references)."
-    needs_teacher = False
+    info = Info("Cross-entropy on the off-policy completions (dataset references).", reads_teacher=False)
+    data = Data(rollouts=False, off_policy=True)
 
-    @property
-    def uses_off_policy(self) -> bool:
-        return True
-
-    def loss_name(self, kind: str) -> str:
-        return "ce"
-
-    def token_loss(self, tokens: Tokens, kind: str):
-        return cross_entropy(tokens.student_logits, tokens.target_ids), []
+    def terms(self) -> dict[str, list[Term]]:
+        return _one_kind("off", "ce", lambda t: cross_entropy(t.student_logits, t.target_ids))
 
 
 class SeqKD(SFT):
     name = "seqkd"
-    description = ("Sequence-level KD: cross-entropy on teacher-generated completions (`off_policy_source: teacher`, "
-                   "or a dataset written by `amm-trl generate`).")
+    info = Info("Sequence-level KD: cross-entropy on teacher-generated completions (`off_policy_source: teacher`, "
+                "or a dataset written by `amm-trl generate`).", reads_teacher=False)
 
 
-class _OffPolicyDivergence(Objective):
-    """A divergence on the off-policy completions."""
-
-    @property
-    def uses_off_policy(self) -> bool:
-        return True
-
-
-class _OnPolicyDivergence(Objective):
-    """A divergence on the student rollouts."""
-
-    @property
-    def uses_rollouts(self) -> bool:
-        return True
-
-
-class FKL(_OffPolicyDivergence):
+class FKL(Objective):
     name = "fkl"
-    description = "Word-level KD: forward KL(p_T || p_S) on the off-policy completions."
+    info = Info("Word-level KD: forward KL(p_T || p_S) on the off-policy completions.")
+    data = Data(rollouts=False, off_policy=True)
 
-    def token_loss(self, tokens: Tokens, kind: str):
-        return forward_kl(tokens.student_logits, tokens.teacher_logits), []
+    def terms(self) -> dict[str, list[Term]]:
+        return _one_kind("off", self.name, lambda t: forward_kl(*t.pair()))
 
 
-class RKL(_OnPolicyDivergence):
+class RKL(Objective):
     name = "rkl"
-    description = "Reverse KL(p_S || p_T) on student rollouts."
+    info = Info("Reverse KL(p_S || p_T) on student rollouts.")
+    data = Data(rollouts=True, off_policy=False)
 
-    def token_loss(self, tokens: Tokens, kind: str):
-        return reverse_kl(tokens.student_logits, tokens.teacher_logits), []
+    def terms(self) -> dict[str, list[Term]]:
+        return _one_kind("on", self.name, lambda t: reverse_kl(*t.pair()))
 
 
-class TVD(_OnPolicyDivergence):
+class TVD(RKL):
     name = "tvd"
-    description = "Total variation 0.5*sum|p_T - p_S| on student rollouts."
+    info = Info("Total variation 0.5*sum|p_T - p_S| on student rollouts.")
 
-    def token_loss(self, tokens: Tokens, kind: str):
-        return total_variation(tokens.student_logits, tokens.teacher_logits), []
+    def terms(self) -> dict[str, list[Term]]:
+        return _one_kind("on", self.name, lambda t: total_variation(*t.pair()))
 
 
-class JSD(_OnPolicyDivergence):
+class JSD(RKL):
     name = "jsd"
-    description = "TRL's own on-policy generalized JSD(`beta`) loss, unchanged (the reference trainer's objective)."
-    uses_trl_loss = True
+    info = Info("TRL's own on-policy generalized JSD(`beta`) loss, unchanged (the reference trainer's objective).",
+                paper=GKD_PAPER, trl_loss=True)
 
-    def validate(self, fail):
-        if self.args.vllm_importance_sampling_correction:
-            fail("vllm_importance_sampling_correction", True, "objective 'jsd' runs TRL's loss, which takes no "
-                 "token weights: use 'gkd' with lmbda 1.0 (the same loss) or set it to false.")
+    def __init__(self, args):
+        super().__init__(args)
+        if args.vllm_importance_sampling_correction:
+            raise invalid("vllm_importance_sampling_correction", True, "objective 'jsd' runs TRL's loss, which takes "
+                          "no token weights: use 'gkd' with lmbda 1.0 (the same loss) or set it to false.")
 
-
-class _Mixed(Objective):
-    """GKD's data schedule: each optimizer step is student rollouts with probability `lmbda`, else off-policy data."""
-
-    @property
-    def uses_rollouts(self) -> bool:
-        return self.args.lmbda > 0.0
-
-    @property
-    def uses_off_policy(self) -> bool:
-        return self.args.lmbda < 1.0
-
-    def schedule(self, n, step):
-        on = step_draw(self.args.seed, step.step) < self.args.lmbda
-        return Schedule(on, not on)
+    def terms(self) -> dict[str, list[Term]]:
+        return {}  # TRL's `DistillationTrainer._compute_loss`
 
 
-class GKD(_Mixed):
+class GKD(Objective):
+    """Each optimizer step is student rollouts with probability `lmbda`, else off-policy data."""
+
     name = "gkd"
-    description = ("Generalized JSD(`beta`) on student rollouts with probability `lmbda`, else on off-policy "
-                   "completions.")
+    info = Info("Generalized JSD(`beta`) on student rollouts with probability `lmbda`, else on off-policy "
+                "completions.", paper=GKD_PAPER)
 
-    def token_loss(self, tokens: Tokens, kind: str):
-        return generalized_jsd(tokens.student_logits, tokens.teacher_logits, self.args.beta), []
+    @property
+    def data(self) -> Data:
+        return Data(rollouts=self.args.lmbda > 0.0, off_policy=self.args.lmbda < 1.0)
+
+    def plan(self, n: int, step: Step) -> Plan:
+        on = step_draw(self.args.seed, step.step) < self.args.lmbda
+        return Plan(rollouts=on, off_policy=not on)
+
+    def terms(self) -> dict[str, list[Term]]:
+        term = Term(lambda t: (generalized_jsd(*t.pair(), self.args.beta), {}), self.name)
+        return {"on": [term], "off": [term]}
 
 
-class ImitKD(_Mixed):
+class ImitKD(GKD):
     name = "imitkd"
-    description = "Forward KL on student rollouts with probability `lmbda`, else on off-policy completions."
+    info = Info("Forward KL on student rollouts with probability `lmbda`, else on off-policy completions.")
 
-    def token_loss(self, tokens: Tokens, kind: str):
-        return forward_kl(tokens.student_logits, tokens.teacher_logits), []
+    def terms(self) -> dict[str, list[Term]]:
+        term = Term(lambda t: (forward_kl(*t.pair()), {}), self.name)
+        return {"on": [term], "off": [term]}
+
+
+OBJECTIVES = [SFT, SeqKD, FKL, RKL, TVD, JSD, GKD, ImitKD]

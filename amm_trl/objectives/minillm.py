@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
-from .base import (Batch, Objective, RolloutScorer, Step, Tokens, _as, _check_seq, _check_unit, _compute_dtype,
-                   _log_mixture, cross_entropy, length_normalize, reward_to_go, token_log_probs)
+from .base import Data, Info, Metrics, Objective, Term, Tokens, invalid
+from .batch import Batch, Plan, Step
 from .divergences import forward_kl, reverse_kl
+from .functional import (as_dtype, check_seq, check_unit, compute_dtype, cross_entropy, length_normalize, log_mixture,
+                         reward_to_go, token_log_probs)
 
 __all__ = ["whiten", "ppo_clipped_loss", "teacher_mix_weights", "TeacherMixProcessor"]
 
@@ -29,10 +31,10 @@ def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1
 
     mu and sigma^2 (unbiased, Bessel-corrected) are taken over entries with mask = 1; masked entries return 0.
     """
-    _check_seq("values", values, mask)
-    dtype = _compute_dtype(values)
-    m = _as(mask, dtype)
-    v = _as(values, dtype)
+    check_seq("values", values, mask)
+    dtype = compute_dtype(values)
+    m = as_dtype(mask, dtype)
+    v = as_dtype(values, dtype)
     n = m.sum()
     if n.item() < 1:
         raise ValueError("whiten needs at least one valid (mask = 1) entry")
@@ -64,9 +66,9 @@ def ppo_clipped_loss(
             f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages "
             f"{tuple(advantages.shape)} must have the same shape"
         )
-    dtype = _compute_dtype(logp, old_logp, advantages)
-    ratio = torch.exp(_as(logp, dtype) - _as(old_logp, dtype))
-    adv = _as(advantages, dtype)
+    dtype = compute_dtype(logp, old_logp, advantages)
+    ratio = torch.exp(as_dtype(logp, dtype) - as_dtype(old_logp, dtype))
+    adv = as_dtype(advantages, dtype)
     unclipped = -ratio * adv
     clipped_loss = -ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
     return torch.maximum(unclipped, clipped_loss), clipped_loss > unclipped
@@ -80,16 +82,16 @@ def teacher_mix_weights(student_token_logp: Tensor, teacher_token_logp: Tensor, 
     Takes per-token log-probs of the sampled tokens. Gradients flow through the inputs; detach them if the
     weight is meant as a constant (as in MiniLLM).
     """
-    _check_unit("mix", mix)
+    check_unit("mix", mix)
     if student_token_logp.shape != teacher_token_logp.shape:
         raise ValueError(
             f"student_token_logp {tuple(student_token_logp.shape)} and teacher_token_logp "
             f"{tuple(teacher_token_logp.shape)} must have the same shape"
         )
-    dtype = _compute_dtype(student_token_logp, teacher_token_logp)
-    ls = _as(student_token_logp, dtype)
-    lt = _as(teacher_token_logp, dtype)
-    return torch.exp(ls - _log_mixture(lt, ls, float(mix)))
+    dtype = compute_dtype(student_token_logp, teacher_token_logp)
+    ls = as_dtype(student_token_logp, dtype)
+    lt = as_dtype(teacher_token_logp, dtype)
+    return torch.exp(ls - log_mixture(lt, ls, float(mix)))
 
 
 class TeacherMixProcessor(LogitsProcessor):
@@ -127,51 +129,47 @@ class TeacherMixProcessor(LogitsProcessor):
         return mixed
 
 
-ROLLOUT_KEYS = ("minillm_advantages", "minillm_old_logp", "minillm_is_weight")
+ROLLOUT_KEYS = ("minillm_advantages", "minillm_old_logp", "minillm_is_weight")  # added to the batch at rollout time
 
 
 class MiniLLM(Objective):
     name = "minillm"
-    description = ("MiniLLM (Gu et al., ICLR 2024): sequence-level reverse KL by policy gradient on student rollouts "
-                   "(discounted, length-normalized, whitened returns of log p_T - log p_S; PPO clipping `ppo_clip`, "
-                   "`ppo_epochs` optimizer steps per rollout batch) + the exact single-step reverse KL + a "
-                   "(1 - `minillm_kd_ratio`) CE + `minillm_kd_ratio` forward-KL loss on the off-policy completions; "
-                   "rollouts sampled from the teacher-student mixture `minillm_teacher_mix` * p_T + (1 - mix) * p_S "
-                   "with importance weights p_S / mix.")
-    own_fields = ("ppo_epochs",)
+    info = Info("MiniLLM (Gu et al., ICLR 2024): sequence-level reverse KL by policy gradient on student rollouts "
+                "(discounted, length-normalized, whitened returns of log p_T - log p_S; PPO clipping `ppo_clip`, "
+                "`ppo_epochs` optimizer steps per rollout batch) + the exact single-step reverse KL + a "
+                "(1 - `minillm_kd_ratio`) CE + `minillm_kd_ratio` forward-KL loss on the off-policy completions; "
+                "rollouts sampled from the teacher-student mixture `minillm_teacher_mix` * p_T + (1 - mix) * p_S "
+                "with importance weights p_S / mix.",
+                paper={"title": "MiniLLM: Knowledge Distillation of Large Language Models", "id": "2306.08543"},
+                own_fields=("ppo_epochs",))
+
+    def __init__(self, args):
+        super().__init__(args)
+        if args.minillm_teacher_mix > 0 and args.use_vllm:
+            raise invalid("minillm_teacher_mix", args.minillm_teacher_mix, "teacher-mixed sampling runs the teacher "
+                          "inside HF `generate`; with use_vllm set it to 0 (rollouts from the student alone).")
 
     @property
-    def uses_rollouts(self) -> bool:
-        return True
+    def data(self) -> Data:
+        return Data(rollouts=True, off_policy=True, reuse=self.args.ppo_epochs,
+                    scores=("logp_student", "logp_teacher"))
 
-    @property
-    def uses_off_policy(self) -> bool:
-        return True
-
-    @property
-    def generation_batch_reuse(self) -> int:
-        return self.args.ppo_epochs
-
-    def validate(self, fail):
-        if self.args.minillm_teacher_mix > 0 and self.args.use_vllm:
-            fail("minillm_teacher_mix", self.args.minillm_teacher_mix, "teacher-mixed sampling runs the teacher "
-                 "inside HF `generate`; with use_vllm set it to 0 (rollouts from the student alone).")
-
-    @property
-    def samples_with_teacher(self) -> bool:
-        return self.args.minillm_teacher_mix > 0
-
-    def logits_processor(self, teacher, vocab, temperature, attention_mask):
-        return TeacherMixProcessor(teacher, self.args.minillm_teacher_mix, temperature, vocab, attention_mask)
+    def plan(self, n: int, step: Step) -> Plan:
+        mix = self.args.minillm_teacher_mix
+        sampler = None
+        if mix > 0:
+            def sampler(teacher, vocab, temperature, attention_mask):
+                return TeacherMixProcessor(teacher, mix, temperature, vocab, attention_mask)
+        return Plan(rollouts=True, off_policy=True, sampler=sampler)
 
     @torch.no_grad()
-    def on_rollouts(self, batch: Batch, scorer: RolloutScorer, step: Step):
+    def on_rollouts(self, batch: Batch, scores: dict[str, Tensor], step: Step) -> Metrics:
         """At rollout time: the rollout policy's token log-probs (PPO's old log-probs) and the advantages.
 
         r_t = log p_T(y_t|s_t) - log p_S(y_t|s_t); A = whiten(length_normalize(G)), G_t = sum_{k>t} gamma^(k-t-1) r_k
         (the current token's reward is covered exactly by the single-step reverse KL term), whitened over this
         process's generation batch."""
-        old_logp, teacher_logp = scorer.student_and_teacher()
+        old_logp, teacher_logp = scores["logp_student"], scores["logp_teacher"]
         mask = batch["completion_mask"].float()
         is_weight, behaviour_logp = mask.clone(), old_logp
         mix = self.args.minillm_teacher_mix
@@ -183,30 +181,30 @@ class MiniLLM(Objective):
         returns = reward_to_go(rewards, mask, gamma=self.args.minillm_gamma, include_current=False)
         returns = length_normalize(returns, mask, include_current=False)
         advantages = whiten(returns, mask) if mask.sum() > 1 else returns
-        batch["minillm_old_logp"], batch["minillm_advantages"] = behaviour_logp, advantages
-        batch["minillm_is_weight"] = is_weight
+        batch.update(minillm_old_logp=behaviour_logp, minillm_advantages=advantages, minillm_is_weight=is_weight)
         n = mask.sum()
         return {"minillm/reward": (rewards.sum(), n), "minillm/return": (returns.sum(), n),
                 "minillm/is_weight": (is_weight.sum(), n)}
 
-    def token_input_keys(self, kind: str) -> tuple[str, ...]:
-        return ROLLOUT_KEYS if kind == "on" else ()
+    def terms(self) -> dict[str, list[Term]]:
+        return {"on": [Term(self.rollout_loss, "minillm", inputs=ROLLOUT_KEYS)],
+                "off": [Term(self.reference_loss, "minillm_kd")]}
 
-    def loss_name(self, kind: str) -> str:
-        return "minillm" if kind == "on" else "minillm_kd"
+    def reference_loss(self, tokens: Tokens) -> tuple[Tensor, dict[str, Tensor]]:
+        """MiniLLM's mixed LM / KD loss on the off-policy completions."""
+        ratio = self.args.minillm_kd_ratio
+        ce = cross_entropy(tokens.student_logits, tokens.target_ids)
+        return (1.0 - ratio) * ce + ratio * forward_kl(*tokens.pair()), {}
 
-    def metric_names(self, kind: str) -> list[str]:
-        return ["minillm_rkl", "minillm_pg", "ppo_ratio", "ppo_clipped"] if kind == "on" else []
-
-    def token_loss(self, tokens: Tokens, kind: str):
-        z_s, z_t, y = tokens.student_logits, tokens.teacher_logits, tokens.target_ids
-        if kind == "off":  # reference data: MiniLLM's mixed LM / KD loss
-            ratio = self.args.minillm_kd_ratio
-            return (1.0 - ratio) * cross_entropy(z_s, y) + ratio * forward_kl(z_s, z_t), []
-        # rollouts: exact single-step reverse KL + PPO-clipped policy gradient of the future return (with teacher-mixed
-        # sampling: old_logp is the mixture's, the single-step term weighted by p_S / mix)
+    def rollout_loss(self, tokens: Tokens) -> tuple[Tensor, dict[str, Tensor]]:
+        """The exact single-step reverse KL + the PPO-clipped policy gradient of the future return (with
+        teacher-mixed sampling: old_logp is the mixture's, the single-step term weighted by p_S / mix)."""
         advantages, old_logp, is_weight = (tokens.inputs[key] for key in ROLLOUT_KEYS)
-        logp = token_log_probs(z_s, y)
+        logp = token_log_probs(tokens.student_logits, tokens.target_ids)
         pg, clipped = ppo_clipped_loss(logp, old_logp, advantages, self.args.ppo_clip)
-        rkl = reverse_kl(z_s, z_t)
-        return is_weight * rkl + pg, [rkl, pg, torch.exp(logp - old_logp), clipped.float()]
+        rkl = reverse_kl(*tokens.pair())
+        return is_weight * rkl + pg, {"minillm_rkl": rkl, "minillm_pg": pg, "ppo_ratio": torch.exp(logp - old_logp),
+                                      "ppo_clipped": clipped.float()}
+
+
+OBJECTIVES = [MiniLLM]

@@ -74,7 +74,7 @@ def main():
             torch.save(captured, os.path.join(OUT, "master_heads.pt"))
             result["dtypes"] = sorted({str(p.dtype) for p in trainer.q_heads.parameters()})
     elif PHASE == "distillm":
-        from amm_trl.objectives.base import load_state  # what AMMTrainer._load_optimizer_and_scheduler calls
+        from amm_trl.checkpoints import load_state  # what AMMTrainer._load_optimizer_and_scheduler calls
 
         out = os.path.join(OUT, "distillm")
         trainer_for(config(out, objective="distillm", distillm_init_threshold=0.5)).train()
