@@ -3,8 +3,8 @@
 A folder `checkpoint-N` is complete when:
 
 1. `trainer_state.json` exists, is valid JSON and records `global_step` N. The Trainer writes it last, and
-   `CompleteCheckpointsMixin` makes every process finish its own files (model, optimizer or ZeRO shards, RNG and
-   DistiLLM states, heads) before the main process writes it;
+   `AMMTrainer` makes every process finish its own files (model, optimizer or ZeRO shards, RNG and objective states,
+   heads) before the main process writes it (a barrier after the RNG states, the last per-process files);
 2. every `*.safetensors` file in it is whole: its header parses and the file is as long as the header says.
 
 `amm-trl train --resume_from_checkpoint latest` and the slurm templates (`python -m amm_trl.checkpoints latest DIR`)
@@ -189,110 +189,41 @@ def disk_full_message(exc: BaseException, folder: str, output_dir: str) -> str |
             f"--resume_from_checkpoint latest. ({type(exc).__name__}: {text.strip()[:200]})")
 
 
-class CompleteCheckpointsMixin:
-    """Trainer mixin: a checkpoint folder is complete exactly when its `trainer_state.json` is valid, and holds the
-    Q-heads and the objective's state besides the Trainer's files.
+def resume_folder(resume, output_dir: str, is_main_process: bool = True) -> str | None:
+    """The checkpoint `Trainer.train(resume_from_checkpoint=...)` should load: `True` (the Trainer's "newest
+    checkpoint") and `"latest"` mean the newest *complete* one; an explicit incomplete folder is refused (see
+    `resolve_resume`)."""
+    if resume is True:
+        chosen = resolve_resume("latest", output_dir, is_main_process)
+        if chosen is None:
+            raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in output_dir {output_dir!r}.")
+        return chosen
+    if isinstance(resume, str):
+        return resolve_resume(resume, output_dir)
+    return resume
 
-    - A stale `checkpoint-N` of an earlier run (complete or not) is removed before step N is saved again, so that old
-      and new files never mix under an old, valid `trainer_state.json`.
-    - Every process finishes its files before the main process writes `trainer_state.json` (a barrier after the RNG
-      states, the last per-process files the Trainer writes before it), so a kill at any moment leaves either a
-      complete folder or one without a valid `trainer_state.json`; checkpoint rotation only happens after that.
-    """
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        # `resume_from_checkpoint=True` (the Trainer's "newest checkpoint") applies the rule too, and an explicit
-        # incomplete folder is refused before any state is loaded.
-        if resume_from_checkpoint is True:
-            chosen = resolve_resume("latest", self.args.output_dir, self.accelerator.is_main_process)
-            if chosen is None:
-                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in output_dir "
-                                 f"{self.args.output_dir!r}.")
-            resume_from_checkpoint = chosen
-        elif isinstance(resume_from_checkpoint, str):
-            resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
-        if resume_from_checkpoint:
-            self._check_resume_shapes(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+def check_resume_shapes(folder: str, shapes: dict[str, tuple]) -> None:
+    """A checkpoint of another model (`latest` in an output_dir another recipe wrote) is refused before any training,
+    naming the folder and both shapes, instead of the loader's size-mismatch error."""
+    problem = shape_mismatch(folder, shapes)
+    if problem:
+        raise ValueError(f"resume_from_checkpoint: {folder} was written by a different model: {problem}. Resume "
+                         f"from a checkpoint of this model, or train into another output_dir.")
 
-    def _check_resume_shapes(self, folder: str) -> None:
-        """A checkpoint of another model (`latest` in an output_dir another recipe wrote) is refused before any
-        training, naming the folder and both shapes, instead of the loader's size-mismatch error."""
-        model = self.accelerator.unwrap_model(self.model)
-        shapes = {name: tuple(getattr(p, "ds_shape", None) or p.shape) for name, p in model.named_parameters()}
-        problem = shape_mismatch(folder, shapes)
-        if problem:
-            raise ValueError(f"resume_from_checkpoint: {folder} was written by a different model: {problem}. Resume "
-                             f"from a checkpoint of this model, or train into another output_dir.")
 
-    def _issue_warnings_after_load(self, load_result):
-        # The Q-heads live in their own file (loaded right after the model), so their absence from the model file
-        # is no news: the Trainer would report them as "missing keys" on every resume.
-        from .qhead import HEADS_ATTRIBUTE
-
-        missing = [k for k in load_result.missing_keys if not k.startswith(HEADS_ATTRIBUTE + ".")]
-        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
-
-    def _save_checkpoint(self, model, trial):
-        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save and os.path.isdir(folder):
-            stale = "an incomplete" if checkpoint_problem(folder) else "a complete"
-            warnings.warn(f"{folder} holds {stale} checkpoint of an earlier run; it is replaced by this run's.")
-            state = os.path.join(folder, TRAINER_STATE)
-            if os.path.exists(state):  # first, so that a kill during the removal leaves it recognisably incomplete
-                os.remove(state)
-            shutil.rmtree(folder)
-        self.accelerator.wait_for_everyone()  # nobody writes into the folder before the stale one is gone
-        try:
-            super()._save_checkpoint(model, trial)
-        except (OSError, RuntimeError) as exc:
-            full = disk_full_message(exc, folder, self.args.output_dir)
-            if full is None:
-                raise
-            raise OSError(errno.ENOSPC, full) from exc
-
-    def _save_rng_state(self, output_dir):
-        super()._save_rng_state(output_dir)
-        self.accelerator.wait_for_everyone()  # the main process writes trainer_state.json next: everyone is done
-
-    # What a checkpoint holds besides the Trainer's files: the Q-heads in their own file (the student stays a plain
-    # `from_pretrained` model), DeepSpeed's fp32 master copy of the heads, and each process's objective state.
-    # Imports are local so that the slurm templates' `python -m amm_trl.checkpoints` does not import torch.
-    def _save(self, output_dir=None, state_dict=None):
-        """Saves the student as a plain `from_pretrained` model and the Q-heads beside it."""
-        from .qhead import save_heads, split_heads
-
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.q_heads is None:
-            return super()._save(output_dir, state_dict)
-        if state_dict is None:
-            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
-        student, heads = split_heads(state_dict, self.q_heads)
-        super()._save(output_dir, state_dict=student)
-        if heads and self.args.should_save:
-            save_heads(heads, output_dir)
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        from .qhead import save_master_heads
-
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.q_heads is not None and self.is_deepspeed_enabled:  # the fp32 master heads, not the 16-bit copies
-            save_master_heads(self.q_heads, output_dir, self.args.should_save)
-        save_state(self.objective_unit, output_dir, self.args.process_index)  # every rank: the states differ
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        # Every resume path (plain, DDP, DeepSpeed) runs it, after the model; no callback event gets the checkpoint.
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            load_state(self.objective_unit, checkpoint, self.args.process_index, self.args.world_size)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from .qhead import load_heads
-
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # DeepSpeed restores the heads from its own engine checkpoint; other paths read the heads file.
-        if self.q_heads is not None and not self.is_deepspeed_enabled:
-            load_heads(self.q_heads, resume_from_checkpoint, str(self.args.device))
+def remove_stale_checkpoint(folder: str) -> None:
+    """A `checkpoint-N` of an earlier run (complete or not) is removed before step N is saved again, so that old and
+    new files never mix under an old, valid `trainer_state.json` (removed first: a kill during the removal leaves the
+    folder recognisably incomplete)."""
+    if not os.path.isdir(folder):
+        return
+    stale = "an incomplete" if checkpoint_problem(folder) else "a complete"
+    warnings.warn(f"{folder} holds {stale} checkpoint of an earlier run; it is replaced by this run's.")
+    state = os.path.join(folder, TRAINER_STATE)
+    if os.path.exists(state):
+        os.remove(state)
+    shutil.rmtree(folder)
 
 
 def main(argv: list[str] | None = None) -> int:

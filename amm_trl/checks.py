@@ -1,5 +1,5 @@
 """Checks at the door: model paths and the teacher's tokenizer, each failing with the field and the fix before any
-model is loaded. (Prompt lengths are checked where prompts are tokenized: `rollouts.PromptLengthMixin`.)"""
+model is loaded. (Prompt lengths are checked where prompts are tokenized: `AMMTrainer._tokenize_prompts`.)"""
 
 import os
 import re

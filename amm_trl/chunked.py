@@ -2,8 +2,9 @@
 
 `chunked_token_loss(fn, token_inputs, params, weights)` computes sum_i weights[i] * fn(...)[0][i] over tokens
 i, running `fn` on `chunk_size` tokens at a time without autograd in the forward, and recomputing each chunk with
-autograd in the backward (activation checkpointing by hand). Inputs, parameters and metrics travel by name. `fn` projects hidden states with the weights in
-`params` (student/teacher `lm_head`, Q-head), so peak memory is a few (chunk, vocab) fp32 tensors.
+autograd in the backward (activation checkpointing by hand). Inputs, parameters and metrics travel by name. `fn`
+projects hidden states with the weights in `params` (student/teacher `lm_head`, Q-head), so peak memory is a few
+(chunk, vocab) fp32 tensors.
 
 Under DeepSpeed ZeRO-3 the weights in `params` are partitioned and read directly, not through their modules'
 forward. Trainable ones (student `lm_head`, Q-heads) must stay gathered until autograd has accumulated their

@@ -10,8 +10,9 @@ optimizer step and on every process alike:
 - the student's sampling distribution while it generates rollouts (overflowing weights make it inf/nan);
 - the weights before every checkpoint and before the final save.
 
-It raises `NonFiniteTrainingError` naming the step, the values and the likely causes; no checkpoint of that step or
-later is written, so the last complete one stays resumable. With fp16 loss scaling an infinite gradient norm is an
+`AMMTrainer` runs these checks (`training_step`, `_get_grad_norm`, `check_finite_weights`) and raises
+`NonFiniteTrainingError` naming the step, the values and the likely causes; no checkpoint of that step or later is
+written, so the last complete one stays resumable. With fp16 loss scaling an infinite gradient norm is an
 overflow the scaler skips, so only the loss is checked there.
 """
 
@@ -28,48 +29,37 @@ def _fmt(values) -> str:
     return ", ".join(f"{v:.6g}" for v in values)
 
 
-class NonFiniteGuardMixin:
-    """Trainer mixin (before the Trainer class in the bases): the checks of the weights before saving, and the message
-    of every check. The per-step checks run in `AMMTrainer.training_step` and `AMMTrainer._get_grad_norm`, so that a
-    training step reads through the trainer; they call `_divergence_message` only when a value is not finite."""
+def local_weights(model):
+    """This process's trainable weights: ZeRO-3 keeps each process's partition in `ds_tensor`; elsewhere the parameter
+    holds the full weight."""
+    for p in model.parameters():
+        if p.requires_grad:
+            yield getattr(p, "ds_tensor", p).detach()
 
-    def _save_checkpoint(self, model, trial):
-        self.check_finite_weights(f"checkpoint-{self.state.global_step}")
-        super()._save_checkpoint(model, trial)
 
-    def check_finite_weights(self, what: str) -> None:
-        """Raises `NonFiniteTrainingError` (on every process) if any trainable weight is inf/nan."""
-        local = torch.tensor(float(not self._weights_finite()), device=self.accelerator.device)
-        if self.accelerator.gather(local[None]).max().item() > 0:
-            raise NonFiniteTrainingError(self._divergence_message(
-                f"the weights after step {self.state.global_step} are not finite, so {what} is not written"))
+def weights_finite_everywhere(model, accelerator) -> bool:
+    """Whether every trainable weight is finite on every process (one collective; every process gets the answer)."""
+    local = all(bool(torch.isfinite(w).all()) for w in local_weights(model) if w.numel())
+    return accelerator.gather(torch.tensor(float(not local), device=accelerator.device)[None]).max().item() == 0
 
-    def _local_weights(self):
-        # ZeRO-3 keeps each process's partition in `ds_tensor`; elsewhere the parameter holds the full weight.
-        for p in self.model.parameters():
-            if p.requires_grad:
-                yield getattr(p, "ds_tensor", p).detach()
 
-    def _weights_finite(self) -> bool:
-        return all(bool(torch.isfinite(w).all()) for w in self._local_weights() if w.numel())
+def max_abs_weight(model) -> float:
+    return max((w.abs().max().item() for w in local_weights(model) if w.numel()), default=0.0)
 
-    def _max_abs_weight(self) -> float:
-        return max((w.abs().max().item() for w in self._local_weights() if w.numel()), default=0.0)
 
-    def _divergence_message(self, what: str) -> str:
-        args = self.args
-        step = self.state.global_step + 1
-        lrs = sorted({group["lr"] for group in self.optimizer.param_groups}) if self.optimizer is not None else []
-        last, _ = latest_complete_checkpoint(args.output_dir)
-        resumable = (f"the newest complete checkpoint, {last}, is unaffected and resumable" if last
-                     else "there is no earlier checkpoint")
-        causes = [f"a learning rate too high for this model (learning rates {_fmt(lrs)} at this step; full "
-                  f"fine-tuning of LLMs typically uses 1e-6 to 1e-4)"]
-        if args.max_grad_norm is None or args.max_grad_norm <= 0:
-            causes.append("gradient clipping is off (max_grad_norm=0): set max_grad_norm 1.0")
-        if args.fp16:
-            causes.append("fp16 overflow: train in bf16 (`--bf16 true`) if the hardware supports it")
-        causes.append("non-finite inputs: the teacher's or student's logits overflowing in a 16-bit dtype "
-                      "(load the models in bf16 or fp32), or a data row that produces them")
-        return (f"Training diverged at step {step}: {what}. Stopped before saving anything of this step: {resumable}. "
-                f"Likely causes: " + "; ".join(causes) + ".")
+def divergence_message(args, step: int, optimizer, what: str) -> str:
+    """The error of a diverged step `step`: what is not finite, what stays resumable, and the likely causes."""
+    lrs = sorted({group["lr"] for group in optimizer.param_groups}) if optimizer is not None else []
+    last, _ = latest_complete_checkpoint(args.output_dir)
+    resumable = (f"the newest complete checkpoint, {last}, is unaffected and resumable" if last
+                 else "there is no earlier checkpoint")
+    causes = [f"a learning rate too high for this model (learning rates {_fmt(lrs)} at this step; full "
+              f"fine-tuning of LLMs typically uses 1e-6 to 1e-4)"]
+    if args.max_grad_norm is None or args.max_grad_norm <= 0:
+        causes.append("gradient clipping is off (max_grad_norm=0): set max_grad_norm 1.0")
+    if args.fp16:
+        causes.append("fp16 overflow: train in bf16 (`--bf16 true`) if the hardware supports it")
+    causes.append("non-finite inputs: the teacher's or student's logits overflowing in a 16-bit dtype "
+                  "(load the models in bf16 or fp32), or a data row that produces them")
+    return (f"Training diverged at step {step}: {what}. Stopped before saving anything of this step: {resumable}. "
+            f"Likely causes: " + "; ".join(causes) + ".")

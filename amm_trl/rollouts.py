@@ -2,7 +2,6 @@
 Q-heads, the server probe, the vLLM sampling correction, extra logits processors for HF `generate`, and the
 off-policy completions (the dataset's, tokenized as the student would emit them, or the teacher's, sampled online)."""
 
-import contextlib
 import math
 import os
 import time
@@ -11,7 +10,6 @@ from urllib.parse import urlparse
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import LogitsProcessorList
 from trl.data_utils import is_conversational
 from trl.generation.vllm_generation import VLLMGeneration
 from trl.models.utils import unwrap_model_for_generation
@@ -165,25 +163,6 @@ def vllm_correction(args, logp: torch.Tensor, logp_vllm: torch.Tensor, mask: tor
     }
 
 
-@contextlib.contextmanager
-def extra_logits_processor(model, make_processor):
-    """HF `generate` on `model` with one more logits processor, `make_processor(attention_mask)`, per call.
-
-    Wraps `model.generate` for the duration: TRL's HF rollout path calls `generate(**inputs, generation_config=...)`
-    and offers no way to pass a logits processor (a `GenerationConfig` cannot hold one)."""
-    original = model.generate
-
-    def generate(*args, **kwargs):
-        processors = LogitsProcessorList([make_processor(kwargs["attention_mask"])])
-        return original(*args, logits_processor=processors, **kwargs)
-
-    model.generate = generate
-    try:
-        yield
-    finally:
-        del model.generate
-
-
 @torch.no_grad()
 def teacher_completions(teacher_model, accelerator, gather_params: bool, prompt_ids, prompt_mask, generation_config,
                         eos_token_ids) -> list[list[int]]:
@@ -241,87 +220,38 @@ def context_length(*configs) -> int | None:
     return min(lengths) if lengths else None
 
 
-class PromptLengthMixin:
-    """Trainer mixin: prompts never run past the models' context.
-
-    With `max_prompt_length` set, longer prompts are cut from the left (the end holds the question and the generation
-    prompt), and a warning counts the cut rows (`prompts/truncated` is logged too). Without it, a prompt that leaves no
-    room for `max_completion_length` tokens within the context (`max_position_embeddings` of student and teacher)
-    is refused, with the count and the fix. Map-style datasets are checked once at start; every batch is checked as
-    it is tokenized (iterable datasets, eval sets)."""
-
-    _prompt_warned = False
-
-    def _prompt_context(self) -> tuple[int | None, str]:
-        """(tokens a prompt plus its completion may take, what sets it): the models' context, or vLLM's engine
-        limit (`vllm_max_model_length`) when rollouts come from vLLM and it is shorter."""
-        teacher = getattr(self, "teacher_model", None)
-        teacher_config = self.accelerator.unwrap_model(teacher).config if teacher is not None else None
-        context = context_length(self.model.config, teacher_config)
-        limits = [(context, f"the models' context of {context} tokens (max_position_embeddings)")] if context else []
-        engine = self.args.vllm_max_model_length if self.args.use_vllm else None
-        if engine:
-            limits.append((engine, f"vLLM's limit of {engine} tokens (vllm_max_model_length)"))
-        return min(limits) if limits else (None, "")
-
-    def _prompt_limit(self) -> tuple[int | None, str]:
-        """(longest allowed prompt in tokens, why)."""
-        args, (context, what) = self.args, self._prompt_context()
-        if args.max_prompt_length is not None:
-            if context is not None and args.max_prompt_length + self.max_completion_length > context:
-                raise ValueError(
-                    f"AMMConfig.max_prompt_length={args.max_prompt_length} plus max_completion_length="
-                    f"{self.max_completion_length} exceeds {what}: set max_prompt_length <= "
-                    f"{context - self.max_completion_length}.")
-            return args.max_prompt_length, f"max_prompt_length={args.max_prompt_length}"
-        if context is None:
-            return None, ""
-        return context - self.max_completion_length, f"{what} minus max_completion_length={self.max_completion_length}"
-
-    def _prompt_length_verdict(self, lengths: list[int], where: str) -> int:
-        """Warns about or refuses the prompts longer than the limit; returns how many are cut."""
-        limit, why = self._prompt_limit()
-        if limit is None:
-            return 0
-        too_long = [n for n in lengths if n > limit]
-        if not too_long:
-            return 0
-        if self.args.max_prompt_length is None:
+def prompt_limit(args, max_completion_length: int, *model_configs) -> tuple[int | None, str]:
+    """(longest allowed prompt in tokens, why): `max_prompt_length`, else the context left for the completion: the
+    models' (`max_position_embeddings` of student and teacher), or vLLM's engine limit (`vllm_max_model_length`) when
+    rollouts come from vLLM and it is shorter. None: no limit is known."""
+    context = context_length(*model_configs)
+    limits = [(context, f"the models' context of {context} tokens (max_position_embeddings)")] if context else []
+    engine = args.vllm_max_model_length if args.use_vllm else None
+    if engine:
+        limits.append((engine, f"vLLM's limit of {engine} tokens (vllm_max_model_length)"))
+    context, what = min(limits) if limits else (None, "")
+    if args.max_prompt_length is not None:
+        if context is not None and args.max_prompt_length + max_completion_length > context:
             raise ValueError(
-                f"{len(too_long)} of {len(lengths)} prompts of {where} are longer than {limit} tokens ({why}); the "
-                f"longest has {max(too_long)}. Nothing can run past that limit. Set max_prompt_length "
-                f"(prompts are then cut from the left, with a warning), lower max_completion_length, or filter them.")
-        if not self._prompt_warned and self.accelerator.is_main_process:
-            warnings.warn(f"{len(too_long)} of {len(lengths)} prompts of {where} are longer than {why} tokens "
-                          f"(longest {max(too_long)}) and are cut from the left to {limit} tokens.")
-        self._prompt_warned = True
-        return len(too_long)
+                f"AMMConfig.max_prompt_length={args.max_prompt_length} plus max_completion_length="
+                f"{max_completion_length} exceeds {what}: set max_prompt_length <= {context - max_completion_length}.")
+        return args.max_prompt_length, f"max_prompt_length={args.max_prompt_length}"
+    if context is None:
+        return None, ""
+    return context - max_completion_length, f"{what} minus max_completion_length={max_completion_length}"
 
-    def check_prompt_lengths(self, datasets: dict) -> None:
-        """Checks every prompt of the map-style datasets once, before training starts."""
-        flat = {}
-        for name, dataset in datasets.items():  # an eval dict holds several named sets
-            flat.update({f"{name}[{k!r}]": v for k, v in dataset.items()} if isinstance(dataset, dict)
-                        else {name: dataset})
-        for name, dataset in flat.items():
-            if dataset is None or not hasattr(dataset, "__len__") or "prompt" not in (dataset.column_names or []):
-                continue
-            lengths = []
-            for start in range(0, len(dataset), 1024):
-                prompts = dataset[start:start + 1024]["prompt"]
-                lengths += [len(ids) for ids in self._raw_prompt_ids(prompts)]
-            self._prompt_length_verdict(lengths, name)
 
-    def _raw_prompt_ids(self, prompts: list) -> list[list[int]]:
-        return super()._tokenize_prompts(prompts)[0]
-
-    def _tokenize_prompts(self, prompts: list):
-        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
-        cut = self._prompt_length_verdict([len(ids) for ids in prompt_ids], "this batch")
-        if cut:
-            limit = self.args.max_prompt_length
-            prompt_ids = [ids[-limit:] for ids in prompt_ids]
-        if self.args.max_prompt_length is not None:
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["prompts/truncated"].append(cut / max(len(prompt_ids), 1))
-        return prompt_ids, images, multimodal_fields
+def prompts_too_long(lengths: list[int], where: str, limit: int | None, why: str, cut_allowed: bool) -> str | None:
+    """Prompts never run past the models' context. Returns the warning about the prompts longer than `limit` (they
+    are cut from the left when `cut_allowed`, i.e. `max_prompt_length` is set), None if there are none; without
+    `cut_allowed` they are refused, with the count and the fix."""
+    too_long = [n for n in lengths if limit is not None and n > limit]
+    if not too_long:
+        return None
+    if not cut_allowed:
+        raise ValueError(
+            f"{len(too_long)} of {len(lengths)} prompts of {where} are longer than {limit} tokens ({why}); the "
+            f"longest has {max(too_long)}. Nothing can run past that limit. Set max_prompt_length (prompts are then cut "
+            f"from the left, with a warning), lower max_completion_length, or filter them.")
+    return (f"{len(too_long)} of {len(lengths)} prompts of {where} are longer than {why} tokens (longest "
+            f"{max(too_long)}) and are cut from the left to {limit} tokens.")

@@ -18,9 +18,11 @@ overridden:
   before the optimizer applies it (the guard's other checks and its message: `guards.py`).
 - `_prepare_inputs`: a generation batch may serve several optimizer steps (MiniLLM's `ppo_epochs`).
 - `_generate_single_turn`: the plan's sampler inside HF `generate` (MiniLLM's teacher-mixed sampling).
-- Mixins: checkpoints that are whole or recognisably incomplete and hold the Q-heads and the objective's state
-  (`checkpoints.py`), finite weights before every save (`guards.py`), prompts cut to the context (`rollouts.py`);
-  `ObjectiveCallback` feeds the objective the evaluation loss.
+- `_tokenize_prompts`: prompts cut to (or refused beyond) the context (`rollouts.prompt_limit`).
+- `train`, `_save_checkpoint`, `_save`, `_save_rng_state`, `_save/_load_optimizer_and_scheduler`,
+  `_load_from_checkpoint`: checkpoints that are whole or recognisably incomplete, with finite weights, holding the
+  Q-heads and the objective's state (the rules in `checkpoints.py` and `guards.py`); `ObjectiveCallback` feeds the
+  objective's state the evaluation loss. Patches of TRL, transformers and vLLM: `patches.py`, nowhere else.
 
 One training step reads through this file, `rollouts.py`, `projection.py`, `objectives/base.py`, the objective's
 module (AMM's with `qhead.py`) and `chunked.py`.
@@ -28,11 +30,12 @@ module (AMM's with `qhead.py`) and `chunked.py`.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import math
 import os
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -44,49 +47,31 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from .checkpoints import CompleteCheckpointsMixin
+from .checkpoints import (PREFIX_CHECKPOINT_DIR, check_resume_shapes, disk_full_message, load_state,
+                          remove_stale_checkpoint, resume_folder, save_state)
 from .chunked import ChunkedLoss, LossSpec, auto_chunk_size
 from .config import AMMConfig
 from .data import check_dataset
-from .guards import NonFiniteGuardMixin, NonFiniteTrainingError
+from .guards import NonFiniteTrainingError, divergence_message, max_abs_weight, weights_finite_everywhere
 from .objectives import OBJECTIVES, get_objective
 from .objectives.amm import AMM_PAPER
 from .objectives.base import Checkpointed, LossContext, Metrics, Part, Term
 from .objectives.batch import KINDS, Kind, Step
+from .patches import extra_logits_processor, hub_ignores, trl_builds_generation
 from .projection import Projection, logit_transform, token_pass
 from .preemption import PreemptionCallback, TrainingPreempted
-from .qhead import HEADS_ATTRIBUTE, HEADS_FILE
-from .rollouts import (HeadFreeVLLMGeneration, PromptLengthMixin, check_vllm_memory, completion_token_ids,
-                       configure_vllm_generation, extra_logits_processor, sampled_log_probs, teacher_completions,
+from .qhead import (HEADS_ATTRIBUTE, HEADS_FILE, is_head_parameter, load_heads, save_heads, save_master_heads,
+                    split_heads)
+from .rollouts import (HeadFreeVLLMGeneration, check_vllm_memory, completion_token_ids, prompt_limit, prompts_too_long,
+                       configure_vllm_generation, sampled_log_probs, teacher_completions,
                        vllm_correction, wait_for_vllm_server)
 from .runlock import LOCK_FILE, lock_output_dir
 from .shm import release_deepspeed_shm
 from .teacher import load_teacher, shared_vocab_size, suppress_padded_rows
-from .vllm_cpu import trl_builds_generation, vllm_generation_class
+from .vllm_cpu import vllm_generation_class
 
 __all__ = ["AMMTrainer", "ObjectiveCallback", "HEADS_FILE", "HeadFreeVLLMGeneration", "wait_for_vllm_server"]
 
-
-@contextlib.contextmanager
-def hub_ignores(patterns: list[str]):
-    """Inside the block, the Trainer's uploads of `output_dir` to the hub (`push_to_hub`, checkpoint pushes) also
-    skip `patterns` (the Trainer itself skips only `_*` and `checkpoint-*`)."""
-    import transformers.trainer as hf_trainer
-
-    original = hf_trainer.hf_api
-
-    class Api:
-        def __getattr__(self, name):
-            return getattr(original(), name)
-
-        def upload_folder(self, *args, ignore_patterns=None, **kwargs):
-            return original().upload_folder(*args, ignore_patterns=[*(ignore_patterns or []), *patterns], **kwargs)
-
-    hf_trainer.hf_api = Api
-    try:
-        yield
-    finally:
-        hf_trainer.hf_api = original
 
 class ObjectiveCallback(TrainerCallback):
     """Feeds the objective's state the evaluation loss that drives it (with several eval sets, the first one; explicit
@@ -105,7 +90,7 @@ class ObjectiveCallback(TrainerCallback):
                 return
 
 
-class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixin, DistillationTrainer):
+class AMMTrainer(DistillationTrainer):
     """Distills `teacher_model` into `model` with the objective `args.objective` (see `AMMConfig`).
 
     Used exactly like `trl.DistillationTrainer`:
@@ -146,7 +131,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                              optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
         release_deepspeed_shm()  # DeepSpeed's CPU allreduce buffers leave /dev/shm once every rank has mapped them
         self.objective_unit = objective
-        self._pending_metrics, self._step_losses, self._plan = {}, [], None
+        self._pending_metrics, self._step_losses, self._plan, self._prompt_warned = {}, [], None, False
         self._setup_teacher(teacher)
         self._setup_objective_modules(optimizers)
         if self.use_vllm:
@@ -192,11 +177,18 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
     def _hub_ignore_patterns(self) -> list[str]:
         return [LOCK_FILE] + ([] if self.args.hub_push_q_heads else [HEADS_FILE])
 
-    def train(self, *args, **kwargs) -> Any:
-        """`Trainer.train`; after a preemption signal (see `amm_trl.preemption`) it saves, then raises
-        `TrainingPreempted` (a `SystemExit` with status 128 + the signal's number)."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs) -> Any:
+        """`Trainer.train`. `resume_from_checkpoint` True or "latest" resumes from the newest *complete* checkpoint
+        (an incomplete folder, or one of another model, is refused before any state loads; `checkpoints.py`). After a
+        preemption signal (`amm_trl.preemption`) it saves, then raises `TrainingPreempted` (a `SystemExit` with status
+        128 + the signal's number)."""
+        resume = resume_folder(resume_from_checkpoint, self.args.output_dir, self.accelerator.is_main_process)
+        if resume:
+            model = self.accelerator.unwrap_model(self.model)
+            check_resume_shapes(resume, {name: tuple(getattr(p, "ds_shape", None) or p.shape)
+                                         for name, p in model.named_parameters()})
         try:
-            output = super().train(*args, **kwargs)
+            output = super().train(resume, *args, **kwargs)
         finally:
             self.preemption.restore()  # a failed run leaves no handler behind that would swallow a later SIGTERM
         if self.preemption.stopped_at is not None:
@@ -272,7 +264,7 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                 raise
             raise NonFiniteTrainingError(self._divergence_message(
                 "the student's next-token probabilities became inf/nan while it sampled rollouts (its weights, "
-                f"max |w| = {self._max_abs_weight():.3g} after the previous step, overflow the logits)")) from exc
+                f"max |w| = {max_abs_weight(self.model):.3g} after the previous step, overflow the logits)")) from exc
         self._step_losses.append(loss.detach().float().reshape(()))
         return loss
 
@@ -550,6 +542,116 @@ class AMMTrainer(NonFiniteGuardMixin, CompleteCheckpointsMixin, PromptLengthMixi
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         self._pending_metrics = {}
 
+
+    # --------------------------------------------------------------------------------------------- prompts
+    # Prompts never run past the models' context: with `max_prompt_length` longer ones are cut from the left (the end
+    # holds the question and the generation prompt), counted in a warning and `prompts/truncated`; without it they
+    # are refused. Map-style datasets are checked once at start, every batch as it is tokenized.
+    def check_prompt_lengths(self, datasets: dict[str, Any]) -> None:
+        """Checks every prompt of the map-style datasets once, before training starts."""
+        flat = {}
+        for name, dataset in datasets.items():  # an eval dict holds several named sets
+            flat.update({f"{name}[{k!r}]": v for k, v in dataset.items()} if isinstance(dataset, dict)
+                        else {name: dataset})
+        for name, dataset in flat.items():
+            if dataset is None or not hasattr(dataset, "__len__") or "prompt" not in (dataset.column_names or []):
+                continue
+            lengths = []
+            for start in range(0, len(dataset), 1024):
+                lengths += [len(ids) for ids in super()._tokenize_prompts(dataset[start:start + 1024]["prompt"])[0]]
+            self._prompts_too_long(lengths, name)
+
+    def _prompts_too_long(self, lengths: list[int], where: str) -> int:
+        """Warns once about (or refuses) the prompts longer than the limit; returns how many are cut."""
+        teacher = getattr(self, "teacher_model", None)
+        teacher_config = self.accelerator.unwrap_model(teacher).config if teacher is not None else None
+        limit, why = prompt_limit(self.args, self.max_completion_length, self.model.config, teacher_config)
+        warning = prompts_too_long(lengths, where, limit, why, cut_allowed=self.args.max_prompt_length is not None)
+        if warning is None:
+            return 0
+        if not self._prompt_warned and self.accelerator.is_main_process:
+            warnings.warn(warning)
+        self._prompt_warned = True
+        return sum(n > limit for n in lengths)
+
+    def _tokenize_prompts(self, prompts: list) -> Any:
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        cut = self._prompts_too_long([len(ids) for ids in prompt_ids], "this batch")
+        if cut:
+            prompt_ids = [ids[-self.args.max_prompt_length:] for ids in prompt_ids]
+        if self.args.max_prompt_length is not None:
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["prompts/truncated"].append(cut / max(len(prompt_ids), 1))
+        return prompt_ids, images, multimodal_fields
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    # A checkpoint folder is complete exactly when its `trainer_state.json` is valid (`checkpoints.py`): a stale
+    # folder of an earlier run is removed before the step is saved again, and every process finishes its files
+    # before the main process writes `trainer_state.json`. Besides the Trainer's files it holds the Q-heads in their
+    # own file (the student stays a plain `from_pretrained` model), DeepSpeed's fp32 master copy of the heads, and
+    # each process's objective state. Nothing non-finite is saved (`guards.py`).
+    def check_finite_weights(self, what: str) -> None:
+        """Raises `NonFiniteTrainingError` (on every process) if any trainable weight is inf/nan."""
+        if not weights_finite_everywhere(self.model, self.accelerator):
+            raise NonFiniteTrainingError(self._divergence_message(
+                f"the weights after step {self.state.global_step} are not finite, so {what} is not written"))
+
+    def _divergence_message(self, what: str) -> str:
+        return divergence_message(self.args, self.state.global_step + 1, self.optimizer, what)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.check_finite_weights(os.path.basename(folder))
+        if self.args.should_save:
+            remove_stale_checkpoint(folder)
+        self.accelerator.wait_for_everyone()  # nobody writes into the folder before the stale one is gone
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as exc:
+            full = disk_full_message(exc, folder, self.args.output_dir)
+            if full is None:
+                raise
+            raise OSError(errno.ENOSPC, full) from exc
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()  # the main process writes trainer_state.json next: everyone is done
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Saves the student as a plain `from_pretrained` model and the Q-heads beside it."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.q_heads is None:
+            return super()._save(output_dir, state_dict)
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        student, heads = split_heads(state_dict, self.q_heads)
+        super()._save(output_dir, state_dict=student)
+        if heads and self.args.should_save:
+            save_heads(heads, output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.q_heads is not None and self.is_deepspeed_enabled:  # the fp32 master heads, not the 16-bit copies
+            save_master_heads(self.q_heads, output_dir, self.args.should_save)
+        save_state(self.objective_unit, output_dir, self.args.process_index)  # every rank: the states differ
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # Every resume path (plain, DDP, DeepSpeed) runs it, after the model; no callback event gets the checkpoint.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            load_state(self.objective_unit, checkpoint, self.args.process_index, self.args.world_size)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # DeepSpeed restores the heads from its own engine checkpoint; other paths read the heads file.
+        if self.q_heads is not None and not self.is_deepspeed_enabled:
+            load_heads(self.q_heads, resume_from_checkpoint, str(self.args.device))
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # The Q-heads live in their own file (loaded right after the model), so their absence from the model file
+        # is no news: the Trainer would report them as "missing keys" on every resume.
+        missing = [k for k in load_result.missing_keys if not is_head_parameter(k)]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
 def _per_token(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """A (B, T') per-token batch tensor at the valid positions of the (B, T) completions (T' <= T: right-padded)."""

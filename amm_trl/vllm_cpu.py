@@ -21,12 +21,12 @@ gets `CPUWeightSync` in front of it; on GPUs TRL's own syncs run unchanged.
 """
 
 import atexit
-import contextlib
 import functools
 import os
 import shutil
 import tempfile
 
+from .patches import engine_ident
 from .shm import release_vllm_engine_shm, shared_engine_ident
 
 WEIGHTS_FILE = "model.safetensors"
@@ -109,41 +109,3 @@ def vllm_generation_class(base: type) -> type:
 @functools.cache
 def _cpu_variant(base: type) -> type:
     return type(f"CPU{base.__name__}", (CPUWeightSync, base), {"__doc__": f"{base.__name__} with CPUWeightSync."})
-
-
-@contextlib.contextmanager
-def trl_builds_generation(cls: type):
-    """Makes `trl.DistillationTrainer.__init__` construct `cls` where it constructs `VLLMGeneration`: the server
-    setup itself must be ours on CPU (TRL's fails there before any sync)."""
-    import trl.trainer.distillation_trainer as distillation
-
-    original = distillation.VLLMGeneration
-    distillation.VLLMGeneration = cls
-    try:
-        yield
-    finally:
-        distillation.VLLMGeneration = original
-
-
-@contextlib.contextmanager
-def engine_ident(ident: str):
-    """Makes the vLLM CPU workers built inside the block use `ident` as `VLLM_DIST_IDENT`: vLLM's `CPUWorker`
-    overwrites the variable from its init method just before it builds its communicators, and for a colocated engine
-    that method is always `env://`, so the value is set again right before that call."""
-    import vllm.v1.worker.cpu_worker as cpu_worker
-
-    original = getattr(cpu_worker, "init_worker_distributed_environment", None)
-    if original is None:  # another vLLM version: its own naming applies
-        yield
-        return
-
-    @functools.wraps(original)
-    def with_ident(*args, **kwargs):
-        os.environ["VLLM_DIST_IDENT"] = ident
-        return original(*args, **kwargs)
-
-    cpu_worker.init_worker_distributed_environment = with_ident
-    try:
-        yield
-    finally:
-        cpu_worker.init_worker_distributed_environment = original

@@ -70,7 +70,8 @@ def build_trainer(spec, dataset, callbacks):
         from trl import DistillationConfig, DistillationTrainer
         from trl.generation.vllm_generation import VLLMGeneration
 
-        from amm_trl.vllm_cpu import trl_builds_generation, vllm_generation_class
+        from amm_trl.patches import trl_builds_generation
+        from amm_trl.vllm_cpu import vllm_generation_class
 
         args = DistillationConfig(**common)
         # TRL's own weight sync on GPUs; on vLLM's CPU build it cannot update packed weights, so TRL's trainer gets

@@ -156,11 +156,11 @@ class MiniLLM(Objective):
 
     def plan(self, n: int, step: Step) -> Plan:
         mix = self.args.minillm_teacher_mix
-        sampler = None
-        if mix > 0:
-            def sampler(teacher, vocab, temperature, attention_mask):
-                return TeacherMixProcessor(teacher, mix, temperature, vocab, attention_mask)
-        return Plan(rollouts=True, off_policy=True, sampler=sampler)
+
+        def sampler(teacher, vocab, temperature, attention_mask):
+            return TeacherMixProcessor(teacher, mix, temperature, vocab, attention_mask)
+
+        return Plan(rollouts=True, off_policy=True, sampler=sampler if mix > 0 else None)
 
     @torch.no_grad()
     def on_rollouts(self, batch: Batch, scores: dict[str, Tensor], step: Step) -> Metrics:
