@@ -1,6 +1,7 @@
 """`AMMConfig`: TRL's `DistillationConfig` plus the fields of adversarial moment matching and the baselines."""
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from trl import DistillationConfig
 
@@ -9,6 +10,7 @@ from .objectives import VLLM_IS_MODES, Objective, get_objective
 
 # objective name -> what it trains (the `amm-trl` help text); each is an `Objective` in `amm_trl/objectives/`.
 OBJECTIVES = {name: unit.info.description for name, unit in OBJECTIVE_UNITS.items()}
+OBJECTIVE_NAMES = tuple(OBJECTIVES)
 DISTILLM_LOSSES = ("skl", "srkl")
 OFF_POLICY_SOURCES = ("auto", "dataset", "teacher", "none")
 Q_HEAD_TYPES = ("linear", "low_rank")
@@ -86,6 +88,9 @@ class AMMConfig(DistillationConfig):
         q_head_features (`str`, *optional*, defaults to `"student"`):
             Features the head reads, detached: the student's (`"student"`) or the teacher's (`"teacher"`) last hidden
             state.
+        q_head_warmup_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps at the start during which only the Q-heads learn (the student's gradient from the moment
+            gap is masked), so the student first meets an informed adversary rather than a near-zero one.
         amm_policy_gradient (`bool`, *optional*, defaults to `False`):
             Add the score-function term of the on-policy gradient: sum_t grad log p_S(y_t|s_t) * A_t with
             A_t = sum_{t'>t} <p_T - p_S, f>(s_t') (the moment gap of the future states), minus a baseline.
@@ -101,7 +106,8 @@ class AMMConfig(DistillationConfig):
         distillm_loss (`str`, *optional*, defaults to `"skl"`):
             `"skl"`: skew forward KL(p_T || a p_T + (1-a) p_S); `"srkl"`: skew reverse KL(p_S || (1-a) p_T + a p_S).
         skew_alpha (`float`, *optional*, defaults to `0.1`):
-            Skew a of the mixture, in [0, 1]; `0` gives the plain forward / reverse KL.
+            Skew a of the mixture, in [0, 1]; `0` gives the plain forward / reverse KL. Also DistiLLM-2's
+            (`objective: distillm2`: skew KL on the teacher's answers, skew reverse KL on the student's rollouts).
         distillm_init_threshold (`float`, *optional*, defaults to `0.0`):
             Initial threshold of the adaptive off-policy schedule (DistiLLM's `--init-threshold`). Each optimizer step
             trains on fresh student rollouts with probability threshold * (1 - global_step / max_steps), drawn from a
@@ -197,17 +203,16 @@ class AMMConfig(DistillationConfig):
 
         > Memory
 
-        q_head_warmup_steps (`int`, *optional*, defaults to `0`):
-            Optimizer steps at the start during which only the Q-heads learn (the student's gradient from the moment
-            gap is masked), so the student first meets an informed adversary rather than a near-zero one.
-
         loss_chunk_tokens (`int` or `None`, *optional*, defaults to `None`):
             Tokens projected to the vocabulary at once in the loss (logits are never materialized for the whole
             batch; each chunk is recomputed in the backward). `None` picks about 2^25 / vocab_size tokens.
     """
 
-    objective: str = field(default="amm", metadata={"help": "Distillation method.", "choices": list(OBJECTIVES)})
+    # Parameters that control the objective
+    objective: Literal[OBJECTIVE_NAMES] = field(default="amm", metadata={"help": "Distillation method."})
     lmbda: float = field(default=0.5, metadata={"help": "Student-data fraction for `gkd` and `imitkd`."})
+
+    # Parameters that control adversarial moment matching (`amm`; the critic also serves `pbkd`)
     amm_beta: float = field(default=0.5, metadata={"help": "AMM off-policy weight (1 - amm_beta = on-policy)."})
     q_bound: float | None = field(default=None, metadata={"help": "Critic bound c: f = c * tanh(.); null: unbounded."})
     q_prior_alpha: float = field(default=1.0, metadata={
@@ -218,49 +223,60 @@ class AMMConfig(DistillationConfig):
         "help": "Clip the Q-heads' gradient norm separately (the student keeps max_grad_norm)."})
     amm_anchor_weight: float = field(default=0.5, metadata={
         "help": "Weight of a likelihood anchor on the off-policy completions (AMM / PbKD)."})
-    amm_anchor: str = field(default="fkl", metadata={"help": "Anchor loss.", "choices": list(AMM_ANCHORS)})
+    amm_anchor: Literal[AMM_ANCHORS] = field(default="fkl", metadata={"help": "Anchor loss."})
     q_head_lr_multiplier: float = field(default=5.0, metadata={"help": "Q-head lr = learning_rate * multiplier."})
     q_head_learning_rate: float | None = field(default=None, metadata={
         "help": "The Q-heads' own learning rate (replaces learning_rate * q_head_lr_multiplier)."})
     q_head_shared: bool = field(default=False, metadata={"help": "One Q-head for on- and off-policy distances."})
     hub_push_q_heads: bool = field(default=False, metadata={
         "help": "push_to_hub uploads the Q-heads file too (default: the student alone)."})
-    q_head_type: str = field(default="linear", metadata={"help": "Q-head kind.", "choices": list(Q_HEAD_TYPES)})
-    q_head_features: str = field(
-        default="student", metadata={"help": "Hidden states the Q-head reads.", "choices": list(Q_HEAD_FEATURES)}
+    q_head_type: Literal[Q_HEAD_TYPES] = field(default="linear", metadata={"help": "Q-head kind."})
+    q_head_features: Literal[Q_HEAD_FEATURES] = field(
+        default="student", metadata={"help": "Hidden states the Q-head reads."}
     )
+    q_head_warmup_steps: int = field(default=0, metadata={"help": "Initial steps in which only the Q-heads learn."})
     amm_policy_gradient: bool = field(default=False, metadata={"help": "Add the on-policy score-function term."})
-    pg_baseline: str = field(default="mean", metadata={"help": "Score-function baseline.", "choices": list(PG_BASELINES)})
+    pg_baseline: Literal[PG_BASELINES] = field(default="mean", metadata={"help": "Score-function baseline."})
     pg_length_normalization: bool = field(default=True, metadata={"help": "Divide returns by remaining length."})
     pg_clip: float | None = field(default=None, metadata={"help": "Clip score-function advantages to +-pg_clip."})
-    off_policy_source: str = field(
-        default="auto", metadata={"help": "Off-policy completions source.", "choices": list(OFF_POLICY_SOURCES)}
-    )
-    off_policy_column: str = field(default="completion", metadata={"help": "Dataset column of off-policy completions."})
-    distillm_loss: str = field(default="skl",
-                               metadata={"help": "DistiLLM divergence.", "choices": list(DISTILLM_LOSSES)})
+
+    # Parameters that control DistiLLM (`distillm`; `skew_alpha` also `distillm2`)
+    distillm_loss: Literal[DISTILLM_LOSSES] = field(default="skl",
+                               metadata={"help": "DistiLLM divergence."})
     skew_alpha: float = field(default=0.1, metadata={"help": "Skew alpha of the DistiLLM divergences."})
     distillm_init_threshold: float = field(default=0.0, metadata={"help": "Initial student-data threshold."})
     distillm_loss_eps: float = field(default=0.1, metadata={"help": "Relative eval-loss improvement threshold."})
     distillm_threshold_step: float = field(default=0.1, metadata={"help": "Threshold increment on a plateau."})
     replay_buffer_size: int = field(default=1000, metadata={"help": "Replay buffer capacity (per process)."})
+
+    # Parameters that control MiniLLM (`minillm`)
     minillm_gamma: float = field(default=0.95, metadata={"help": "MiniLLM return discount."})
     ppo_clip: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
     ppo_epochs: int = field(default=1, metadata={"help": "Optimizer steps per MiniLLM rollout batch."})
     minillm_teacher_mix: float = field(default=0.2, metadata={"help": "Teacher share of MiniLLM's sampling mixture."})
     minillm_kd_ratio: float = field(default=0.5, metadata={"help": "KD share of MiniLLM's reference-data loss."})
+
+    # Parameters that control reward-guided KD (`pbkd`)
     pbkd_bt_weight: float = field(default=1.0, metadata={"help": "PbKD Bradley-Terry penalty weight."})
-    q_head_warmup_steps: int = field(default=0, metadata={"help": "Initial steps in which only the Q-heads learn."})
+
+    # Parameters that control the off-policy data
+    off_policy_source: Literal[OFF_POLICY_SOURCES] = field(
+        default="auto", metadata={"help": "Off-policy completions source."}
+    )
+    off_policy_column: str = field(default="completion", metadata={"help": "Dataset column of off-policy completions."})
+
+    # Parameters that control vLLM's sampling correction (TRL GRPO's fields; only with `use_vllm`)
+    vllm_importance_sampling_correction: bool = field(
+        default=False, metadata={"help": "Weight rollout tokens by exp(logp_trainer - logp_vLLM) (clipped/masked)."})
+    vllm_importance_sampling_mode: Literal[VLLM_IS_MODES] = field(
+        default="sequence_mask", metadata={"help": "Per-token or per-sequence ratio, clipped or masked."})
+    vllm_importance_sampling_clip_max: float | None = field(default=3.0, metadata={"help": "Ratio upper bound."})
+    vllm_importance_sampling_clip_min: float | None = field(default=None, metadata={"help": "Ratio lower bound."})
+
+    # Parameters that control prompts and memory
     max_prompt_length: int | None = field(default=None, metadata={
         "help": "Cut longer prompts from the left (None: refuse prompts that overflow the context)."})
     loss_chunk_tokens: int | None = field(default=None, metadata={"help": "Tokens per vocabulary projection chunk."})
-    vllm_importance_sampling_correction: bool = field(
-        default=False, metadata={"help": "Weight rollout tokens by exp(logp_trainer - logp_vLLM) (clipped/masked)."})
-    vllm_importance_sampling_mode: str = field(
-        default="sequence_mask", metadata={"help": "Per-token or per-sequence ratio, clipped or masked.",
-                                           "choices": list(VLLM_IS_MODES)})
-    vllm_importance_sampling_clip_max: float | None = field(default=3.0, metadata={"help": "Ratio upper bound."})
-    vllm_importance_sampling_clip_min: float | None = field(default=None, metadata={"help": "Ratio lower bound."})
 
     def __post_init__(self):
         super().__post_init__()
