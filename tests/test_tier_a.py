@@ -246,3 +246,29 @@ def test_a_variant_suite_merges_into_its_base_and_drops_or_changes_named_runs(tm
                                      "\nruns: {gdk: null}\n")
     with pytest.raises(KeyError, match=r"runs: \['gdk'\] are not runs of the base suite; it has \['sft', "):
         suite_module.load_suite(str(tmp_path / "w.yaml"))
+
+
+def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_path):
+    """`select.mode: min` (Tier B selects by exact TV, lower is better); tier_b.yaml and its pilot variant load, with
+    the same learning-rate grid for every method and 4 + 4 sequences for the methods that train on both kinds."""
+    import suite as suite_module
+
+    runs = [{"name": "a", "recipe": "r"}]
+    suite = {"output_dir": str(tmp_path), "seeds": [0], "common": {}, "teacher": "t", "initial_student": "s",
+             "runs": runs, "select": {"learning_rates": [1.0e-3, 3.0e-3, 1.0e-2], "seeds": [0], "metric": "tv",
+                                      "mode": "min"}}
+    for run, tv in zip([r for r in suite_module.planned_runs(suite) if r["group"] == "select"], (0.5, 0.2, 0.4)):
+        suite_module._write_json(os.path.join(suite_module.run_dir(suite, run), "result.json"), {"tv": tv})
+    assert suite_module.selection(suite, "a")["learning_rate"] == 3.0e-3
+    suite["select"]["mode"] = "max"
+    assert suite_module.selection(suite, "a")["learning_rate"] == 1.0e-3
+
+    tier_b = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b.yaml"))
+    assert [r["name"] for r in tier_b["runs"]] == ["sft", "fkl", "rkl", "gkd", "distillm", "minillm", "composite",
+                                                    "amm"]
+    assert all(len(suite_module.candidates(tier_b, r)) == 3 for r in tier_b["runs"])
+    both = {r["name"] for r in tier_b["runs"] if r.get("args", {}).get("per_device_train_batch_size") == 4}
+    assert both == {"minillm", "composite", "amm"} and tier_b["common"]["per_device_train_batch_size"] == 8
+    pilot = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b_pilot.yaml"))
+    assert [r["name"] for r in pilot["runs"]] == ["sft", "fkl"] and pilot["select"] is None
+    assert pilot["common"]["learning_rate"] == 3.0e-5 and pilot["common"]["max_steps"] == 40

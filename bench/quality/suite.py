@@ -18,7 +18,8 @@ Optional suite keys (used by bench/tier_a/tier_a.yaml):
   `prepared:<name>` in the suite (models, datasets, run args) then stands for that path.
 - `select: {learning_rates: [...], seeds: [...], eval: {...}, metric: score}`: fair tuning. Every method first trains
   once per candidate and selection seed and is scored on `select.eval` (a validation split); its test runs then use
-  the candidate with the best mean `metric` (the first in order on a tie), recorded in `result.json`. A candidate is
+  the candidate with the best mean `metric` (highest; lowest with `mode: min`; the first in order on a tie), recorded
+  in `result.json`. A candidate is
   a learning rate of the grid, or, for a run with `trials: [{args}, ...]` (its design budget over its own knobs), a
   trial's args with each learning rate of the grid (or with the trial's own `learning_rate`). `select.budget: N`
   requires every tuned run to have exactly N candidates (equal tuning for every method), else the suite refuses to
@@ -192,7 +193,8 @@ def selection(suite: dict, name: str) -> dict:
                 with open(path) as f:
                     scores.setdefault(cid, []).append(json.load(f)[select.get("metric", "score")])
     complete = all(len(scores.get(cid, [])) == len(select["seeds"]) for cid, _, _ in options)
-    means = {cid: sum(v) / len(v) for cid, v in scores.items()}
+    sign = -1.0 if select.get("mode", "max") == "min" else 1.0  # `mode: min` for a metric where lower is better
+    means = {cid: sign * sum(v) / len(v) for cid, v in scores.items()}
     best = max(range(len(options)), key=lambda i: (means[options[i][0]], -i)) if complete else None
     legacy = not run.get("trials")  # lr-only selection: scores keyed by the learning rate, as before
     keyed = {(cid[2:] if legacy else cid): v for cid, v in scores.items()}

@@ -1,0 +1,108 @@
+"""Tier B assets, built once into `<output_dir>/assets` (the suite's `prepare` hook) and reused while its
+`manifest.json` holds the same settings: a pruned student, the splits, and the teacher's answers.
+
+- teacher: SmolLM2-135M-Instruct (asset `smollm2-135m-instruct`, 30 layers), loaded in fp32;
+- initial student: the teacher with the middle layers `drop` removed (default: 14 of 30, leaving 16 layers, ~85M
+  parameters), saved in fp32 (the shared SFT start then trains it on the references);
+- splits of alpaca_en_demo (asset rows): train = the first 799 demo-train rows, validation = the last 100 (learning
+  rate selection, curves), test = the 100 demo-eval rows;
+- per row: `teacher`, one temperature-1 sample of the teacher (the off-policy data of every method but SFT, and the
+  coverage measure), and on validation and test `teacher_greedy`, the teacher's greedy answer (exact TV on fixed
+  data). Answers are cut at `max_new_tokens`. Deterministic: fixed seeds, one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+DEFAULTS = {"drop": list(range(8, 22)), "validation_rows": 100, "max_new_tokens": 48, "seed": 0}
+
+
+def _message(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _answers(model_dir: str, rows: list[dict], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from amm_trl.generation import decode_completions, generate_token_ids, render_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = generate_token_ids(model_dir, render_prompts(tokenizer, [r["prompt"] for r in rows]), max_new_tokens,
+                             temperature=temperature, batch_size=50, dtype="float32", seed=seed, progress=False)
+    return decode_completions(tokenizer, ids)
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def build(out: str, settings: dict | None = None) -> dict:
+    """Builds (or reuses) the assets in `out`; returns {name: path}."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from amm_trl.assets import resolve
+    from amm_trl.assets.models import drop_layers
+    from amm_trl.data import load_prompt_dataset
+
+    cfg = {**DEFAULTS, **(settings or {})}
+    manifest_path = os.path.join(out, "manifest.json")
+    paths = {"teacher": os.path.join(out, "teacher"), "initial_student": os.path.join(out, "initial_student"),
+             **{split: os.path.join(out, f"{split}.jsonl") for split in ("train", "validation", "test")}}
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest["settings"] == json.loads(json.dumps(cfg)):
+            return paths
+        raise ValueError(f"{manifest_path} was built with other settings {manifest['settings']}; delete {out} to "
+                         f"rebuild it with {cfg}.")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        os.makedirs(out, exist_ok=True)
+        teacher = AutoModelForCausalLM.from_pretrained(resolve("smollm2-135m-instruct"), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct"))
+        teacher.save_pretrained(paths["teacher"])
+        tokenizer.save_pretrained(paths["teacher"])
+        layers = teacher.config.num_hidden_layers
+        student = drop_layers(teacher, [i for i in range(layers) if i not in set(cfg["drop"])])
+        student.save_pretrained(paths["initial_student"])
+        tokenizer.save_pretrained(paths["initial_student"])
+        demo = [dict(r) for r in load_prompt_dataset(resolve("alpaca-demo-train"))]
+        n_val = cfg["validation_rows"]
+        rows = {"train": demo[:-n_val], "validation": demo[-n_val:],
+                "test": [dict(r) for r in load_prompt_dataset(resolve("alpaca-demo-eval"))]}
+        for i, (split, split_rows) in enumerate(rows.items()):
+            samples = _answers(paths["teacher"], split_rows, cfg["max_new_tokens"], 1.0, cfg["seed"] + i)
+            for row, sample in zip(split_rows, samples):
+                row["teacher"] = _message(sample)
+            if split != "train":
+                greedy = _answers(paths["teacher"], split_rows, cfg["max_new_tokens"], 0.0, cfg["seed"])
+                for row, answer in zip(split_rows, greedy):
+                    row["teacher_greedy"] = _message(answer)
+            _write_jsonl(paths[split], split_rows)
+        manifest = {"settings": cfg, "build_seconds": time.perf_counter() - start,
+                    "rows": {split: len(r) for split, r in rows.items()},
+                    "teacher_params": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(
+                        paths["teacher"]).parameters()),
+                    "student_params": sum(p.numel() for p in student.parameters()),
+                    "student_layers": student.config.num_hidden_layers}
+    finally:
+        torch.set_num_threads(threads)
+    with open(manifest_path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(manifest_path + ".tmp", manifest_path)
+    print("tier_b: built assets in " + out + ": " + json.dumps({k: v for k, v in manifest.items() if k != "settings"}),
+          flush=True)
+    return paths
+
+
+def prepare(suite: dict) -> dict:
+    """Suite hook (`prepare: bench.tier_b.assets:prepare`): builds into `<output_dir>/assets` with `suite["task"]`."""
+    return build(os.path.join(suite["output_dir"], "assets"), suite.get("task"))

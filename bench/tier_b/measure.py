@@ -1,0 +1,128 @@
+"""Tier B measurements beyond ROUGE-L (the suite's `measures` and `callbacks` hooks), on the evaluated split:
+
+- tv_teacher_greedy: exact total variation between student and teacher next-token distributions over the tokens of
+  the teacher's greedy answers (`teacher_greedy`; fixed data, the same for every model);
+- quality: the teacher's mean token log-probability of the student's temperature-1 samples (reverse-KL-like);
+- coverage: the student's mean token log-probability of the teacher's temperature-1 samples (`teacher`;
+  forward-KL-like). Means are over all tokens of all answers; answers are tokenized as the trainer does.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+from amm_trl.rollouts import completion_token_ids
+
+
+def _load(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def token_log_probs(model, prompt_ids: list[list[int]], completions: list[list[int]], pad: int,
+                    batch_size: int = 25) -> tuple[float, int]:
+    """(sum of log p(completion tokens | prompt, prefix), number of tokens) over all rows."""
+    total, count = 0.0, 0
+    for i in range(0, len(prompt_ids), batch_size):
+        pairs = list(zip(prompt_ids[i:i + batch_size], completions[i:i + batch_size]))
+        width = max(len(p) + len(c) for p, c in pairs)
+        ids = torch.full((len(pairs), width), pad)
+        mask, target = torch.zeros_like(ids), torch.zeros(len(pairs), width, dtype=torch.bool)
+        for j, (p, c) in enumerate(pairs):
+            ids[j, :len(p) + len(c)] = torch.tensor(p + c)
+            mask[j, :len(p) + len(c)] = 1
+            target[j, len(p):len(p) + len(c)] = True
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        picked = logp.gather(-1, ids[:, 1:, None])[..., 0]
+        total += picked[target[:, 1:]].sum().item()
+        count += int(target[:, 1:].sum())
+    return total, count
+
+
+def _encoded(tokenizer, rows: list[dict], column: str, max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    from amm_trl.generation import render_prompts
+
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    prompts = render_prompts(tokenizer, [r["prompt"] for r in rows])
+    answers = [completion_token_ids(tokenizer, r["prompt"], r[column], eos, max_tokens) for r in rows]
+    return prompts, answers
+
+
+def measure(model_path: str, suite: dict, out: str, seed: int, settings: dict) -> dict:
+    """Suite hook: exact TV on the teacher's greedy answers, quality and coverage of `model_path` on `settings`."""
+    from transformers import AutoTokenizer
+
+    from amm_trl.data import load_prompt_dataset
+    from amm_trl.evaluation import exact_tv
+    from amm_trl.generation import generate_token_ids
+
+    rows = [dict(r) for r in load_prompt_dataset(settings["dataset_name"])]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    n = settings["max_new_tokens"]
+    prompts, greedy = _encoded(tokenizer, rows, "teacher_greedy", n)
+    _, teacher_samples = _encoded(tokenizer, rows, "teacher", n)
+    samples = generate_token_ids(model_path, prompts, n, temperature=1.0, batch_size=50, dtype="float32",
+                                 seed=1000 + seed, progress=False)
+    student, teacher = _load(model_path), _load(suite["teacher"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    q_sum, q_n = token_log_probs(teacher, prompts, samples, pad)
+    c_sum, c_n = token_log_probs(student, prompts, teacher_samples, pad)
+    return {"tv_teacher_greedy": exact_tv(model_path, suite["teacher"], prompts, greedy),
+            "quality": q_sum / q_n, "coverage": c_sum / c_n}
+
+
+class ValidationCurve(TrainerCallback):
+    """Exact TV on the validation split's teacher greedy answers at step 0 and every `every` optimizer steps, appended
+    to the training log as `val/tv` (the suite's `train_log.json` holds the curves). No sampling: the RNG and hence
+    training are the same with or without this callback."""
+
+    def __init__(self, prompts: list[list[int]], answers: list[list[int]], teacher, every: int):
+        self.prompts, self.answers, self.teacher, self.every = prompts, answers, teacher, every
+
+    @torch.no_grad()
+    def _record(self, state, model):
+        from amm_trl.objectives import total_variation
+
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(self.prompts), 25):
+            pairs = list(zip(self.prompts[i:i + 25], self.answers[i:i + 25]))
+            width = max(len(p) + len(c) for p, c in pairs)
+            ids = torch.zeros(len(pairs), width, dtype=torch.long)
+            mask, scored = torch.zeros_like(ids), torch.zeros(len(pairs), width, dtype=torch.bool)
+            for j, (p, c) in enumerate(pairs):
+                ids[j, :len(p) + len(c)] = torch.tensor(p + c)
+                mask[j, :len(p) + len(c)] = 1
+                scored[j, len(p) - 1:len(p) + len(c) - 1] = True
+            device = next(model.parameters()).device
+            z_s = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()[scored.to(device)]
+            z_t = self.teacher(input_ids=ids, attention_mask=mask).logits.float()[scored]
+            vocab = min(z_s.size(-1), z_t.size(-1))
+            total += total_variation(z_s[:, :vocab].cpu(), z_t[:, :vocab]).sum().item()
+            count += int(scored.sum())
+        model.train(was_training)
+        state.log_history.append({"step": state.global_step, "val/tv": total / max(count, 1)})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._record(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._record(state, model)
+
+
+def validation_curve(suite: dict) -> ValidationCurve:
+    """Suite hook (`callbacks: [bench.tier_b.measure:validation_curve]`), on `select.eval`'s dataset."""
+    from transformers import AutoTokenizer
+
+    from amm_trl.data import load_prompt_dataset
+
+    settings = suite["select"]["eval"]
+    rows = [dict(r) for r in load_prompt_dataset(settings["dataset_name"])]
+    tokenizer = AutoTokenizer.from_pretrained(suite["teacher"])
+    prompts, answers = _encoded(tokenizer, rows, "teacher_greedy", settings["max_new_tokens"])
+    return ValidationCurve(prompts, answers, _load(suite["teacher"]), suite["curve_every"])
