@@ -34,14 +34,10 @@ def _teacher_samples(model_dir: str, rows: list[dict], max_new_tokens: int, seed
     return decode_completions(tokenizer, ids)
 
 
-def build(out: str, settings: dict | None = None) -> dict:
-    """Builds (or reuses) the assets in `out`; returns {name: path} and the manifest's measurements."""
-    import torch
-
-    cfg = {**DEFAULTS, **(settings or {})}
+def cached_build(out: str, cfg: dict, paths: dict, make, name: str) -> dict:
+    """`paths` as built by `make(cfg, paths) -> manifest` into `out`, once: reused while `out/manifest.json` holds the
+    same settings (another setting is refused, naming both); the manifest is written last, atomically."""
     manifest_path = os.path.join(out, "manifest.json")
-    paths = {"teacher": os.path.join(out, "teacher"), "initial_student": os.path.join(out, "initial_student"),
-             **{split: os.path.join(out, f"{split}.jsonl") for split in ("train", "validation", "test")}}
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
@@ -49,50 +45,65 @@ def build(out: str, settings: dict | None = None) -> dict:
             return paths
         raise ValueError(f"{manifest_path} was built with other settings {manifest['settings']}; delete {out} to "
                          f"rebuild it with {cfg}.")
+    import torch
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise-reproducible training
+    torch.set_num_threads(1)  # bitwise-reproducible
     try:
         start = time.perf_counter()
-        tokenizer = task.build_tokenizer()
-        rows = {split: task.make_rows(split, cfg[f"{split}_rows"], seed=0,
-                                      noise=cfg["reference_noise"] if split == "train" else 0.0)
-                for split in ("train", "validation", "test")}
-        teacher_rows = task.make_rows("train", cfg["teacher_rows"], seed=1)
-        t = cfg["teacher"]
-        teacher = task.build_model(len(tokenizer), t["hidden"], t["layers"], t["heads"], seed=0)
-        log = train_lm(teacher, tokenizer, teacher_rows, t["steps"], t["batch_size"], t["lr"], seed=0,
-                       log_every=max(1, t["steps"] // 10),
-                       eval_fn=lambda m: accuracy(m, tokenizer, rows["validation"]))
-        teacher.save_pretrained(paths["teacher"])
-        tokenizer.save_pretrained(paths["teacher"])
-        s = cfg["student"]
-        student = task.build_model(len(tokenizer), s["hidden"], s["layers"], s["heads"], seed=0)
-        student.save_pretrained(paths["initial_student"])
-        tokenizer.save_pretrained(paths["initial_student"])
-        for i, split in enumerate(("train", "validation", "test")):
-            for row, sample in zip(rows[split], _teacher_samples(paths["teacher"], rows[split],
-                                                                  cfg["max_new_tokens"], seed=i)):
-                row["teacher"] = sample
-            task.write_jsonl(paths[split], rows[split])
-        manifest = {
-            "settings": cfg, "build_seconds": time.perf_counter() - start, "teacher_training": log,
-            "teacher_params": sum(p.numel() for p in teacher.parameters()),
-            "student_params": sum(p.numel() for p in student.parameters()),
-            "reference_accuracy": {split: sum(task.is_correct(r["completion"], r["prompt"]) for r in rows[split])
-                                   / len(rows[split]) for split in rows},
-            "teacher_sample_accuracy": {split: sum(task.is_correct(r["teacher"], r["prompt"]) for r in rows[split])
-                                        / len(rows[split]) for split in rows},
-            "mean_correct_answers": {split: sum(task.num_correct_answers(r["prompt"].split()[:-1]) for r in
-                                                rows[split]) / len(rows[split]) for split in rows},
-        }
+        os.makedirs(out, exist_ok=True)
+        manifest = {"settings": cfg, **make(cfg, paths), "build_seconds": time.perf_counter() - start}
     finally:
         torch.set_num_threads(threads)
     with open(manifest_path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=1)
     os.replace(manifest_path + ".tmp", manifest_path)
-    print(f"tier_a: built assets in {out}: " + json.dumps({k: v for k, v in manifest.items()
+    print(f"{name}: built assets in {out}: " + json.dumps({k: v for k, v in manifest.items()
                                                          if k not in ("teacher_training", "settings")}), flush=True)
     return paths
+
+
+def build(out: str, settings: dict | None = None) -> dict:
+    """Builds (or reuses) the assets in `out`; returns {name: path}."""
+    cfg = {**DEFAULTS, **(settings or {})}
+    paths = {"teacher": os.path.join(out, "teacher"), "initial_student": os.path.join(out, "initial_student"),
+             **{split: os.path.join(out, f"{split}.jsonl") for split in ("train", "validation", "test")}}
+    return cached_build(out, cfg, paths, _make, "tier_a")
+
+
+def _make(cfg: dict, paths: dict) -> dict:
+    tokenizer = task.build_tokenizer()
+    rows = {split: task.make_rows(split, cfg[f"{split}_rows"], seed=0,
+                                  noise=cfg["reference_noise"] if split == "train" else 0.0)
+            for split in ("train", "validation", "test")}
+    teacher_rows = task.make_rows("train", cfg["teacher_rows"], seed=1)
+    t = cfg["teacher"]
+    teacher = task.build_model(len(tokenizer), t["hidden"], t["layers"], t["heads"], seed=0)
+    log = train_lm(teacher, tokenizer, teacher_rows, t["steps"], t["batch_size"], t["lr"], seed=0,
+                   log_every=max(1, t["steps"] // 10),
+                   eval_fn=lambda m: accuracy(m, tokenizer, rows["validation"]))
+    teacher.save_pretrained(paths["teacher"])
+    tokenizer.save_pretrained(paths["teacher"])
+    s = cfg["student"]
+    student = task.build_model(len(tokenizer), s["hidden"], s["layers"], s["heads"], seed=0)
+    student.save_pretrained(paths["initial_student"])
+    tokenizer.save_pretrained(paths["initial_student"])
+    for i, split in enumerate(("train", "validation", "test")):
+        for row, sample in zip(rows[split], _teacher_samples(paths["teacher"], rows[split],
+                                                              cfg["max_new_tokens"], seed=i)):
+            row["teacher"] = sample
+        task.write_jsonl(paths[split], rows[split])
+    return {
+        "teacher_training": log,
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "reference_accuracy": {split: sum(task.is_correct(r["completion"], r["prompt"]) for r in rows[split])
+                               / len(rows[split]) for split in rows},
+        "teacher_sample_accuracy": {split: sum(task.is_correct(r["teacher"], r["prompt"]) for r in rows[split])
+                                    / len(rows[split]) for split in rows},
+        "mean_correct_answers": {split: sum(task.num_correct_answers(r["prompt"].split()[:-1]) for r in
+                                            rows[split]) / len(rows[split]) for split in rows},
+    }
 
 
 def prepare(suite: dict) -> dict:

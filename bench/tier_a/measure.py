@@ -24,16 +24,15 @@ def _load(path: str):
 
 
 @torch.no_grad()
-def token_log_probs(model, tokenizer, prompts: list[str], completions: list[list[int]], batch_size: int = 500):
+def token_log_probs(model, prompt_ids: list[list[int]], completions: list[list[int]], pad: int,
+                    batch_size: int = 500) -> tuple[float, int]:
     """(sum of log p(completion tokens | prompt, prefix), number of tokens) over all rows."""
     total, count = 0.0, 0
-    for i in range(0, len(prompts), batch_size):
-        pairs = [(tokenizer(p)["input_ids"], c) for p, c in zip(prompts[i:i + batch_size],
-                                                               completions[i:i + batch_size])]
+    for i in range(0, len(prompt_ids), batch_size):
+        pairs = list(zip(prompt_ids[i:i + batch_size], completions[i:i + batch_size]))
         width = max(len(p) + len(c) for p, c in pairs)
-        ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
-        mask = torch.zeros_like(ids)
-        target = torch.zeros_like(ids, dtype=torch.bool)
+        ids = torch.full((len(pairs), width), pad)
+        mask, target = torch.zeros_like(ids), torch.zeros(len(pairs), width, dtype=torch.bool)
         for j, (p, c) in enumerate(pairs):
             ids[j, :len(p) + len(c)] = torch.tensor(p + c)
             mask[j, :len(p) + len(c)] = 1
@@ -60,13 +59,31 @@ def measure(model_path: str, suite: dict, out: str, seed: int, settings: dict) -
     student, teacher = _load(model_path), _load(suite["teacher"])
     eos = tokenizer.eos_token_id
     teacher_answers = [tokenizer(r["teacher"])["input_ids"] + [eos] for r in rows]
-    q_sum, q_n = token_log_probs(teacher, tokenizer, prompts, samples)
-    c_sum, c_n = token_log_probs(student, tokenizer, prompts, teacher_answers)
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    q_sum, q_n = token_log_probs(teacher, prompt_ids, samples, tokenizer.pad_token_id)
+    c_sum, c_n = token_log_probs(student, prompt_ids, teacher_answers, tokenizer.pad_token_id)
     return {"quality": q_sum / q_n, "coverage": c_sum / c_n,
             "score_sampled": sum(is_correct(t, p) for t, p in zip(texts, prompts)) / len(rows)}
 
 
-class ValidationCurve(TrainerCallback):
+class EveryKSteps(TrainerCallback):
+    """Calls `record(state, model)` at step 0 and every `every` optimizer steps (and at the last), for curves that the
+    suite's `train_log.json` keeps (`record` appends to `state.log_history`)."""
+
+    every = 1
+
+    def record(self, state, model) -> None:
+        raise NotImplementedError
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.record(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.record(state, model)
+
+
+class ValidationCurve(EveryKSteps):
     """Task accuracy on validation prompts at step 0 and every `every` optimizer steps, greedy (`val/score`) and of
     temperature-1 samples (`val/score_sampled`), appended to the training log (so the suite's `train_log.json` holds
     the curves). The sampling uses its own seed and restores the global RNG: training is the same with or without
@@ -76,7 +93,7 @@ class ValidationCurve(TrainerCallback):
         self.prompts = [r["prompt"] for r in rows]
         self.tokenizer, self.every, self.max_new_tokens = tokenizer, every, max_new_tokens
 
-    def _record(self, state, model):
+    def record(self, state, model):
         was_training = model.training
         rng = torch.get_rng_state()
         torch.manual_seed(12345 + state.global_step)
@@ -89,13 +106,6 @@ class ValidationCurve(TrainerCallback):
         state.log_history.append({
             "step": state.global_step, "val/score": sum(is_correct(a, p) for a, p in zip(greedy, self.prompts)) / n,
             "val/score_sampled": sum(is_correct(a, p) for a, p in zip(sampled, self.prompts)) / n})
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._record(state, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            self._record(state, model)
 
 
 def validation_curve(suite: dict) -> ValidationCurve:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
+
+from bench.tier_a.assets import cached_build
 
 DEFAULTS = {"drop": list(range(8, 22)), "validation_rows": 100, "max_new_tokens": 48, "seed": 0}
 
@@ -43,6 +44,13 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 
 def build(out: str, settings: dict | None = None) -> dict:
     """Builds (or reuses) the assets in `out`; returns {name: path}."""
+    cfg = {**DEFAULTS, **(settings or {})}
+    paths = {"teacher": os.path.join(out, "teacher"), "initial_student": os.path.join(out, "initial_student"),
+             **{split: os.path.join(out, f"{split}.jsonl") for split in ("train", "validation", "test")}}
+    return cached_build(out, cfg, paths, _make, "tier_b")
+
+
+def _make(cfg: dict, paths: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,57 +58,30 @@ def build(out: str, settings: dict | None = None) -> dict:
     from amm_trl.assets.models import drop_layers
     from amm_trl.data import load_prompt_dataset
 
-    cfg = {**DEFAULTS, **(settings or {})}
-    manifest_path = os.path.join(out, "manifest.json")
-    paths = {"teacher": os.path.join(out, "teacher"), "initial_student": os.path.join(out, "initial_student"),
-             **{split: os.path.join(out, f"{split}.jsonl") for split in ("train", "validation", "test")}}
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if manifest["settings"] == json.loads(json.dumps(cfg)):
-            return paths
-        raise ValueError(f"{manifest_path} was built with other settings {manifest['settings']}; delete {out} to "
-                         f"rebuild it with {cfg}.")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.perf_counter()
-        os.makedirs(out, exist_ok=True)
-        teacher = AutoModelForCausalLM.from_pretrained(resolve("smollm2-135m-instruct"), dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct"))
-        teacher.save_pretrained(paths["teacher"])
-        tokenizer.save_pretrained(paths["teacher"])
-        layers = teacher.config.num_hidden_layers
-        student = drop_layers(teacher, [i for i in range(layers) if i not in set(cfg["drop"])])
-        student.save_pretrained(paths["initial_student"])
-        tokenizer.save_pretrained(paths["initial_student"])
-        demo = [dict(r) for r in load_prompt_dataset(resolve("alpaca-demo-train"))]
-        n_val = cfg["validation_rows"]
-        rows = {"train": demo[:-n_val], "validation": demo[-n_val:],
-                "test": [dict(r) for r in load_prompt_dataset(resolve("alpaca-demo-eval"))]}
-        for i, (split, split_rows) in enumerate(rows.items()):
-            samples = _answers(paths["teacher"], split_rows, cfg["max_new_tokens"], 1.0, cfg["seed"] + i)
-            for row, sample in zip(split_rows, samples):
-                row["teacher"] = _message(sample)
-            if split != "train":
-                greedy = _answers(paths["teacher"], split_rows, cfg["max_new_tokens"], 0.0, cfg["seed"])
-                for row, answer in zip(split_rows, greedy):
-                    row["teacher_greedy"] = _message(answer)
-            _write_jsonl(paths[split], split_rows)
-        manifest = {"settings": cfg, "build_seconds": time.perf_counter() - start,
-                    "rows": {split: len(r) for split, r in rows.items()},
-                    "teacher_params": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(
-                        paths["teacher"]).parameters()),
-                    "student_params": sum(p.numel() for p in student.parameters()),
-                    "student_layers": student.config.num_hidden_layers}
-    finally:
-        torch.set_num_threads(threads)
-    with open(manifest_path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(manifest_path + ".tmp", manifest_path)
-    print("tier_b: built assets in " + out + ": " + json.dumps({k: v for k, v in manifest.items() if k != "settings"}),
-          flush=True)
-    return paths
+    model = AutoModelForCausalLM.from_pretrained(resolve("smollm2-135m-instruct"), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct"))
+    model.save_pretrained(paths["teacher"])
+    tokenizer.save_pretrained(paths["teacher"])
+    teacher_params, layers = sum(p.numel() for p in model.parameters()), model.config.num_hidden_layers
+    student = drop_layers(model, [i for i in range(layers) if i not in set(cfg["drop"])])  # in place
+    student.save_pretrained(paths["initial_student"])
+    tokenizer.save_pretrained(paths["initial_student"])
+    demo = [dict(r) for r in load_prompt_dataset(resolve("alpaca-demo-train"))]
+    n_val = cfg["validation_rows"]
+    rows = {"train": demo[:-n_val], "validation": demo[-n_val:],
+            "test": [dict(r) for r in load_prompt_dataset(resolve("alpaca-demo-eval"))]}
+    for i, (split, split_rows) in enumerate(rows.items()):
+        for row, sample in zip(split_rows, _answers(paths["teacher"], split_rows, cfg["max_new_tokens"], 1.0,
+                                                    cfg["seed"] + i)):
+            row["teacher"] = _message(sample)
+        if split != "train":
+            for row, answer in zip(split_rows, _answers(paths["teacher"], split_rows, cfg["max_new_tokens"], 0.0,
+                                                        cfg["seed"])):
+                row["teacher_greedy"] = _message(answer)
+        _write_jsonl(paths[split], split_rows)
+    return {"rows": {split: len(r) for split, r in rows.items()}, "teacher_params": teacher_params,
+            "student_params": sum(p.numel() for p in student.parameters()),
+            "student_layers": student.config.num_hidden_layers}
 
 
 def prepare(suite: dict) -> dict:

@@ -10,36 +10,15 @@
 from __future__ import annotations
 
 import torch
-from transformers import TrainerCallback
 
 from amm_trl.rollouts import completion_token_ids
+from bench.tier_a.measure import EveryKSteps, token_log_probs
 
 
 def _load(path: str):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-@torch.no_grad()
-def token_log_probs(model, prompt_ids: list[list[int]], completions: list[list[int]], pad: int,
-                    batch_size: int = 25) -> tuple[float, int]:
-    """(sum of log p(completion tokens | prompt, prefix), number of tokens) over all rows."""
-    total, count = 0.0, 0
-    for i in range(0, len(prompt_ids), batch_size):
-        pairs = list(zip(prompt_ids[i:i + batch_size], completions[i:i + batch_size]))
-        width = max(len(p) + len(c) for p, c in pairs)
-        ids = torch.full((len(pairs), width), pad)
-        mask, target = torch.zeros_like(ids), torch.zeros(len(pairs), width, dtype=torch.bool)
-        for j, (p, c) in enumerate(pairs):
-            ids[j, :len(p) + len(c)] = torch.tensor(p + c)
-            mask[j, :len(p) + len(c)] = 1
-            target[j, len(p):len(p) + len(c)] = True
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        picked = logp.gather(-1, ids[:, 1:, None])[..., 0]
-        total += picked[target[:, 1:]].sum().item()
-        count += int(target[:, 1:].sum())
-    return total, count
 
 
 def _encoded(tokenizer, rows: list[dict], column: str, max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -68,13 +47,13 @@ def measure(model_path: str, suite: dict, out: str, seed: int, settings: dict) -
                                  seed=1000 + seed, progress=False)
     student, teacher = _load(model_path), _load(suite["teacher"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    q_sum, q_n = token_log_probs(teacher, prompts, samples, pad)
-    c_sum, c_n = token_log_probs(student, prompts, teacher_samples, pad)
+    q_sum, q_n = token_log_probs(teacher, prompts, samples, pad, batch_size=25)
+    c_sum, c_n = token_log_probs(student, prompts, teacher_samples, pad, batch_size=25)
     return {"tv_teacher_greedy": exact_tv(model_path, suite["teacher"], prompts, greedy),
             "quality": q_sum / q_n, "coverage": c_sum / c_n}
 
 
-class ValidationCurve(TrainerCallback):
+class ValidationCurve(EveryKSteps):
     """Exact TV on the validation split's teacher greedy answers at step 0 and every `every` optimizer steps, appended
     to the training log as `val/tv` (the suite's `train_log.json` holds the curves). No sampling: the RNG and hence
     training are the same with or without this callback."""
@@ -83,7 +62,7 @@ class ValidationCurve(TrainerCallback):
         self.prompts, self.answers, self.teacher, self.every = prompts, answers, teacher, every
 
     @torch.no_grad()
-    def _record(self, state, model):
+    def record(self, state, model):
         from amm_trl.objectives import total_variation
 
         was_training = model.training
@@ -106,13 +85,6 @@ class ValidationCurve(TrainerCallback):
             count += int(scored.sum())
         model.train(was_training)
         state.log_history.append({"step": state.global_step, "val/tv": total / max(count, 1)})
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._record(state, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            self._record(state, model)
 
 
 def validation_curve(suite: dict) -> ValidationCurve:
