@@ -11,7 +11,7 @@ from amm_trl.objectives.base import DenseTeacher, Tokens
 from amm_trl.objectives.batch import Step
 from amm_trl.objectives.distillm2 import DistiLLM2, distillm2_token_loss
 from tests.test_objectives_extra import naive_logits, student_params
-from tests.test_trainer import CHUNKS, check_chunks, fixed_batch, grads, make_config, make_trainer
+from tests.test_trainer import CHUNKS, check_chunks, fixed_batch, grads, loss_and_grads, make_config, make_trainer
 
 
 def _skew_refs(z_s, z_t, alpha):
@@ -66,11 +66,7 @@ def test_loss_and_gradient_match_naive_reference(tiny, tiny_dataset, tmp_path, c
     check_chunks(trainer, inputs, chunk)
     assert "completion_ids" in inputs and "off_completion_ids" in inputs
     params = student_params(trainer)
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, inputs)
-    loss.backward()
-    got = grads(params)
-    trainer.model.zero_grad()
+    loss, got = loss_and_grads(trainer, inputs, params)
     want = 0.0
     for ids, mask, count, which in (("off_completion_ids", "off_completion_mask", "num_off_items", 0),
                                     ("completion_ids", "completion_mask", "num_items_in_batch", 1)):

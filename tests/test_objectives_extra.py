@@ -13,7 +13,8 @@ from amm_trl import AMMTrainer
 from amm_trl import objectives as O
 from amm_trl.checkpoints import STATE_FILE
 from amm_trl.objectives.distillm import DistillmState, ReplayBuffer, next_threshold, student_probability
-from tests.test_trainer import CHUNKS, PAPER_CRITIC, check_chunks, fixed_batch, grads, make_config, make_trainer
+from tests.test_trainer import (CHUNKS, PAPER_CRITIC, check_chunks, fixed_batch, grads, loss_and_grads, make_config,
+                                make_trainer)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -72,11 +73,7 @@ def test_distillm_loss_matches_naive_skew_divergence(tiny, tiny_dataset, tmp_pat
     check_chunks(trainer, inputs, chunk)
     assert "completion_ids" not in inputs and "off_completion_ids" in inputs
     params = student_params(trainer)
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, inputs)
-    loss.backward()
-    got = grads(params)
-    trainer.model.zero_grad()
+    loss, got = loss_and_grads(trainer, inputs, params)
     z_s, z_t, _, _, _ = naive_logits(trainer, inputs, "off_completion_ids", "off_completion_mask")
     p_s, p_t = torch.softmax(z_s.double(), -1), torch.softmax(z_t.double(), -1)
     if loss_name == "skl":  # KL(p_T || a p_T + (1-a) p_S)

@@ -71,6 +71,16 @@ def grads(module_params):
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in module_params]
 
 
+def loss_and_grads(trainer, inputs, params):
+    """The trainer's loss on `inputs` and the gradients of `params`; the model's gradients are zero afterwards."""
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    got = grads(params)
+    trainer.model.zero_grad()
+    return loss, got
+
+
 # Every reference test runs twice: the whole micro-batch in one loss chunk, and in chunks of 3 tokens (~10 chunks,
 # the path every real run takes: Qwen's 152k vocabulary gives ~220-token chunks), where the chunked loss's custom
 # backward recomputes and accumulates each chunk's gradient.
