@@ -167,6 +167,17 @@ def vllm_server(assets, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        # The server's other processes (its engine core, multiprocessing's resource tracker, which unlinks the
+        # server's /dev/shm segments after the server exits) outlive the leader for a moment: wait for the group.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_server_mode_trains_and_weights_reach_the_server(assets, tmp_path, vllm_server):
