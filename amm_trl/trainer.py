@@ -441,6 +441,7 @@ class AMMTrainer(DistillationTrainer):
         reads_teacher = objective.info.reads_teacher
         h_t = self._teacher_hidden_states(input_ids, attention_mask, width) if reads_teacher else None
         projection, step = self._projection(unwrapped_student, reads_teacher), self._step_info()
+
         def by_kind(x: torch.Tensor | None) -> dict[str, torch.Tensor | None]:  # the kinds' rows, by name
             return dict(zip([kind.name for kind in kinds], x.split(batch) if x is not None else [None] * len(kinds)))
 
@@ -456,8 +457,9 @@ class AMMTrainer(DistillationTrainer):
                               batch * (self.args.gradient_accumulation_steps if step.training else 1), step)
         sequence = objective.sequence_loss(parts, context)
         if sequence is not None:
-            loss = loss + sequence[0]
-            self._add_metrics(sequence[1])
+            sequence_loss, sequence_metrics = sequence
+            loss = loss + sequence_loss
+            self._add_metrics(sequence_metrics)
         entropy = sum(part.metrics["entropy"].sum() for part in parts.values())
         n_valid = sum(part.valid.sum() for part in parts.values())
         return loss, entropy, n_valid
