@@ -272,3 +272,27 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
     pilot = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b_pilot.yaml"))
     assert [r["name"] for r in pilot["runs"]] == ["sft", "fkl"] and pilot["select"] is None
     assert pilot["common"]["learning_rate"] == 3.0e-5 and pilot["common"]["max_steps"] == 40
+
+
+def test_a_fresh_checkout_rebuilds_the_assets_and_refuses_different_ones(tmp_path):
+    """The committed manifest records the assets' digest: a checkout without the files rebuilds them (the same bytes,
+    one thread, fixed seeds) and goes on; a rebuild that differs (another CPU kind can train another teacher) is
+    refused, because the finished runs used the recorded assets."""
+    import shutil
+
+    from bench.tier_a import assets
+
+    out = str(tmp_path / "assets")
+    paths = assets.build(out, TOY_TASK)
+    manifest_path = os.path.join(out, "manifest.json")
+    recorded = json.loads(open(manifest_path).read())
+    assert recorded["digest"] == assets.digest(paths)
+    shutil.rmtree(paths["teacher"])  # a fresh checkout: results and manifest, no models
+    assert assets.build(out, TOY_TASK) == paths and assets.digest(paths) == recorded["digest"]
+    recorded["digest"] = "0" * 64
+    with open(manifest_path, "w") as f:
+        json.dump(recorded, f)
+    shutil.rmtree(paths["teacher"])
+    with pytest.raises(ValueError, match=r"The assets rebuilt in .* differ from those .*manifest.json records \(digest "
+                                         r"[0-9a-f]{12} vs 000000000000\): this machine computes other models"):
+        assets.build(out, TOY_TASK)

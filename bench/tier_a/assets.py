@@ -34,17 +34,37 @@ def _teacher_samples(model_dir: str, rows: list[dict], max_new_tokens: int, seed
     return decode_completions(tokenizer, ids)
 
 
+def digest(paths: dict) -> str:
+    """sha256 over the bytes of every asset file (folders: every file in them, by relative name)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(paths):
+        path = paths[name]
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
+        for file in files:
+            h.update(os.path.relpath(file, os.path.dirname(path)).encode())
+            with open(file, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
 def cached_build(out: str, cfg: dict, paths: dict, make, name: str) -> dict:
     """`paths` as built by `make(cfg, paths) -> manifest` into `out`, once: reused while `out/manifest.json` holds the
-    same settings (another setting is refused, naming both); the manifest is written last, atomically."""
+    same settings (another setting is refused, naming both); the manifest is written last, atomically, with the
+    files' `digest`. A committed manifest whose files are gone (a fresh checkout of a suite that is part done) has them
+    rebuilt, and a rebuild that differs from the recorded digest (another CPU kind can compute another teacher) is
+    refused: the finished runs used the recorded assets."""
     manifest_path = os.path.join(out, "manifest.json")
+    recorded = None
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
-            manifest = json.load(f)
-        if manifest["settings"] == json.loads(json.dumps(cfg)):
+            recorded = json.load(f)
+        if recorded["settings"] != json.loads(json.dumps(cfg)):
+            raise ValueError(f"{manifest_path} was built with other settings {recorded['settings']}; delete {out} "
+                             f"to rebuild it with {cfg}.")
+        if all(os.path.exists(p) for p in paths.values()):
             return paths
-        raise ValueError(f"{manifest_path} was built with other settings {manifest['settings']}; delete {out} to "
-                         f"rebuild it with {cfg}.")
     import torch
 
     threads = torch.get_num_threads()
@@ -55,6 +75,14 @@ def cached_build(out: str, cfg: dict, paths: dict, make, name: str) -> dict:
         manifest = {"settings": cfg, **make(cfg, paths), "build_seconds": time.perf_counter() - start}
     finally:
         torch.set_num_threads(threads)
+    manifest["digest"] = digest(paths)
+    if recorded is not None:
+        if recorded.get("digest") not in (None, manifest["digest"]):
+            raise ValueError(f"The assets rebuilt in {out} differ from those {manifest_path} records (digest "
+                             f"{manifest['digest'][:12]} vs {recorded['digest'][:12]}): this machine computes other "
+                             f"models or data (another CPU kind or library version), so the suite's finished runs "
+                             f"would not compare with new ones. Finish the suite where it started, or rerun it all.")
+        return paths
     with open(manifest_path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=1)
     os.replace(manifest_path + ".tmp", manifest_path)
