@@ -81,7 +81,7 @@ class QHeads(nn.Module):
         self.off = self.on if shared else make()
 
     def head(self, kind: str) -> nn.Module:
-        return self.on if kind == "on" else self.off
+        return {"on": self.on, "off": self.off}[kind]
 
 
 def build_q_heads(args, student: nn.Module, teacher_hidden_size: int, vocab_size: int) -> QHeads:

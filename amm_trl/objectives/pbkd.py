@@ -70,7 +70,8 @@ class PbKD(AMM):
         bt = bradley_terry_loss(chosen, rejected)
         scale = self.args.pbkd_bt_weight / ctx.pairs_per_step
         g = torch.sigmoid(rejected - chosen) * scale  # dBT/dJ(rejected) = -dBT/dJ(chosen)
-        surrogate = sum(self._reward_surrogate(part, g if kind == "on" else -g, ctx) for kind, part in parts.items())
+        row_weights = {"on": g, "off": -g}  # the rollout is the rejected answer, the off-policy one the chosen
+        surrogate = sum(self._reward_surrogate(parts[kind], w, ctx) for kind, w in row_weights.items())
         metrics = {"pbkd/bt_loss": (bt.sum(), bt.numel()), "pbkd/reward_chosen": (chosen.sum(), chosen.numel()),
                    "pbkd/reward_rejected": (rejected.sum(), rejected.numel()),
                    "pbkd/bt_accuracy": ((chosen > rejected).float().sum(), chosen.numel())}
