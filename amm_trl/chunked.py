@@ -46,7 +46,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
                 total += (values.float() * weights[start:end]).sum()
                 columns = [m.detach().float() for m in chunk_metrics.values()]
                 metrics.append(torch.stack(columns, dim=1) if columns else values.new_zeros(end - start, 0).float())
-        metric_names.extend(chunk_metrics)
+        metric_names.extend(chunk_metrics)  # the caller's list: autograd Functions return tensors only
         ctx.fn, ctx.chunk_size, ctx.token_names, ctx.param_names = fn, chunk_size, token_names, param_names
         ctx.save_for_backward(weights, *inputs)
         metrics = torch.cat(metrics)

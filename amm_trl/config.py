@@ -398,5 +398,13 @@ class AMMConfig(DistillationConfig):
 
     @property
     def objective_unit(self) -> Objective:
-        """The objective these settings describe (built once, by `__post_init__`); the trainer builds its own."""
+        """The objective these settings describe (built by `__post_init__`, again if `objective` changes); the trainer
+        builds its own."""
+        if getattr(self, "_objective", None) is None or self._objective.name != self.objective:
+            self._objective = get_objective(self)
         return self._objective
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_objective", None)  # rebuilt on use: a pickled config (`training_args.bin`) holds settings only
+        return state

@@ -25,7 +25,7 @@ from packaging.specifiers import SpecifierSet
 from transformers import LogitsProcessorList
 
 TESTED = {"trl": SpecifierSet(">=1.16,<1.17"), "transformers": SpecifierSet(">=5.17,<5.25"),
-          "vllm": SpecifierSet(">=0.31,<0.32")}
+          "vllm": SpecifierSet("==0.31.0")}  # the `vllm` extra's pin
 
 
 @functools.cache

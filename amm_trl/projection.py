@@ -86,8 +86,7 @@ def common_metrics(student_logits: Tensor, teacher: DenseTeacher | None, target_
     if teacher is not None:
         z_s, z_t = teacher.pair(student_logits)
         metrics["tv"] = total_variation(z_s, z_t)
-        metrics["logp_teacher"] = torch.log_softmax(teacher.logits.float(), -1).gather(
-            -1, target_ids[:, None]).squeeze(-1)
+        metrics["logp_teacher"] = teacher.log_prob(target_ids)
     return metrics
 
 
@@ -96,7 +95,7 @@ def token_pass(terms: list[Term], projection: Projection, step: Step):
     `teacher_hidden`, and the terms' `inputs`: `fn(chunk, params)` returns (sum of weight * loss over the terms, {each
     term's loss under its name, the common metrics, the terms' own metrics}). No terms: loss 0 and the common metrics
     (rollout log-probs)."""
-    own = {f"{term.name}.{name}": p for term in terms for name, p in term.params.items()}
+    own = {f"term{i}.{name}": p for i, term in enumerate(terms) for name, p in term.params.items()}
 
     def fn(chunk: dict[str, Tensor], params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         z_s = projection.logits("student", chunk["student_hidden"], params)
@@ -104,15 +103,20 @@ def token_pass(terms: list[Term], projection: Projection, step: Step):
                    if "teacher_hidden" in chunk else None)
         metrics = common_metrics(z_s, teacher, chunk["target_ids"])
         total = torch.zeros(z_s.size(0), device=z_s.device)
-        for term in terms:
-            prefix = term.name + "."
-            tokens = Tokens(z_s, teacher, chunk["target_ids"], chunk["student_hidden"], chunk.get("teacher_hidden"),
-                            {key: chunk[key] for key in term.inputs},
-                            {name[len(prefix):]: p for name, p in params.items() if name.startswith(prefix)},
-                            projection.embedding(params), step)
+        for i, term in enumerate(terms):
+            prefix = f"term{i}."
+            tokens = Tokens(student_logits=z_s, teacher=teacher, target_ids=chunk["target_ids"],
+                            student_hidden=chunk["student_hidden"], teacher_hidden=chunk.get("teacher_hidden"),
+                            inputs={key: chunk[key] for key in term.inputs},
+                            params={name[len(prefix):]: p for name, p in params.items() if name.startswith(prefix)},
+                            student_embedding=projection.embedding(params), step=step)
             values, extra = term.loss(tokens)
             total = total + term.weight * values
-            metrics.update({term.name: values, **extra})
+            for name, column in {term.name: values, **extra}.items():
+                if name in metrics:
+                    raise ValueError(f"metric {name!r} of term {term.name!r} is already taken (names so far: "
+                                     f"{sorted(metrics)}): give it another name.")
+                metrics[name] = column
         return total, metrics
 
     return fn, {**projection.params, **own}

@@ -1,6 +1,6 @@
-"""What a step generates, around TRL's generation: prompts cut to the models' context, the vLLM generator without the
-Q-heads, the server probe, the vLLM sampling correction, extra logits processors for HF `generate`, and the
-off-policy completions (the dataset's, tokenized as the student would emit them, or the teacher's, sampled online)."""
+"""What a step generates, around TRL's generation: the vLLM generator without the Q-heads, the server probe, the vLLM
+sampling correction, the off-policy completions (the dataset's, tokenized as the student would emit them, or the
+teacher's, sampled online), and the prompt-length limit the trainer cuts or refuses prompts by."""
 
 import math
 import os

@@ -491,7 +491,8 @@ class AMMTrainer(DistillationTrainer):
         token_inputs.update({key: _per_token(inputs[key], valid) for term in terms for key in term.inputs})
         loss, metrics = self._chunked(token_inputs, weights, fn, params)
         self._add_metrics({f"{name}/{kind.name}": (column.sum(), column.numel()) for name, column in metrics.items()})
-        return loss, Part(kind.name, completion_ids, valid, h_s, h_t, weights, metrics)
+        return loss, Part(kind=kind.name, completion_ids=completion_ids, valid=valid, student_hidden=h_s,
+                          teacher_hidden=h_t, weights=weights, metrics=metrics)
 
     def _token_weights(self, kind: Kind, valid: torch.Tensor, inputs: dict[str, Any],
                        device: torch.device) -> torch.Tensor:
@@ -543,7 +544,6 @@ class AMMTrainer(DistillationTrainer):
             self._metrics[mode]["memory/peak_rss_gib"].append(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         self._pending_metrics = {}
-
 
     # --------------------------------------------------------------------------------------------- prompts
     # Prompts never run past the models' context: with `max_prompt_length` longer ones are cut from the left (the end
@@ -654,6 +654,7 @@ class AMMTrainer(DistillationTrainer):
         # is no news: the Trainer would report them as "missing keys" on every resume.
         missing = [k for k in load_result.missing_keys if not is_head_parameter(k)]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
 
 def _per_token(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """A (B, T') per-token batch tensor at the valid positions of the (B, T) completions (T' <= T: right-padded)."""

@@ -253,6 +253,11 @@ def test_model_card_names_the_objective_its_paper_and_both_models(tmp_path, tiny
     main(["train", "--config", tiny_recipe(fkl, tiny, objective="fkl", save_strategy="steps", save_steps=2)])
     card = (fkl / "out" / "README.md").read_text()
     assert "amm-trl (objective `fkl`)" in card and "huggingface.co/papers" not in card and "@inproceedings" not in card
+    gkd = tmp_path / "gkd"
+    gkd.mkdir()
+    main(["train", "--config", tiny_recipe(gkd, tiny, objective="gkd", save_strategy="steps", save_steps=2)])
+    card = (gkd / "out" / "README.md").read_text()  # GKD's paper with its BibTeX, as TRL's own trainer cites it
+    assert "huggingface.co/papers/2306.13649" in card and "@inproceedings{agarwal2024on-policy" in card
 
 
 def test_lora_run_gets_the_same_card_not_peft_s_blank_template(tmp_path, tiny):

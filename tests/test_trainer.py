@@ -234,6 +234,27 @@ def test_policy_gradient_term_changes_gradient_not_loss(tiny, tiny_dataset, tmp_
     assert "pg/advantage_abs/on" not in pg._metrics["train"] and "pg/advantage_abs" in pg._metrics["train"]
 
 
+def test_policy_gradient_term_carries_the_rollout_terms_weight(tiny, tiny_dataset, tmp_path):
+    """The score-function term belongs to the rollouts' moment gap, weighted 1 - amm_beta: on the same batch its
+    gradient (with it minus without it) at amm_beta 0.5 is half the one at amm_beta 0."""
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, amm_beta=0.5, amm_policy_gradient=True, pg_clip=5.0)
+    for p in list(trainer.q_heads.parameters()):
+        p.data.normal_(0, 0.5)
+    inputs = fixed_batch(trainer, tiny_dataset)
+    params = [trainer.model.lm_head.weight]
+
+    def pg_gradient(beta):
+        trainer.args.amm_beta = beta  # the objective reads its settings when it builds the step's terms
+        trainer.args.amm_policy_gradient = True
+        with_pg = loss_and_grads(trainer, inputs, params)[1][0]
+        trainer.args.amm_policy_gradient = False
+        return with_pg - loss_and_grads(trainer, inputs, params)[1][0]
+
+    half, whole = pg_gradient(0.5), pg_gradient(0.0)
+    assert whole.abs().max() > 1e-4
+    torch.testing.assert_close(half, 0.5 * whole, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("objective", ["sft", "fkl", "rkl", "tvd", "gkd", "imitkd", "seqkd"])
 def test_every_objective_trains_and_uses_its_data(tiny, tiny_dataset, tmp_path, objective):
     overrides = {"objective": objective, "lmbda": 0.5}
@@ -379,7 +400,7 @@ def test_logit_transform_is_the_one_trl_applies(tiny, tiny_dataset, tmp_path, mo
 
 
 def test_gradient_clipping_is_the_objectives(tiny, tiny_dataset, tmp_path, monkeypatch):
-    """Each optimizer step clips through the objective's `clip_gradients`; the default is the Trainer's joint clip
+    """Each optimizer step clips through the adversary's `clip`; the default is the Trainer's joint clip
     of the student and the heads, and the returned pre-clip norm is the logged one."""
     trainer = make_trainer(tiny, tiny_dataset, tmp_path, max_steps=2, max_grad_norm=1e-3)
     for p in trainer.q_heads.parameters():

@@ -2,7 +2,8 @@
 
 Each module of this package lists the objectives it defines in `OBJECTIVES`; they are registered here under their
 `name` (the values `AMMConfig.objective` accepts). Adding an objective is adding one module. The pure tensor functions
-are exported by name.
+of the objectives below are exported by name; a newer module's (e.g. `distillm2.distillm2_token_loss`) are imported
+from it.
 """
 
 import importlib

@@ -224,12 +224,13 @@ class AMM(Objective):
         """The on-policy score-function term (`amm_policy_gradient`)."""
         if not self.args.amm_policy_gradient or "on" not in parts or self.warming_up(ctx.step):
             return None
-        return score_function_term(parts["on"], ctx, self.args, self.gap_name)
+        # it belongs to the rollouts' gap term, so it carries that term's weight
+        return score_function_term(parts["on"], ctx, self.args, self.gap_name, weight=1.0 - self.args.amm_beta)
 
 
-def score_function_term(part: Part, ctx: LossContext, args, gap_name: str) -> tuple[Tensor, Metrics]:
-    """sum_t log p_S(y_t|s_t) * A_t with A_t from the future moment gaps (`score_function_advantages`); value 0,
-    gradient only."""
+def score_function_term(part: Part, ctx: LossContext, args, gap_name: str, weight: float) -> tuple[Tensor, Metrics]:
+    """weight * sum_t log p_S(y_t|s_t) * A_t with A_t from the future moment gaps (`score_function_advantages`);
+    value 0, gradient only."""
     advantages = score_function_advantages(part.metrics[gap_name], part.valid, args.pg_length_normalization,
                                            args.pg_baseline, args.pg_clip)
     projection = ctx.projection
@@ -241,7 +242,7 @@ def score_function_term(part: Part, ctx: LossContext, args, gap_name: str) -> tu
 
     token_inputs = {"student_hidden": part.student_hidden[part.valid], "target_ids": part.completion_ids[part.valid],
                     "advantages": advantages}
-    surrogate, _ = ctx.chunked(token_inputs, part.weights, fn, projection.student)
+    surrogate, _ = ctx.chunked(token_inputs, part.weights * weight, fn, projection.student)
     return surrogate - surrogate.detach(), {"pg/advantage_abs": (advantages.abs().sum(), advantages.numel())}
 
 

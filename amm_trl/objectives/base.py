@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from .batch import Batch, Plan, Step
@@ -69,6 +70,10 @@ class DenseTeacher:
     def pair(self, student_logits: Tensor) -> tuple[Tensor, Tensor]:
         return student_logits, self.logits
 
+    def log_prob(self, target_ids: Tensor) -> Tensor:
+        """The teacher's log-probability of each taken token, (n,)."""
+        return torch.log_softmax(self.logits.float(), -1).gather(-1, target_ids[:, None]).squeeze(-1)
+
 
 @dataclass
 class Tokens:
@@ -111,7 +116,7 @@ class Part:
     valid: Tensor  # (B, T) bool
     student_hidden: Tensor  # (B, T, H)
     teacher_hidden: Tensor | None
-    weights: Tensor  # per valid token: the reduction weight of its loss
+    weights: Tensor  # per valid token: 1 / the loss-token count it is reduced by (x vLLM's weight); no term weight
     metrics: dict[str, Tensor]  # per valid token, detached: the term's loss and every metric column
 
 

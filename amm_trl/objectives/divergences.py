@@ -14,8 +14,15 @@ from .functional import (check_unit, cross_entropy, kl, log_mixture, pair_log_pr
 
 __all__ = ["forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl"]
 
-GKD_PAPER = {"title": "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes",
-             "id": "2306.13649"}
+GKD_PAPER = {  # as TRL's DistillationTrainer cites it
+    "title": "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes", "id": "2306.13649",
+    "citation": "@inproceedings{agarwal2024on-policy,\n    title        = {{On-Policy Distillation of Language "
+                "Models: Learning from Self-Generated Mistakes}},\n    author       = {Rishabh Agarwal and Nino "
+                "Vieillard and Yongchao Zhou and Piotr Stanczyk and Sabela Ramos Garea and Matthieu Geist and "
+                "Olivier Bachem},\n    "
+                "year         = 2024,\n    booktitle    = {The Twelfth International Conference on Learning "
+                "Representations, {ICLR} 2024, Vienna, Austria, May 7-11, 2024},\n    publisher    = {OpenReview.net},"
+                "\n    url          = {https://openreview.net/forum?id=3zKtaqxLhW},\n}"}
 
 
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
