@@ -61,6 +61,9 @@ class GenerateArguments:
     dtype: str = field(default="auto", metadata={"help": "Model dtype for the HF backend."})
     max_samples: int | None = field(default=None, metadata={"help": "Only the first N prompts."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    teacher_top_k: int = field(default=0, metadata={
+        "help": "Also store, for every completion token, the model's top-k log-probs (a teacher cache for "
+                "`teacher_placement: cache`); output_file must then end in .parquet."})
 
 
 def recipe_path(name_or_path: str) -> str:
@@ -281,10 +284,13 @@ def generate(argv: list[str]):
 
     from .checks import check_model_path
     from .data import load_prompt_dataset
-    from .generation import decode_completions, generate_token_ids, render_prompts
+    from .generation import decode_completions, generate_token_ids, render_prompts, top_k_log_probs
 
     (a,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses(argv)
     check_model_path("model_name_or_path", a.model_name_or_path)
+    if a.teacher_top_k < 0 or (a.teacher_top_k and not a.output_file.endswith(".parquet")):
+        raise ValueError(f"--teacher_top_k {a.teacher_top_k} --output_file {a.output_file!r}: a top-k cache is written "
+                         f"as parquet (give a file ending in .parquet) and k must be >= 0.")
     dataset = load_prompt_dataset(a.dataset_name, a.dataset_split)
     if "prompt" not in dataset.column_names:
         raise ValueError(f"dataset_name {a.dataset_name!r} has columns {dataset.column_names} but no 'prompt'.")
@@ -295,6 +301,19 @@ def generate(argv: list[str]):
     ids = generate_token_ids(a.model_name_or_path, render_prompts(tokenizer, prompts), a.max_new_tokens,
                              a.temperature, a.top_p, a.batch_size, a.use_vllm, a.dtype, a.seed)
     texts = decode_completions(tokenizer, ids)
+    if a.teacher_top_k:
+        from .cache import write_top_k_cache
+
+        prompt_ids = render_prompts(tokenizer, prompts)
+        top_k = top_k_log_probs(a.model_name_or_path, prompt_ids, ids, a.teacher_top_k, a.batch_size, a.use_vllm,
+                                a.dtype)
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                       for p, t in zip(prompts, texts)]
+        stats = write_top_k_cache(a.output_file, dataset, a.output_column, completions, prompt_ids, ids, top_k,
+                                  len(tokenizer))
+        print(f"amm-trl: wrote {len(texts)} completions with the teacher's top-{a.teacher_top_k} log-probs to "
+              f"{a.output_file}: {json.dumps(stats)}", flush=True)
+        return
     tmp = a.output_file + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(a.output_file)), exist_ok=True)
     with open(tmp, "w") as f:

@@ -17,6 +17,7 @@ Q_HEAD_TYPES = ("linear", "low_rank")
 Q_HEAD_FEATURES = ("student", "teacher")
 AMM_ANCHORS = ("fkl", "ce")
 PG_BASELINES = ("mean", "none")
+TEACHER_PLACEMENTS = ("local", "server", "cache")
 
 
 @dataclass
@@ -201,6 +202,26 @@ class AMMConfig(DistillationConfig):
             prompt), with a warning counting them. `None`: prompts are not cut, and one that leaves no room for
             `max_completion_length` tokens within the models' context (`max_position_embeddings`) is refused.
 
+        > Teacher placement
+
+        teacher_placement (`str`, *optional*, defaults to `"local"`):
+            Where the teacher's distribution comes from. `local`: the teacher model runs in every training process
+            (sharded by ZeRO-3), full-vocabulary logits. `server`: a vLLM server of the teacher
+            (`vllm serve TEACHER --max-logprobs K`, started by you, tensor-parallel as you choose) returns the top-k
+            log-probs of every completion token (`teacher_server_base_url`); the teacher's weights never enter the
+            training processes. `cache`: the off-policy completions and their top-k log-probs are read from the
+            training dataset, written beforehand by `amm-trl generate --teacher_top_k K`; rollouts (if the objective
+            trains on them) are scored by the server at `teacher_server_base_url`. With `server` and `cache` every
+            loss compares the two distributions on k + 1 buckets (the teacher's top-k tokens and the tail, see
+            `amm_trl.objectives.teachers.TopKTeacher`), at temperature 1.
+        teacher_server_base_url (`str` or `None`, *optional*, defaults to `None`):
+            Address of the teacher's vLLM server, e.g. `http://teacher-node:8000`.
+        teacher_server_timeout (`float`, *optional*, defaults to `240.0`):
+            Seconds to wait for the teacher's server at start-up.
+        teacher_top_k (`int`, *optional*, defaults to `20`):
+            Teacher log-probs per token from the server (vLLM allows 20 unless started with `--max-logprobs`); a cache
+            holding more is cut to this many.
+
         > Memory
 
         loss_chunk_tokens (`int` or `None`, *optional*, defaults to `None`):
@@ -273,6 +294,15 @@ class AMMConfig(DistillationConfig):
     vllm_importance_sampling_clip_max: float | None = field(default=3.0, metadata={"help": "Ratio upper bound."})
     vllm_importance_sampling_clip_min: float | None = field(default=None, metadata={"help": "Ratio lower bound."})
 
+    # Parameters that control where the teacher runs
+    teacher_placement: Literal[TEACHER_PLACEMENTS] = field(default="local", metadata={
+        "help": "local: the teacher model in the training processes; server: a vLLM server's top-k log-probs; cache: "
+                "top-k log-probs stored in the dataset by `amm-trl generate --teacher_top_k`."})
+    teacher_server_base_url: str | None = field(default=None, metadata={
+        "help": "The teacher's vLLM server, e.g. http://teacher-node:8000."})
+    teacher_server_timeout: float = field(default=240.0, metadata={"help": "Seconds to wait for it at start-up."})
+    teacher_top_k: int = field(default=20, metadata={"help": "Teacher log-probs per token (server / cache)."})
+
     # Parameters that control prompts and memory
     max_prompt_length: int | None = field(default=None, metadata={
         "help": "Cut longer prompts from the left (None: refuse prompts that overflow the context)."})
@@ -281,7 +311,8 @@ class AMMConfig(DistillationConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.off_policy_source == "auto" and self.objective in OBJECTIVES:
-            self.off_policy_source = OBJECTIVE_UNITS[self.objective].info.off_policy_default
+            self.off_policy_source = ("dataset" if self.teacher_placement == "cache"  # the cached teacher samples
+                                      else OBJECTIVE_UNITS[self.objective].info.off_policy_default)
         self._objective = None
         self._validate()
 
@@ -315,7 +346,43 @@ class AMMConfig(DistillationConfig):
         if self._objective.data.off_policy and self.off_policy_source == "none":
             fail("off_policy_source", "none", f"objective {self.objective!r} (amm_beta={self.amm_beta}, "
                  f"lmbda={self.lmbda}) trains on off-policy completions: use 'dataset' or 'teacher'.")
+        self._validate_teacher_placement(fail)
         self._validate_deepspeed_optimizer()
+
+    def _validate_teacher_placement(self, fail):
+        """A teacher outside the training processes gives top-k log-probs at temperature 1 of finished sequences."""
+        if self.teacher_placement not in TEACHER_PLACEMENTS:
+            fail("teacher_placement", self.teacher_placement, f"choose one of {list(TEACHER_PLACEMENTS)}.")
+        if not (isinstance(self.teacher_top_k, int) and self.teacher_top_k >= 1):
+            fail("teacher_top_k", self.teacher_top_k, "use an integer >= 1 (vLLM serves 20 unless started with "
+                 "--max-logprobs).")
+        if self.teacher_placement == "local":
+            return
+        unit, where = self._objective, f"teacher_placement {self.teacher_placement!r}"
+        if self.teacher_placement == "server" and not self.teacher_server_base_url:
+            fail("teacher_server_base_url", self.teacher_server_base_url, "teacher_placement 'server' needs the "
+                 "teacher's vLLM server address, e.g. http://teacher-node:8000.")
+        if unit.info.trl_loss:
+            fail("objective", self.objective, f"it runs TRL's loss on full-vocabulary teacher logits, which {where} "
+                 "does not give: use 'gkd' with lmbda 1.0 (the same loss on the top-k buckets).")
+        if unit.adversary is not None and self.q_head_features == "teacher":
+            fail("q_head_features", "teacher", f"with {where} the trainer has no teacher hidden states: use 'student'.")
+        if self.temperature != 1.0:
+            fail("temperature", self.temperature, f"with {where} the teacher's log-probs are at temperature 1 (vLLM's "
+                 "prompt log-probs skip the sampling processors, whatever --logprobs-mode says): use temperature 1.0, "
+                 "or teacher_placement 'local'.")
+        reads_rollouts = unit.info.reads_teacher and unit.data.rollouts
+        if self.teacher_placement == "cache":
+            if self.off_policy_source == "teacher" and unit.data.off_policy:
+                fail("off_policy_source", "teacher", "with teacher_placement 'cache' the teacher's completions are the "
+                     "cached ones: use 'dataset'.")
+            if not unit.data.off_policy:
+                fail("teacher_placement", "cache", f"objective {self.objective!r} trains on rollouts only, which no "
+                     "cache holds: use 'server'.")
+            if reads_rollouts and not self.teacher_server_base_url:
+                fail("teacher_server_base_url", None, f"objective {self.objective!r} also trains on student "
+                     "rollouts, which no cache holds: give a teacher server to score them, or teacher_placement "
+                     "'local'.")
 
     def _validate_schedule(self, fail):
         """Sizes the Trainer accepts silently (max_steps -5 trains the epochs) or fails on after the models load."""

@@ -14,7 +14,7 @@ from datasets.exceptions import DatasetGenerationError
 
 def load_prompt_dataset(name_or_path: str, split: str = "train", config: str | None = None,
                         field: str = "dataset_name") -> Dataset:
-    """Loads a local jsonl/json file, a `save_to_disk` folder, or a hub dataset split. A file with no rows or a line
+    """Loads a local jsonl/json/parquet file, a `save_to_disk` folder, or a hub dataset split. A file with no rows or a line
     that is not a JSON object is refused with the file and the line number; `field` names the argument."""
     if name_or_path.endswith((".jsonl", ".json")):
         if not os.path.exists(name_or_path):
@@ -31,6 +31,10 @@ def load_prompt_dataset(name_or_path: str, split: str = "train", config: str | N
             dataset = load_dataset("json", data_files=name_or_path, split="train")
         except DatasetGenerationError as exc:
             raise ValueError(f"{field}={name_or_path!r}: {_first_bad_line(name_or_path) or exc}") from exc
+    elif name_or_path.endswith(".parquet"):  # e.g. a teacher cache written by `amm-trl generate --teacher_top_k`
+        if not os.path.exists(name_or_path):
+            raise FileNotFoundError(f"{field}: no such file {name_or_path!r}.")
+        dataset = load_dataset("parquet", data_files=name_or_path, split="train")
     elif os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_info.json")):
         dataset = load_from_disk(name_or_path)
     else:

@@ -80,3 +80,51 @@ def _generate_vllm(model_path, prompt_ids, max_new_tokens, temperature, top_p, s
 
 def decode_completions(tokenizer, completions: list[list[int]]) -> list[str]:
     return tokenizer.batch_decode(completions, skip_special_tokens=True)
+
+
+def top_k_log_probs(model_path: str, prompt_ids: list[list[int]], completion_ids: list[list[int]], k: int,
+                    batch_size: int = 16, use_vllm: bool = False, dtype: str = "auto",
+                    progress: bool = True) -> list[dict[str, list]]:
+    """For each completion token: the model's k most likely tokens at that position (after the prompt and the
+    completion so far), their log-probs at temperature 1 sorted by rank, and the taken token's log-prob
+    (`{"ids": [[k ids] per token], "log_probs": [[k floats]...], "token_log_prob": [floats]}` per completion)."""
+    if use_vllm:
+        return _top_k_vllm(model_path, prompt_ids, completion_ids, k)
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
+    results = []
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="teacher top-k", disable=not progress):
+        rows = [p + c for p, c in zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size])]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        for i, (p, c) in enumerate(zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size])):
+            at = log_probs[i, len(p) - 1:len(p) + len(c) - 1]  # the position before each completion token
+            values, top = at.topk(min(k, at.size(-1)), -1)
+            taken = at.gather(-1, torch.tensor(c, device=device, dtype=torch.long)[:, None]).squeeze(-1)
+            results.append({"ids": top.tolist(), "log_probs": values.tolist(), "token_log_prob": taken.tolist()})
+    return results
+
+
+def _top_k_vllm(model_path, prompt_ids, completion_ids, k):
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_path, max_logprobs=max(k, 20))
+    params = SamplingParams(max_tokens=1, prompt_logprobs=k)
+    outputs = llm.generate([{"prompt_token_ids": p + c} for p, c in zip(prompt_ids, completion_ids)], params)
+    results = []
+    for out, p, c in zip(outputs, prompt_ids, completion_ids):
+        ids, values, taken = [], [], []
+        for position, token in zip(range(len(p), len(p) + len(c)), c):
+            entries = sorted(out.prompt_logprobs[position].items(), key=lambda item: item[1].rank)[:k]
+            ids.append([int(t) for t, _ in entries])
+            values.append([e.logprob for _, e in entries])
+            taken.append(out.prompt_logprobs[position][token].logprob)
+        results.append({"ids": ids, "log_probs": values, "token_log_prob": taken})
+    return results

@@ -12,9 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .objectives.base import DenseTeacher, Term, Tokens
+from .objectives.base import Term, Tokens
 from .objectives.batch import Step
 from .objectives.functional import total_variation
+from .objectives.teachers import DenseTeacher, TopKTeacher
+
+TOP_K_INPUTS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_token_logprob")  # a top-k teacher's token inputs
 
 
 def logit_transform(config) -> tuple[float, float | None]:
@@ -77,9 +80,10 @@ class Projection:
         return params["student.weight"][:self.vocab]
 
 
-def common_metrics(student_logits: Tensor, teacher: DenseTeacher | None, target_ids: Tensor) -> dict[str, Tensor]:
-    """The columns logged for every objective: total variation, student entropy, and the taken token's log-prob under
-    each model."""
+def common_metrics(student_logits: Tensor, teacher: DenseTeacher | TopKTeacher | None,
+                   target_ids: Tensor) -> dict[str, Tensor]:
+    """The columns logged for every objective: total variation, student entropy, the taken token's log-prob under
+    each model, and a top-k teacher's coverage (`TopKTeacher.metrics`)."""
     log_p_s = torch.log_softmax(student_logits.float(), -1)
     metrics = {"entropy": -(log_p_s.exp() * log_p_s).sum(-1),
                "logp_student": log_p_s.gather(-1, target_ids[:, None]).squeeze(-1)}
@@ -87,20 +91,31 @@ def common_metrics(student_logits: Tensor, teacher: DenseTeacher | None, target_
         z_s, z_t = teacher.pair(student_logits)
         metrics["tv"] = total_variation(z_s, z_t)
         metrics["logp_teacher"] = teacher.log_prob(target_ids)
+        metrics.update(teacher.metrics(student_logits))
     return metrics
+
+
+def teacher_of(chunk: dict[str, Tensor], projection: Projection,
+               params: dict[str, Tensor]) -> DenseTeacher | TopKTeacher | None:
+    """The teacher's distribution of a chunk: projected from its hidden states (a teacher in this process), from the
+    top-k token inputs (served or cached), or None."""
+    if "teacher_hidden" in chunk:
+        return DenseTeacher(projection.logits("teacher", chunk["teacher_hidden"], params))
+    if TOP_K_INPUTS[0] in chunk:
+        return TopKTeacher(*(chunk[key] for key in TOP_K_INPUTS))
+    return None
 
 
 def token_pass(terms: list[Term], projection: Projection, step: Step):
     """(fn, params) for `chunked.chunked_token_loss` over the token inputs `student_hidden`, `target_ids`, optionally
-    `teacher_hidden`, and the terms' `inputs`: `fn(chunk, params)` returns (sum of weight * loss over the terms, {each
+    `teacher_hidden` or the `TOP_K_INPUTS`, and the terms' `inputs`: `fn(chunk, params)` returns (sum of weight * loss over the terms, {each
     term's loss under its name, the common metrics, the terms' own metrics}). No terms: loss 0 and the common metrics
     (rollout log-probs)."""
     own = {f"term{i}.{name}": p for i, term in enumerate(terms) for name, p in term.params.items()}
 
     def fn(chunk: dict[str, Tensor], params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         z_s = projection.logits("student", chunk["student_hidden"], params)
-        teacher = (DenseTeacher(projection.logits("teacher", chunk["teacher_hidden"], params))
-                   if "teacher_hidden" in chunk else None)
+        teacher = teacher_of(chunk, projection, params)
         metrics = common_metrics(z_s, teacher, chunk["target_ids"])
         total = torch.zeros(z_s.size(0), device=z_s.device)
         for i, term in enumerate(terms):

@@ -5,6 +5,8 @@ student's, which rules out one tokenizer with differently padded embedding matri
 So `AMMTrainer` loads it here, with TRL's `create_model_from_path` and TRL's kwargs handling, and hands TRL none.
 """
 
+import math
+
 import torch
 from trl.trainer.utils import create_model_from_path
 
@@ -12,7 +14,10 @@ from .checks import check_teacher_tokenizer
 
 
 def needs_teacher(args, objective) -> bool:
-    """The objective reads teacher logits, or the teacher writes the off-policy completions online."""
+    """The teacher model runs in the training processes: it is placed there (`teacher_placement: local`), and the
+    objective reads its logits or it writes the off-policy completions online."""
+    if args.teacher_placement != "local":
+        return False
     return objective.info.reads_teacher or (args.off_policy_source == "teacher" and objective.data.off_policy)
 
 
@@ -73,3 +78,100 @@ def suppress_padded_rows(generation_config, generation_kwargs: dict, vocab_size:
     if padded:
         suppressed = list(generation_config.suppress_tokens or []) + padded
         generation_config.suppress_tokens = generation_kwargs["suppress_tokens"] = suppressed
+
+
+# ---------------------------------------------------------------------------------------------- a teacher elsewhere
+TOP_K_COLUMNS = ("prompt_ids", "completion_ids", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_token_logprob")
+
+
+class TeacherServerError(RuntimeError):
+    """The teacher's vLLM server stopped answering during training."""
+
+
+def pad_top_k(ids: list, log_probs: list, token_log_prob: list, width: int, k: int, vocab: int,
+              device) -> dict[str, torch.Tensor]:
+    """Per-sequence top-k lists (rows of T_i positions x k entries; the actual token's log-prob per position) as
+    right-padded tensors (B, width, k) and (B, width): the batch's `teacher_topk_ids`, `teacher_topk_logprobs` (-inf in
+    empty slots) and `teacher_token_logprob` (0 at padding). Ids outside the shared vocabulary (a padded embedding
+    row) leave the top-k: their mass counts in the tail."""
+    batch = len(ids)
+    out_ids = torch.zeros(batch, width, k, dtype=torch.long)
+    out_lp = torch.full((batch, width, k), -math.inf, dtype=torch.float32)
+    out_token = torch.zeros(batch, width, dtype=torch.float32)
+    for row, (row_ids, row_lp, row_token) in enumerate(zip(ids, log_probs, token_log_prob, strict=True)):
+        n = min(len(row_ids), width)
+        if n:
+            kk = min(k, len(row_ids[0]))
+            out_ids[row, :n, :kk] = torch.as_tensor([r[:kk] for r in row_ids[:n]], dtype=torch.long)
+            out_lp[row, :n, :kk] = torch.as_tensor([r[:kk] for r in row_lp[:n]], dtype=torch.float32)
+            out_token[row, :n] = torch.as_tensor(row_token[:n], dtype=torch.float32)
+    out_lp = out_lp.masked_fill(out_ids >= vocab, -math.inf)
+    return {"teacher_topk_ids": out_ids.to(device), "teacher_topk_logprobs": out_lp.to(device),
+            "teacher_token_logprob": out_token.to(device)}
+
+
+class ServedTeacher:
+    """A teacher served by vLLM (`vllm serve TEACHER --max-logprobs K`, tensor-parallel as the user starts it): the
+    top-k log-probs of every completion token through TRL's `VLLMClient.get_sequence_logprobs` (OpenAI
+    `/v1/completions` with `prompt_logprobs`). Checked at start-up: the server answers, allows k log-probs, and
+    returns log-probabilities (not logits)."""
+
+    def __init__(self, base_url: str, top_k: int, timeout: float):
+        from trl.generation.vllm_client import VLLMClient
+
+        self.base_url, self.k = base_url, top_k
+        try:
+            self.client = VLLMClient(base_url=base_url, connection_timeout=timeout)
+        except ConnectionError as exc:
+            raise ConnectionError(f"teacher_server_base_url={base_url!r}: no vLLM server answered within "
+                                  f"teacher_server_timeout={timeout} s. Start the teacher first, e.g. `vllm serve "
+                                  f"TEACHER --max-logprobs {max(top_k, 20)}`, and check the address.") from exc
+        self.check()
+
+    def check(self) -> None:
+        probe = [[0, 1, 2]]
+        try:
+            out = self.client.get_sequence_logprobs(probe, [1], top_logprobs=self.k)
+        except Exception as exc:
+            if "logprobs" in str(exc).lower():
+                raise ValueError(f"The teacher server at {self.base_url} refuses {self.k} log-probs per token "
+                                 f"(teacher_top_k={self.k}): restart it with `--max-logprobs {self.k}` (vLLM's default "
+                                 f"is 20), or lower teacher_top_k. The server said: {exc}") from exc
+            raise
+        covered = torch.logsumexp(torch.tensor(out["logprobs"][0][0], dtype=torch.float64), 0).item()
+        if covered > 1e-3:
+            raise ValueError(f"The teacher server at {self.base_url} returns scores whose top-{self.k} sums to "
+                             f"exp({covered:.3g}) > 1: logits, not log-probabilities. Restart it without "
+                             f"`--logprobs-mode raw_logits`/`processed_logits` (the default, raw_logprobs, is right).")
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, list]:
+        """For each completion token: the teacher's top-k ids and log-probs, and the taken token's log-prob."""
+        try:
+            out = self.client.get_sequence_logprobs([p + c for p, c in zip(prompts, completions, strict=True)],
+                                                    [len(p) for p in prompts], top_logprobs=self.k)
+        except Exception as exc:
+            raise TeacherServerError(
+                f"The teacher server at {self.base_url} stopped answering ({type(exc).__name__}: {exc}). Checkpoints "
+                f"already in output_dir are complete; restart the server and resume with --resume_from_checkpoint "
+                f"true.") from exc
+        return {"ids": out["logprob_token_ids"], "log_probs": out["logprobs"],
+                "token_log_prob": [[a[0] for a in row] for row in out["actual_logprobs"]]}
+
+    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float) -> list[list[int]]:
+        """The served teacher's sampled completions (online off-policy data)."""
+        try:
+            out = self.client.generate(prompts, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                       logprobs=None)
+        except Exception as exc:
+            raise TeacherServerError(f"The teacher server at {self.base_url} stopped answering ({exc}). Checkpoints "
+                                     "already in output_dir are complete; restart it and resume.") from exc
+        return out["completion_ids"]
+
+
+def check_cached_dataset(columns: list[str], off_policy_column: str) -> None:
+    """A dataset for `teacher_placement: cache` holds `amm-trl generate --teacher_top_k` columns."""
+    missing = [c for c in TOP_K_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"teacher_placement 'cache': the training dataset has no column(s) {missing} (it has "
+                         f"{columns}). Write it with `amm-trl generate --teacher_top_k K --output_file data.parquet "
+                         f"--output_column {off_policy_column}` and train on that file.")

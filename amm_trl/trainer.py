@@ -67,7 +67,9 @@ from .rollouts import (HeadFreeVLLMGeneration, check_vllm_memory, completion_tok
                        vllm_correction, wait_for_vllm_server)
 from .runlock import LOCK_FILE, lock_output_dir
 from .shm import release_deepspeed_shm
-from .teacher import load_teacher, shared_vocab_size, suppress_padded_rows
+from .projection import TOP_K_INPUTS
+from .teacher import (ServedTeacher, check_cached_dataset, load_teacher, pad_top_k, shared_vocab_size,
+                      suppress_padded_rows)
 from .vllm_cpu import vllm_generation_class
 
 __all__ = ["AMMTrainer", "ObjectiveCallback", "HEADS_FILE", "HeadFreeVLLMGeneration", "wait_for_vllm_server"]
@@ -120,6 +122,12 @@ class AMMTrainer(DistillationTrainer):
                       else None)
         check_dataset(train_dataset, "train_dataset", off_column)
         check_dataset(eval_dataset, "eval_dataset", off_column)
+        if args.teacher_placement == "cache":
+            for dataset in (train_dataset, eval_dataset):
+                if dataset is not None:
+                    check_cached_dataset(list(getattr(dataset, "column_names", None) or []), args.off_policy_column)
+        served = (ServedTeacher(args.teacher_server_base_url, args.teacher_top_k, args.teacher_server_timeout)
+                  if args.teacher_placement != "local" and args.teacher_server_base_url else None)
         if args.use_vllm and args.vllm_mode == "server" and args.process_index == 0:  # where TRL's client runs
             wait_for_vllm_server(args, model)  # before loading any model: fail fast
         check_vllm_memory(args, model)
@@ -132,6 +140,7 @@ class AMMTrainer(DistillationTrainer):
         release_deepspeed_shm()  # DeepSpeed's CPU allreduce buffers leave /dev/shm once every rank has mapped them
         self.objective_unit = objective
         self._pending_metrics, self._step_losses, self._plan, self._prompt_warned = {}, [], None, False
+        self.served_teacher = served  # None: the teacher is local (or the objective never reads it)
         self._setup_teacher(teacher)
         self._setup_objective_modules(optimizers)
         if self.use_vllm:
@@ -308,6 +317,12 @@ class AMMTrainer(DistillationTrainer):
         if plan.off_policy:
             if plan.replay is not None:
                 completions = [c for _, c in plan.replay]
+            elif self.args.teacher_placement == "cache":
+                completions = self._cached_completions(inputs, output)
+            elif self.args.off_policy_source == "teacher" and self.served_teacher is not None:
+                completions = self.served_teacher.generate(_rows(output["prompt_ids"], output["prompt_mask"]),
+                                                           self.max_completion_length, self.temperature,
+                                                           self.generation_config.top_p or 1.0)
             elif self.args.off_policy_source == "teacher":
                 completions = teacher_completions(self.teacher_model, self.accelerator,
                                                   self.args.ds3_gather_for_generation, output["prompt_ids"],
@@ -317,7 +332,41 @@ class AMMTrainer(DistillationTrainer):
                                                     self.eos_token_ids, self.max_completion_length,
                                                     self.chat_template_kwargs) for x in inputs]
             self._add_off_policy(output, completions, step)
+            if self.args.teacher_placement == "cache" and plan.replay is None:
+                output.update(self._cached_top_k(inputs, output))
+            elif self.served_teacher is not None and self.objective_unit.info.reads_teacher:
+                output.update(self._served_top_k(output, KINDS["off"]))
         return output
+
+    def _served_top_k(self, output: dict[str, Any], kind: Kind) -> dict[str, torch.Tensor]:
+        """The served teacher's top-k log-probs of one kind's completions, as the batch's keys of that kind."""
+        completion_ids = output[kind.ids]
+        scored = self.served_teacher.score(_rows(output["prompt_ids"], output["prompt_mask"]),
+                                           _rows(completion_ids, output[kind.mask]))
+        top_k = pad_top_k(scored["ids"], scored["log_probs"], scored["token_log_prob"], completion_ids.size(1),
+                          self.args.teacher_top_k, self.vocab_size, completion_ids.device)
+        return {kind.prefix + name: value for name, value in top_k.items()}
+
+    def _cached_completions(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> list[list[int]]:
+        """The cached completions' token ids, after checking that each row's cached prompt is the prompt as this
+        trainer renders it (the top-k log-probs were computed after it)."""
+        for row, (x, prompt) in enumerate(zip(inputs, _rows(output["prompt_ids"], output["prompt_mask"]),
+                                              strict=True)):
+            if list(x["prompt_ids"]) != prompt:
+                raise ValueError(
+                    f"teacher_placement 'cache': the cached prompt_ids of the row with prompt {str(x['prompt'])[:80]!r} "
+                    f"({len(x['prompt_ids'])} tokens) differ from the prompt this trainer renders ({len(prompt)} "
+                    f"tokens; a different tokenizer or chat template, or max_prompt_length cut it): regenerate the "
+                    f"cache with the student's tokenizer (`amm-trl generate --teacher_top_k`), or raise "
+                    f"max_prompt_length.")
+        return [list(x["completion_ids"])[:self.max_completion_length] for x in inputs]
+
+    def _cached_top_k(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> dict[str, torch.Tensor]:
+        kind = KINDS["off"]
+        top_k = pad_top_k([x["teacher_topk_ids"] for x in inputs], [x["teacher_topk_logprobs"] for x in inputs],
+                          [x["teacher_token_logprob"] for x in inputs], output[kind.ids].size(1),
+                          self.args.teacher_top_k, self.vocab_size, output[kind.ids].device)
+        return {kind.prefix + name: value for name, value in top_k.items()}
 
     def _rollouts(self, inputs: list[dict[str, Any]], step: Step) -> dict[str, Any]:
         """TRL's student rollouts, their throughput, the objective's scoring, and the vLLM importance weights."""
@@ -325,6 +374,8 @@ class AMMTrainer(DistillationTrainer):
         start = time.perf_counter()
         output = super()._generate_and_score_completions(inputs)
         elapsed = time.perf_counter() - start
+        if self.served_teacher is not None and self.objective_unit.info.reads_teacher:
+            output.update(self._served_top_k(output, KINDS["on"]))
         tokens = self.accelerator.gather(output["completion_mask"].sum()).sum().item()
         self._metrics[mode]["rollout/tokens_per_second"].append(tokens / max(elapsed, 1e-9))
         correct = self.use_vllm and self.args.vllm_importance_sampling_correction
@@ -374,12 +425,15 @@ class AMMTrainer(DistillationTrainer):
                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation) as student:
             h_s = self._get_last_hidden_state(student, input_ids, attention_mask, width)
             token_inputs = {"student_hidden": h_s[valid], "target_ids": c_ids[valid]}
-            if teacher:
+            local = teacher and self.teacher_model is not None  # else the served log-probs are in the batch
+            if local:
                 token_inputs["teacher_hidden"] = self._teacher_hidden_states(input_ids, attention_mask, width)[valid]
-            projection = self._projection(self.accelerator.unwrap_model(self.model), teacher)
+            projection = self._projection(self.accelerator.unwrap_model(self.model), local)
             fn, params = token_pass([], projection, self._step_info())
             weights = torch.zeros(int(valid.sum()), device=h_s.device)
             _, metrics = self._chunked(token_inputs, weights, fn, params)
+        if teacher and not local:
+            metrics["logp_teacher"] = output["teacher_token_logprob"][valid]
         result = {}
         for name in ("logp_student", "logp_teacher")[:1 + teacher]:
             result[name] = torch.zeros(valid.shape, device=h_s.device, dtype=torch.float32)
@@ -438,7 +492,7 @@ class AMMTrainer(DistillationTrainer):
         input_ids = torch.cat([inputs["prompt_ids"].repeat(len(kinds), 1), completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"].repeat(len(kinds), 1), completion_mask], dim=1)
         h_s = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, width)
-        reads_teacher = objective.info.reads_teacher
+        reads_teacher = objective.info.reads_teacher and self.teacher_model is not None  # else top-k in the batch
         h_t = self._teacher_hidden_states(input_ids, attention_mask, width) if reads_teacher else None
         projection, step = self._projection(unwrapped_student, reads_teacher), self._step_info()
 
@@ -488,6 +542,8 @@ class AMMTrainer(DistillationTrainer):
         token_inputs = {"student_hidden": h_s[valid], "target_ids": completion_ids[valid]}
         if h_t is not None:
             token_inputs["teacher_hidden"] = h_t[valid]
+        elif kind.prefix + TOP_K_INPUTS[0] in inputs:  # a served or cached teacher's top-k
+            token_inputs.update({name: _top_k_per_token(inputs[kind.prefix + name], valid) for name in TOP_K_INPUTS})
         token_inputs.update({key: _per_token(inputs[key], valid) for term in terms for key in term.inputs})
         loss, metrics = self._chunked(token_inputs, weights, fn, params)
         self._add_metrics({f"{name}/{kind.name}": (column.sum(), column.numel()) for name, column in metrics.items()})
@@ -654,6 +710,19 @@ class AMMTrainer(DistillationTrainer):
         # is no news: the Trainer would report them as "missing keys" on every resume.
         missing = [k for k in load_result.missing_keys if not is_head_parameter(k)]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
+
+def _rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """The unpadded token ids of each row."""
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+def _top_k_per_token(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """A (B, T', ...) top-k batch tensor at the valid positions of the (B, T) completions (T' <= T)."""
+    if values.size(1) < valid.size(1):
+        pad = values.new_zeros(values.size(0), valid.size(1) - values.size(1), *values.shape[2:])
+        values = torch.cat([values, pad], 1)
+    return values[:, :valid.size(1)][valid]
 
 
 def _per_token(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,13 @@ def informed_prior(student_logits: Tensor, teacher_logits: Tensor, alpha: float)
     most negative number.
     """
     log_ps, log_pt = pair_log_probs(student_logits.detach(), teacher_logits.detach())
+    return log_ratio_prior(log_ps, log_pt, alpha)
+
+
+def log_ratio_prior(log_ps: Tensor, log_pt: Tensor, alpha: float) -> Tensor:
+    """alpha * (log p_T - log p_S) from log-probabilities, each floored at the dtype's `tiny` (:func:`informed_prior`)."""
     floor = math.log(torch.finfo(log_pt.dtype).tiny)
-    return float(alpha) * (log_pt.clamp_min(floor) - log_ps.clamp_min(floor))
+    return float(alpha) * (log_pt.detach().clamp_min(floor) - log_ps.detach().clamp_min(floor))
 
 
 def critic_values(scores: Tensor, bound: float | None, prior: Tensor | None = None) -> Tensor:
@@ -161,12 +166,26 @@ class QCritic:
         return torch.nn.utils.clip_grad_norm_(student, self.args.max_grad_norm)
 
     def values(self, kind: str, tokens: Tokens) -> Tensor:
-        """The critic f: the head's scores, around the informed prior when `q_prior_alpha` > 0, bounded or not."""
-        args = self.args
-        hidden = tokens.student_hidden if args.q_head_features == "student" else tokens.teacher_hidden
-        scores = self.heads.head(kind).scores(hidden.detach(), tokens.params, tokens.student_embedding)
-        prior = informed_prior(*tokens.pair(), args.q_prior_alpha) if args.q_prior_alpha else None
-        return critic_values(scores, args.q_bound, prior)
+        """The critic f on the teacher distribution's support: the head's scores, around the informed prior when
+        `q_prior_alpha` > 0, bounded or not."""
+        scores = tokens.teacher.coarsen(self._scores(kind, tokens), tokens.student_logits)  # top-k: k + 1 buckets
+        prior = informed_prior(*tokens.pair(), self.args.q_prior_alpha) if self.args.q_prior_alpha else None
+        return critic_values(scores, self.args.q_bound, prior)
+
+    def taken_values(self, kind: str, tokens: Tokens) -> Tensor:
+        """The critic's value of each taken token, f(s_t, y_t), (n,): the vocabulary's, also with a top-k teacher
+        (whose log-prob of the taken token is known)."""
+        scores = self._scores(kind, tokens).gather(-1, tokens.target_ids[:, None]).squeeze(-1)
+        prior = None
+        if self.args.q_prior_alpha:
+            log_ps = token_log_probs(tokens.student_logits.detach(), tokens.target_ids)
+            log_pt = as_dtype(tokens.teacher.log_prob(tokens.target_ids), log_ps.dtype)
+            prior = log_ratio_prior(log_ps, log_pt, self.args.q_prior_alpha)
+        return critic_values(scores, self.args.q_bound, prior)
+
+    def _scores(self, kind: str, tokens: Tokens) -> Tensor:
+        hidden = tokens.student_hidden if self.args.q_head_features == "student" else tokens.teacher_hidden
+        return self.heads.head(kind).scores(hidden.detach(), tokens.params, tokens.student_embedding)
 
 
 class AMM(Objective):

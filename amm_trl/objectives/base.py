@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .batch import Batch, Plan, Step
+from .teachers import DenseTeacher, TopKTeacher
 
 Metrics = dict[str, tuple[Tensor, float]]  # name -> (local sum, local count), averaged over all ranks when logged
 
@@ -59,28 +60,12 @@ class Data:
     scores: tuple[str, ...] = ()
 
 
-class DenseTeacher:
-    """The teacher's next-token distribution at each token, as full-vocabulary logits (n, V). The losses read it
-    through `Tokens.pair`, the two distributions over one support, so another kind (top-k log-probs plus a tail
-    bucket) only has to give the same pair."""
-
-    def __init__(self, logits: Tensor):
-        self.logits = logits
-
-    def pair(self, student_logits: Tensor) -> tuple[Tensor, Tensor]:
-        return student_logits, self.logits
-
-    def log_prob(self, target_ids: Tensor) -> Tensor:
-        """The teacher's log-probability of each taken token, (n,)."""
-        return torch.log_softmax(self.logits.float(), -1).gather(-1, target_ids[:, None]).squeeze(-1)
-
-
 @dataclass
 class Tokens:
     """One chunk of response tokens as a per-token loss sees it (all `(n, ...)`)."""
 
     student_logits: Tensor  # scaled as the model's forward does, divided by the temperature, fp32
-    teacher: DenseTeacher | None
+    teacher: DenseTeacher | TopKTeacher | None  # see `teachers.py`
     target_ids: Tensor  # the token taken at each position
     student_hidden: Tensor
     teacher_hidden: Tensor | None
@@ -90,7 +75,7 @@ class Tokens:
     step: Step
 
     def pair(self) -> tuple[Tensor, Tensor]:
-        """(student logits, teacher logits) over the teacher distribution's support."""
+        """(student, teacher) logits over the teacher distribution's support (the vocabulary, or top-k + tail)."""
         return self.teacher.pair(self.student_logits)
 
 

@@ -28,6 +28,10 @@ class Batch(TypedDict, total=False):
     off_completion_mask: Tensor
     num_off_items: Tensor  # loss tokens of the off-policy completions in the whole generation batch, all ranks
     vllm_is_weight: Tensor  # (B, T) importance weight of each rollout token (`vllm_importance_sampling_correction`)
+    # a served or cached teacher (`teacher_placement`), per kind (`off_` prefix for the off-policy completions):
+    teacher_topk_ids: Tensor  # (B, T, k) the teacher's k most likely tokens at each position
+    teacher_topk_logprobs: Tensor  # (B, T, k) their log-probs, -inf in empty slots
+    teacher_token_logprob: Tensor  # (B, T) the taken token's log-prob, 0 at padding
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,11 @@ class Kind:
     mask: str
     count: str  # loss tokens of this kind in the whole generation batch, all ranks
     token_weight: str | None = None  # per-token weight the trainer applies (vLLM's sampling correction)
+    prefix: str = ""  # of this kind's other per-token keys (a served or cached teacher's `teacher_topk_*`)
 
 
 ROLLOUTS = Kind("on", "completion_ids", "completion_mask", "num_items_in_batch", "vllm_is_weight")
-OFF_POLICY = Kind("off", "off_completion_ids", "off_completion_mask", "num_off_items")
+OFF_POLICY = Kind("off", "off_completion_ids", "off_completion_mask", "num_off_items", prefix="off_")
 KINDS = {kind.name: kind for kind in (ROLLOUTS, OFF_POLICY)}
 
 

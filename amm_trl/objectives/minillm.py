@@ -148,6 +148,11 @@ class MiniLLM(Objective):
         if args.minillm_teacher_mix > 0 and args.use_vllm:
             raise invalid("minillm_teacher_mix", args.minillm_teacher_mix, "teacher-mixed sampling runs the teacher "
                           "inside HF `generate`; with use_vllm set it to 0 (rollouts from the student alone).")
+        if args.minillm_teacher_mix > 0 and args.teacher_placement != "local":
+            raise invalid("minillm_teacher_mix", args.minillm_teacher_mix, "teacher-mixed sampling needs the "
+                          "teacher's full next-token distribution at every sampled token, inside `generate`; a served "
+                          "or cached teacher gives top-k log-probs of finished sequences: set it to 0, or "
+                          "teacher_placement 'local'.")
 
     @property
     def data(self) -> Data:

@@ -50,8 +50,8 @@ class PbKD(AMM):
 
     def gap(self, kind: str, tokens: Tokens) -> tuple[Tensor, dict[str, Tensor]]:
         values, metrics = super().gap(kind, tokens)
-        q = self.adversary.values(kind, tokens).detach()  # token reward r(s_t, y_t) = q(s_t)[y_t] of the taken action
-        return values, {**metrics, "reward": q.gather(-1, tokens.target_ids[:, None]).squeeze(-1)}
+        reward = self.adversary.taken_values(kind, tokens).detach()  # r(s_t, y_t) = q(s_t)[y_t], the taken action's
+        return values, {**metrics, "reward": reward}
 
     def sequence_loss(self, parts: dict[str, Part], ctx: LossContext) -> tuple[Tensor, Metrics] | None:
         """`pbkd_bt_weight` * BT(J(off-policy completion) > J(rollout)), J(y) = sum_t q(s_t)[y_t].
