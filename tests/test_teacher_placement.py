@@ -1,0 +1,124 @@
+"""Where the teacher runs (`teacher_placement`): the settings refused before any model loads, the offline top-k cache
+end to end (`amm-trl generate --teacher_top_k` -> train with no teacher model -> resume bit-identically), and the
+cache's bad inputs. The served teacher against a real vLLM server is in `test_vllm_server.py` (marker `vllm`)."""
+
+import json
+import math
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from amm_trl.cli import main
+from amm_trl.config import AMMConfig
+from tests.test_checkpoints import assert_same_weights, train_one_thread
+
+BASE = dict(output_dir="/tmp/amm-placement", use_cpu=True, bf16=False, report_to="none")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(teacher_placement="server"), r"teacher_server_base_url=None is invalid: teacher_placement 'server' needs"),
+    (dict(objective="jsd", teacher_placement="server", teacher_server_base_url="http://t:8000"),
+     r"objective='jsd' is invalid: it runs TRL's loss .* use 'gkd' with lmbda 1.0"),
+    (dict(objective="minillm", teacher_placement="server", teacher_server_base_url="http://t:8000"),
+     r"minillm_teacher_mix=0.2 is invalid: teacher-mixed sampling needs the teacher's full next-token distribution"),
+    (dict(objective="amm", q_head_features="teacher", teacher_placement="server",
+          teacher_server_base_url="http://t:8000"), r"q_head_features='teacher' is invalid: .* no teacher hidden"),
+    (dict(objective="fkl", teacher_placement="cache", temperature=0.7),
+     r"temperature=0.7 is invalid: .* log-probs are at temperature 1"),
+    (dict(objective="rkl", teacher_placement="cache"), r"teacher_placement='cache' is invalid: objective 'rkl' trains "
+                                                       r"on rollouts only"),
+    (dict(objective="amm", teacher_placement="cache"), r"teacher_server_base_url=None is invalid: objective 'amm' "
+                                                       r"also trains on student rollouts"),
+    (dict(objective="fkl", teacher_placement="cache", off_policy_source="teacher"),
+     r"off_policy_source='teacher' is invalid: with teacher_placement 'cache'"),
+    (dict(teacher_top_k=0), r"teacher_top_k=0 is invalid"),
+])
+def test_settings_a_teacher_elsewhere_cannot_run_are_refused_by_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        AMMConfig(**BASE, **overrides)
+
+
+def test_a_cache_reads_its_own_completions_by_default():
+    assert AMMConfig(**BASE, objective="fkl", teacher_placement="cache").off_policy_source == "dataset"
+    assert AMMConfig(**BASE, objective="fkl").off_policy_source == "dataset"
+
+
+def generate_cache(tmp_path, tiny, k, name="cache.parquet"):
+    out = tmp_path / name
+    main(["generate", "--model_name_or_path", tiny["teacher"], "--dataset_name", tiny["data"], "--output_file",
+          str(out), "--max_new_tokens", "6", "--temperature", "1.0", "--teacher_top_k", str(k), "--batch_size", "8"])
+    return out
+
+
+def test_generate_writes_a_whole_top_k_cache_with_the_teachers_log_probs(tmp_path, tiny):
+    from transformers import AutoModelForCausalLM
+
+    out = generate_cache(tmp_path, tiny, k=5)
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.parquet"]  # no temporary file left
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 32
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.float32).eval()
+    for row in rows[:3]:
+        ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(teacher(input_ids=ids).logits[0].float(), -1)
+        n = len(row["prompt_ids"])
+        at = log_probs[n - 1:n - 1 + len(row["completion_ids"])]
+        values, top = at.topk(5, -1)
+        assert row["teacher_topk_ids"] == top.tolist()
+        torch.testing.assert_close(torch.tensor(row["teacher_topk_logprobs"]), values, rtol=2e-3, atol=2e-3)  # fp16
+        taken = at.gather(-1, torch.tensor(row["completion_ids"])[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(row["teacher_token_logprob"]), taken, rtol=1e-6, atol=1e-6)
+
+
+def test_generate_refuses_a_cache_that_is_not_parquet_before_loading(tmp_path, tiny):
+    with pytest.raises(ValueError, match=r"--teacher_top_k 4 --output_file .*a top-k cache is written as parquet"):
+        main(["generate", "--model_name_or_path", tiny["teacher"], "--dataset_name", tiny["data"], "--output_file",
+              str(tmp_path / "c.jsonl"), "--teacher_top_k", "4"])
+
+
+def cache_recipe(tmp_path, tiny, data, out="out", **extra):
+    lines = {"model_name_or_path": tiny["student"], "dataset_name": str(data), "dtype": "float32",
+             "output_dir": str(tmp_path / out), "max_steps": 4, "per_device_train_batch_size": 4,
+             "max_completion_length": 6, "use_cpu": True, "bf16": False, "gradient_checkpointing": False,
+             "report_to": "none", "save_strategy": "steps", "save_steps": 2, "logging_steps": 1, "seed": 5,
+             "learning_rate": 0.01, "objective": "fkl", "teacher_placement": "cache", "teacher_top_k": 64, **extra}
+    path = tmp_path / f"{out}.yaml"
+    path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in lines.items()) + "\n")
+    return str(path)
+
+
+def test_training_from_the_cache_needs_no_teacher_model_and_resumes_bit_identically(tmp_path, tiny):
+    data = generate_cache(tmp_path, tiny, k=64)  # the tiny vocabulary: the cache holds the whole distribution
+    train_one_thread(["--config", cache_recipe(tmp_path, tiny, data)])
+    out = tmp_path / "out"
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    logs = [h for h in state["log_history"] if "loss" in h]
+    assert [h["step"] for h in logs] == [1, 2, 3, 4] and all(math.isfinite(h["loss"]) for h in logs)
+    assert all(h["teacher_mass/off"] == pytest.approx(1.0, abs=2e-3) for h in logs)  # k = V, fp16 log-probs
+    initial = load_file(os.path.join(tiny["student"], "model.safetensors"))
+    final = load_file(str(out / "model.safetensors"))
+    assert any(not (final[k] == v).all() for k, v in initial.items())
+
+    resumed = tmp_path / "resumed"
+    os.makedirs(resumed)
+    os.system(f"cp -r {out / 'checkpoint-2'} {resumed}/")
+    train_one_thread(["--config", cache_recipe(tmp_path, tiny, data, out="resumed"), "--resume_from_checkpoint",
+                      "latest"])
+    assert_same_weights(load_file(str(resumed / "model.safetensors")), final)
+
+
+def test_a_dataset_without_the_cache_columns_is_refused_before_models_load(tmp_path, tiny):
+    with pytest.raises(ValueError, match=r"teacher_placement 'cache': the training dataset has no column\(s\) "
+                                         r"\['prompt_ids', .*amm-trl generate --teacher_top_k K"):
+        main(["train", "--config", cache_recipe(tmp_path, tiny, tiny["data"])])
+
+
+def test_a_cache_rendered_with_another_prompt_is_refused_naming_the_row(tmp_path, tiny):
+    data = generate_cache(tmp_path, tiny, k=8)
+    with pytest.raises(ValueError, match=r"the cached prompt_ids of the row with prompt 'w\d+.*differ from the prompt "
+                                         r"this trainer renders .*raise max_prompt_length"):
+        main(["train", "--config", cache_recipe(tmp_path, tiny, data, max_prompt_length=2)])
