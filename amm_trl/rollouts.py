@@ -50,26 +50,34 @@ def _server_url(args) -> tuple[str, str]:
             f"vllm_server_host={args.vllm_server_host!r}, vllm_server_port={args.vllm_server_port}")
 
 
-def wait_for_vllm_server(args, model) -> None:
-    """Server mode: polls the server's `/health` until `vllm_server_timeout`, each request bounded by the time left,
-    and raises an error naming the fields to fix. TRL's client polls with `requests.get` without a timeout, so a host
-    that accepts connections but never answers (or silently drops packets) would block it far past the timeout."""
+def wait_for_health(url: str, timeout: float) -> str | None:
+    """Polls a vLLM server's `/health` until it answers 200 (None) or `timeout` seconds pass (the last problem seen),
+    each request bounded by the time left."""
     import requests  # TRL's dependency for server mode
 
-    url, where = _server_url(args)
-    deadline = time.monotonic() + float(args.vllm_server_timeout)
+    deadline = time.monotonic() + timeout
     while True:
         try:
             response = requests.get(f"{url}/health", timeout=max(deadline - time.monotonic(), 0.1))
             if response.status_code == 200:
-                return
+                return None
             problem = f"GET /health answered {response.status_code}"
         except requests.RequestException as exc:
             problem = f"{type(exc).__name__}: {str(exc)[:200]}"
         left = deadline - time.monotonic()
         if left <= 0:
-            break
+            return problem
         time.sleep(min(1.0, left))
+
+
+def wait_for_vllm_server(args, model) -> None:
+    """Server mode: polls the server's `/health` until `vllm_server_timeout`, each request bounded by the time left,
+    and raises an error naming the fields to fix. TRL's client polls with `requests.get` without a timeout, so a host
+    that accepts connections but never answers (or silently drops packets) would block it far past the timeout."""
+    url, where = _server_url(args)
+    problem = wait_for_health(url, float(args.vllm_server_timeout))
+    if problem is None:
+        return
     name = model if isinstance(model, str) else getattr(model, "name_or_path", "STUDENT")
     raise ConnectionError(
         f"No vLLM server answered at {url} ({where}) within vllm_server_timeout={args.vllm_server_timeout} s "

@@ -119,13 +119,16 @@ class ServedTeacher:
     def __init__(self, base_url: str, top_k: int, timeout: float):
         from trl.generation.vllm_client import VLLMClient
 
-        self.base_url, self.k = base_url, top_k
-        try:
-            self.client = VLLMClient(base_url=base_url, connection_timeout=timeout)
-        except ConnectionError as exc:
+        from .rollouts import wait_for_health
+
+        self.base_url, self.k = base_url.rstrip("/"), top_k
+        problem = wait_for_health(self.base_url, timeout)  # TRL's own health check has no request timeout
+        if problem is not None:
             raise ConnectionError(f"teacher_server_base_url={base_url!r}: no vLLM server answered within "
-                                  f"teacher_server_timeout={timeout} s. Start the teacher first, e.g. `vllm serve "
-                                  f"TEACHER --max-logprobs {max(top_k, 20)}`, and check the address.") from exc
+                                  f"teacher_server_timeout={timeout} s (last attempt: {problem}). Start the teacher "
+                                  f"first, e.g. `vllm serve TEACHER --port PORT --max-logprobs {max(top_k, 20)}`, "
+                                  f"and check the address; raise teacher_server_timeout if it is still loading.")
+        self.client = VLLMClient(base_url=self.base_url)
         self.check()
 
     def check(self) -> None:
@@ -150,10 +153,7 @@ class ServedTeacher:
             out = self.client.get_sequence_logprobs([p + c for p, c in zip(prompts, completions, strict=True)],
                                                     [len(p) for p in prompts], top_logprobs=self.k)
         except Exception as exc:
-            raise TeacherServerError(
-                f"The teacher server at {self.base_url} stopped answering ({type(exc).__name__}: {exc}). Checkpoints "
-                f"already in output_dir are complete; restart the server and resume with --resume_from_checkpoint "
-                f"true.") from exc
+            raise self._stopped(exc) from exc
         return {"ids": out["logprob_token_ids"], "log_probs": out["logprobs"],
                 "token_log_prob": [[a[0] for a in row] for row in out["actual_logprobs"]]}
 
@@ -163,9 +163,14 @@ class ServedTeacher:
             out = self.client.generate(prompts, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                        logprobs=None)
         except Exception as exc:
-            raise TeacherServerError(f"The teacher server at {self.base_url} stopped answering ({exc}). Checkpoints "
-                                     "already in output_dir are complete; restart it and resume.") from exc
+            raise self._stopped(exc) from exc
         return out["completion_ids"]
+
+    def _stopped(self, exc: Exception) -> TeacherServerError:
+        return TeacherServerError(
+            f"The teacher server at {self.base_url} stopped answering ({type(exc).__name__}: {str(exc)[:300]}). "
+            f"Checkpoints already in output_dir are complete: restart the server and resume with "
+            f"--resume_from_checkpoint latest.")
 
 
 def check_cached_dataset(columns: list[str], off_policy_column: str) -> None:

@@ -161,23 +161,29 @@ def vllm_server(assets, tmp_path):
     try:
         yield {"url": f"http://127.0.0.1:{port}", "log": log_path, "proc": proc}
     finally:
+        stop_server(proc)
+
+
+def stop_server(proc):
+    """SIGTERM to a server's process group, SIGKILL after 30 s; then waits for the whole group: the server's other
+    processes (its engine core, multiprocessing's resource tracker, which unlinks the server's /dev/shm segments after
+    the server exits) outlive the leader for a moment."""
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        # The server's other processes (its engine core, multiprocessing's resource tracker, which unlinks the
-        # server's /dev/shm segments after the server exits) outlive the leader for a moment: wait for the group.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_server_mode_trains_and_weights_reach_the_server(assets, tmp_path, vllm_server):

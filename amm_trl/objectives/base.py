@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-import torch
 from torch import Tensor, nn
 
 from .batch import Batch, Plan, Step

@@ -1,0 +1,162 @@
+"""The teacher served by a real vLLM server on CPU (`vllm serve`, vLLM's CPU build, marker `vllm`):
+
+* with k = the vocabulary, the served top-k gives the local teacher's loss and gradients on the same batch;
+* AMM trains against it with 1 rank, and with 2 ranks under ZeRO-3 (`amm-trl train --accelerate_config zero3_cpu`);
+* a k beyond the server's `--max-logprobs` is refused at start-up naming the flag;
+* a server that dies mid-run stops training with a clear error, and every checkpoint already written is whole.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.test_vllm_cpu import ENV, HEAD_DIM, free_port, stop_server, worker_env
+
+pytestmark = pytest.mark.vllm
+VOCAB = 64  # tests/tiny.py: the tokenizer's 64 tokens, the models' rows
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from tests.tiny import build_tiny_assets
+
+    return build_tiny_assets(str(tmp_path_factory.mktemp("teacher_server_assets")), head_dim=HEAD_DIM)
+
+
+def start_server(model, folder, max_logprobs=VOCAB):
+    """`vllm serve MODEL` (the OpenAI server) on 127.0.0.1 in fp32; returns (url, process, log path)."""
+    port = free_port()
+    log_path = os.path.join(folder, f"server-{port}.log")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1", "--port",
+           str(port), "--dtype", "float32", "--max-model-len", "128", "--enforce-eager", "--max-logprobs",
+           str(max_logprobs)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=folder, env={**worker_env(), "CUDA_VISIBLE_DEVICES": ""}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    from amm_trl.rollouts import wait_for_health
+
+    problem = wait_for_health(url, 240)
+    if problem is not None:
+        stop_server(proc)
+        pytest.fail(f"the teacher server did not start ({problem}):\n{open(log_path).read()[-4000:]}")
+    return url, proc, log_path
+
+
+@pytest.fixture(scope="module")
+def teacher_server(assets, tmp_path_factory):
+    url, proc, log = start_server(assets["teacher"], str(tmp_path_factory.mktemp("teacher_server")))
+    yield {"url": url, "proc": proc, "log": log}
+    stop_server(proc)
+
+
+def test_served_top_k_with_k_equal_to_the_vocabulary_gives_the_local_teachers_loss_and_gradients(
+        assets, teacher_server, tmp_path, monkeypatch):
+    from datasets import load_dataset
+
+    from amm_trl import AMMTrainer
+    from tests.test_objectives_extra import student_params
+    from tests.test_trainer import fixed_batch, grads, make_config
+
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    dataset = load_dataset("json", data_files=assets["data"], split="train")
+    common = dict(objective="amm", max_completion_length=6, loss_chunk_tokens=3)
+    served = AMMTrainer(model=assets["student"], args=make_config(
+        tmp_path / "served", teacher_placement="server", teacher_server_base_url=teacher_server["url"],
+        teacher_top_k=VOCAB, **common), train_dataset=dataset)
+    assert served.teacher_model is None and served.served_teacher is not None
+    local = AMMTrainer(model=assets["student"], teacher_model=assets["teacher"],
+                       args=make_config(tmp_path / "local", **common), train_dataset=dataset)
+    local.model.load_state_dict(served.model.state_dict())
+    torch.manual_seed(0)
+    inputs = fixed_batch(served, dataset)
+    assert inputs["teacher_topk_ids"].shape[-1] == VOCAB and "off_teacher_topk_ids" in inputs
+
+    def loss_and_grads(trainer):
+        params = student_params(trainer) + list(trainer.q_heads.parameters())
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        return loss.item(), grads(params)
+
+    served_loss, served_grads = loss_and_grads(served)
+    local_loss, local_grads = loss_and_grads(local)
+    assert served_loss == pytest.approx(local_loss, rel=1e-4, abs=1e-6)
+    for got, want in zip(served_grads, local_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    metrics = {k: v[-1] for k, v in served._metrics["train"].items()}
+    assert metrics["teacher_mass/on"] == pytest.approx(1.0, abs=1e-4)
+
+
+def recipe(tmp_path, assets, url, **extra):
+    lines = {"model_name_or_path": assets["student"], "dataset_name": assets["data"], "dtype": "float32",
+             "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 2,
+             "max_completion_length": 6, "use_cpu": True, "bf16": False, "gradient_checkpointing": False,
+             "report_to": "none", "save_strategy": "steps", "save_steps": 1, "logging_steps": 1, "seed": 5,
+             "learning_rate": 0.01, "objective": "amm", "teacher_placement": "server", "teacher_server_base_url": url,
+             "teacher_top_k": 16, **extra}
+    path = tmp_path / "recipe.yaml"
+    path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in lines.items()) + "\n")
+    return str(path)
+
+
+def run_train(tmp_path, argv, timeout=400):
+    proc = subprocess.run([sys.executable, "-m", "amm_trl.cli", "train", *argv], cwd=str(tmp_path),
+                          env=worker_env(), capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("ranks", [1, 2], ids=["1rank", "2ranks_zero3"])
+def test_amm_trains_against_the_served_teacher(assets, teacher_server, tmp_path, ranks):
+    argv = ["--config", recipe(tmp_path, assets, teacher_server["url"])]
+    if ranks == 2:
+        argv += ["--accelerate_config", "zero3_cpu", "--num_processes", "2"]
+    rc, log = run_train(tmp_path, argv)
+    assert rc == 0, log[-6000:]
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    logs = [h for h in state["log_history"] if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs), logs
+    for h in logs:  # the served top-16 of a near-uniform tiny teacher holds part of its mass
+        assert 0.2 < h["teacher_mass/on"] < 1.0 and 0.0 <= h["overlap_ratio/off"] <= 1.0, h
+    assert teacher_server["proc"].poll() is None
+
+
+def test_a_top_k_beyond_the_servers_max_logprobs_is_refused_at_start_up(assets, teacher_server, tmp_path):
+    rc, log = run_train(tmp_path, ["--config", recipe(tmp_path, assets, teacher_server["url"], teacher_top_k=80)])
+    assert rc != 0 and "refuses 80 log-probs per token (teacher_top_k=80): restart it with `--max-logprobs 80`" in log, \
+        log[-4000:]
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_a_server_that_dies_mid_run_stops_training_and_loses_no_checkpoint(assets, tmp_path):
+    from amm_trl.checkpoints import checkpoint_problem
+
+    url, server, server_log = start_server(assets["teacher"], str(tmp_path))
+    out = tmp_path / "out"
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "amm_trl.cli", "train", "--config",
+                                 recipe(tmp_path, assets, url, max_steps=200)], cwd=str(tmp_path), env=worker_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-2" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.2)
+        stop_server(server)
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        stop_server(server)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert f"The teacher server at {url} stopped answering" in log and "resume with --resume_from_checkpoint" in log, \
+        log[-4000:]
+    checkpoints = sorted(p for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert len(checkpoints) >= 2 and all(checkpoint_problem(str(p)) is None for p in checkpoints), checkpoints
