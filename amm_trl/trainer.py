@@ -24,7 +24,7 @@ overridden:
   Q-heads and the objective's state (the rules in `checkpoints.py` and `guards.py`); `ObjectiveCallback` feeds the
   objective's state the evaluation loss. Patches of TRL, transformers and vLLM: `patches.py`, nowhere else.
 
-One training step reads through this file, `rollouts.py`, `projection.py`, `objectives/base.py`, the objective's
+One training step reads through this file, `rollouts.py`, `projection.py`, `objectives/base.py` (with `teachers.py`), the objective's
 module (AMM's with `qhead.py`) and `chunked.py`.
 """
 

@@ -54,7 +54,8 @@ def cpu_kind():
 def train(placement, cache, workdir, steps, k, url=None):
     out = os.path.join(workdir, f"out-{placement}")
     argv = ["--config", "quickstart_fkl", "--dataset_name", cache, "--max_steps", str(steps), "--logging_steps", "1",
-            "--output_dir", out, "--max_completion_length", "32", "--seed", "0"]
+            "--output_dir", out, "--max_completion_length", "32", "--seed", "0", "--save_strategy", "steps",
+            "--save_steps", str(steps)]
     if placement != "local":
         argv += ["--teacher_placement", placement, "--teacher_top_k", str(k)]
     if placement == "server":
@@ -63,7 +64,7 @@ def train(placement, cache, workdir, steps, k, url=None):
     proc = subprocess.run([sys.executable, "-m", "amm_trl.cli", "train", *argv], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{placement} run failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-    with open(os.path.join(out, "trainer_state.json")) as f:
+    with open(os.path.join(out, f"checkpoint-{steps}", "trainer_state.json")) as f:
         logs = [h for h in json.load(f)["log_history"] if "loss" in h]
     return {"wall_s": round(time.perf_counter() - start, 1), "loss": [round(h["loss"], 5) for h in logs],
             "peak_rss_gib": round(max(h["memory/peak_rss_gib"] for h in logs), 3),
