@@ -257,15 +257,18 @@ def test_usr1_preemption_requeues_itself(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_vllm_server_template_single_node_split(cluster, tmp_path):
+@pytest.mark.parametrize("serve", ["student", "teacher"])
+def test_vllm_server_template_single_node_split(cluster, tmp_path, serve):
     """vllm_server.sbatch control flow on one node (the node is split: server + trainer): the server starts, the
-    script waits for /health, then the trainer runs with `--vllm_mode server --vllm_server_host <node>`. Stand-ins
-    for vLLM and the trainer (no GPU, no vLLM here)."""
+    script waits for /health, then the trainer runs with `--vllm_mode server --vllm_server_host <node>` (SERVE=student)
+    or `--teacher_placement server --teacher_server_base_url http://<node>:PORT` (SERVE=teacher, the recipe's
+    teacher served). Stand-ins for vLLM and the trainer (no GPU, no vLLM here)."""
     out = str(tmp_path / "out")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"output_dir: {out}\nmax_steps: 2\nsave_steps: 2\nmodel_name_or_path: /models/student\n")
+    recipe.write_text(f"output_dir: {out}\nmax_steps: 2\nsave_steps: 2\nmodel_name_or_path: /models/student\n"
+                      "teacher_model_name_or_path: /models/teacher\nteacher_top_k: 32\n")
     port = free_port()
-    env = _job_env(RECIPE=str(recipe), LAUNCHER="torchrun", USE_CPU=1, NUM_GPUS=2, TRAIN_MODULE="slurm_cluster",
+    env = _job_env(RECIPE=str(recipe), SERVE=serve, LAUNCHER="torchrun", USE_CPU=1, NUM_GPUS=2, TRAIN_MODULE="slurm_cluster",
                    TRAIN_COMMAND="standin-train train", PYTHONPATH=os.path.join(REPO, "tests"), VLLM_PORT=port,
                    VLLM_COMMAND="python -m slurm_cluster standin-vllm --port $VLLM_PORT --model $VLLM_MODEL")
     job = cluster.sbatch(os.path.join(TEMPLATES, "vllm_server.sbatch"), env=env, cwd=str(tmp_path),
@@ -282,10 +285,29 @@ def test_vllm_server_template_single_node_split(cluster, tmp_path):
     with open(os.path.join(out, "standin_result.json")) as f:
         result = json.load(f)
     argv = " ".join(result["argv"])
-    assert f"--use_vllm true --vllm_mode server --vllm_server_host localhost --vllm_server_port {port}" in argv
+    if serve == "student":
+        assert f"--use_vllm true --vllm_mode server --vllm_server_host localhost --vllm_server_port {port}" in argv
+    else:
+        assert (f"--teacher_placement server --teacher_server_base_url http://localhost:{port} --teacher_top_k 32"
+                in argv) and "--use_vllm" not in argv
     assert result["world_size"] == 2
     server_log = _read(os.path.join(out, "logs", f"vllm-{job}-r0.vllm.log"))
-    assert "'--model', '/models/student'" in server_log and "GET /health" in server_log
+    assert f"'--model', '/models/{serve}'" in server_log and "GET /health" in server_log
+
+
+def test_teacher_server_command_asks_for_the_recipes_top_k(tmp_path):
+    """SERVE=teacher starts `vllm serve TEACHER --max-logprobs K` with the recipe's teacher and teacher_top_k (here
+    outside slurm and without vLLM: the command is logged, then the missing `vllm` ends the job)."""
+    (tmp_path / "r2.yaml").write_text(f"output_dir: {tmp_path}/out\nteacher_model_name_or_path: /models/teacher\n"
+                                      "teacher_top_k: 64\n")
+    run = _template_without_slurm(tmp_path, "vllm_server", SERVE="teacher", RECIPE=str(tmp_path / "r2.yaml"),
+                                  VLLM_TP="2", VLLM_WAIT="3", PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    log = " ".join((run.stdout + run.stderr).split())
+    assert ("vLLM: vllm serve /models/teacher --host 0.0.0.0 --port 8000 --tensor-parallel-size 2 "
+            "--data-parallel-size 1 --max-logprobs 64") in log, log[-3000:]
+    assert run.returncode != 0
+    bad = _template_without_slurm(tmp_path, "vllm_server", SERVE="rollouts")
+    assert bad.returncode == 2 and "SERVE=rollouts: use student (rollouts) or teacher" in bad.stderr
 
 
 def test_render_to_stdout_creates_the_log_folder_and_missing_files_are_refused(tmp_path, capsys):
