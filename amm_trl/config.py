@@ -18,6 +18,7 @@ Q_HEAD_FEATURES = ("student", "teacher")
 AMM_ANCHORS = ("fkl", "ce")
 PG_BASELINES = ("mean", "none")
 TEACHER_PLACEMENTS = ("local", "server", "cache")
+TEACHER_SERVER_OUTPUTS = ("top_k", "hidden_states")
 
 
 @dataclass
@@ -218,6 +219,12 @@ class AMMConfig(DistillationConfig):
             Address of the teacher's vLLM server, e.g. `http://teacher-node:8000`.
         teacher_server_timeout (`float`, *optional*, defaults to `240.0`):
             Seconds to wait for the teacher's server at start-up.
+        teacher_server_output (`str`, *optional*, defaults to `"top_k"`):
+            What the server returns. `top_k`: log-probs (`vllm serve TEACHER --max-logprobs K`). `hidden_states`: the
+            teacher's last hidden state at every position (a pooling server, `vllm serve TEACHER --runner pooling
+            --pooler-config '{"pooling_type": "ALL", "use_activation": false, "task": "token_embed"}'`); the trainer
+            applies the teacher's own output layer, read from `teacher_model_name_or_path` (that layer alone is
+            loaded), so every loss sees the exact full-vocabulary distribution, at any temperature.
         teacher_top_k (`int`, *optional*, defaults to `20`):
             Teacher log-probs per token from the server (vLLM allows 20 unless started with `--max-logprobs`); a cache
             holding more is cut to this many.
@@ -301,6 +308,9 @@ class AMMConfig(DistillationConfig):
     teacher_server_base_url: str | None = field(default=None, metadata={
         "help": "The teacher's vLLM server, e.g. http://teacher-node:8000."})
     teacher_server_timeout: float = field(default=240.0, metadata={"help": "Seconds to wait for it at start-up."})
+    teacher_server_output: Literal[TEACHER_SERVER_OUTPUTS] = field(default="top_k", metadata={
+        "help": "top_k: the server's top-k log-probs; hidden_states: its last hidden states, projected here by the "
+                "teacher's own output layer (exact)."})
     teacher_top_k: int = field(default=20, metadata={"help": "Teacher log-probs per token (server / cache)."})
 
     # Parameters that control prompts and memory
@@ -356,21 +366,27 @@ class AMMConfig(DistillationConfig):
         if not (isinstance(self.teacher_top_k, int) and self.teacher_top_k >= 1):
             fail("teacher_top_k", self.teacher_top_k, "use an integer >= 1 (vLLM serves 20 unless started with "
                  "--max-logprobs).")
+        if self.teacher_server_output not in TEACHER_SERVER_OUTPUTS:
+            fail("teacher_server_output", self.teacher_server_output, f"choose one of {list(TEACHER_SERVER_OUTPUTS)}.")
         if self.teacher_placement == "local":
             return
         unit, where = self._objective, f"teacher_placement {self.teacher_placement!r}"
+        hidden = self.teacher_placement == "server" and self.teacher_server_output == "hidden_states"
+        if hidden and not self.teacher_model_name_or_path:
+            fail("teacher_model_name_or_path", None, "teacher_server_output 'hidden_states' reads the teacher's output "
+                 "layer from it (nothing else of the teacher is loaded).")
         if self.teacher_placement == "server" and not self.teacher_server_base_url:
             fail("teacher_server_base_url", self.teacher_server_base_url, "teacher_placement 'server' needs the "
                  "teacher's vLLM server address, e.g. http://teacher-node:8000.")
         if unit.info.trl_loss:
-            fail("objective", self.objective, f"it runs TRL's loss on full-vocabulary teacher logits, which {where} "
-                 "does not give: use 'gkd' with lmbda 1.0 (the same loss on the top-k buckets).")
-        if unit.adversary is not None and self.q_head_features == "teacher":
+            fail("objective", self.objective, f"it runs TRL's loss, which calls a teacher model in the training "
+                 f"process; with {where} there is none: use 'gkd' with lmbda 1.0 (the same loss).")
+        if unit.adversary is not None and self.q_head_features == "teacher" and not hidden:
             fail("q_head_features", "teacher", f"with {where} the trainer has no teacher hidden states: use 'student'.")
-        if self.temperature != 1.0:
+        if self.temperature != 1.0 and not hidden:
             fail("temperature", self.temperature, f"with {where} the teacher's log-probs are at temperature 1 (vLLM's "
                  "prompt log-probs skip the sampling processors, whatever --logprobs-mode says): use temperature 1.0, "
-                 "or teacher_placement 'local'.")
+                 "teacher_server_output 'hidden_states', or teacher_placement 'local'.")
         reads_rollouts = unit.info.reads_teacher and unit.data.rollouts
         if self.teacher_placement == "cache":
             if self.off_policy_source == "teacher" and unit.data.off_policy:

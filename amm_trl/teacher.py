@@ -6,6 +6,7 @@ So `AMMTrainer` loads it here, with TRL's `create_model_from_path` and TRL's kwa
 """
 
 import math
+import os
 
 import torch
 from trl.trainer.utils import create_model_from_path
@@ -84,6 +85,9 @@ def suppress_padded_rows(generation_config, generation_kwargs: dict, vocab_size:
 TOP_K_COLUMNS = ("prompt_ids", "completion_ids", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_token_logprob")
 
 
+POOLER_CONFIG = '{"pooling_type": "ALL", "use_activation": false, "task": "token_embed"}'
+
+
 class TeacherServerError(RuntimeError):
     """The teacher's vLLM server stopped answering during training."""
 
@@ -116,7 +120,8 @@ class ServedTeacher:
     `/v1/completions` with `prompt_logprobs`). Checked at start-up: the server answers, allows k log-probs, and
     returns log-probabilities (not logits)."""
 
-    def __init__(self, base_url: str, top_k: int, timeout: float):
+    def __init__(self, base_url: str, top_k: int, timeout: float, output: str = "top_k",
+                 hidden_size: int | None = None):
         from trl.generation.vllm_client import VLLMClient
 
         from .rollouts import wait_for_health
@@ -129,7 +134,22 @@ class ServedTeacher:
                                   f"first, e.g. `vllm serve TEACHER --port PORT --max-logprobs {max(top_k, 20)}`, "
                                   f"and check the address; raise teacher_server_timeout if it is still loading.")
         self.client = VLLMClient(base_url=self.base_url)
-        self.check()
+        self.output = output
+        self.check() if output == "top_k" else self.check_hidden(hidden_size)
+
+    def check_hidden(self, hidden_size: int | None) -> None:
+        """A pooling server that returns every position's last hidden state, of the teacher's width."""
+        try:
+            (h,) = self.hidden_states([[0, 1]], [[2]])
+        except TeacherServerError as exc:
+            raise ValueError(f"teacher_server_output 'hidden_states': the server at {self.base_url} gives no token "
+                             f"hidden states ({exc}). Start it as a pooling server: `vllm serve TEACHER --runner "
+                             f"pooling --pooler-config '{POOLER_CONFIG}'`.") from exc
+        if h.dim() != 2 or (hidden_size is not None and h.size(-1) != hidden_size):
+            raise ValueError(f"teacher_server_output 'hidden_states': the server at {self.base_url} returns vectors of "
+                             f"shape {tuple(h.shape)} per sequence, not one {hidden_size}-wide hidden state per token: "
+                             f"start it with --pooler-config '{POOLER_CONFIG}' and serve the teacher named by "
+                             f"teacher_model_name_or_path.")
 
     def check(self) -> None:
         probe = [[0, 1, 2]]
@@ -157,6 +177,21 @@ class ServedTeacher:
         return {"ids": out["logprob_token_ids"], "log_probs": out["logprobs"],
                 "token_log_prob": [[a[0] for a in row] for row in out["actual_logprobs"]]}
 
+    def hidden_states(self, prompts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor]:
+        """The teacher's last hidden states (after its final norm) at the position before each completion token,
+        (T_i, H) per completion, from a pooling server (`vllm serve TEACHER --runner pooling --pooler-config
+        '{"pooling_type": "ALL", "use_activation": false, "task": "token_embed"}'`)."""
+        payload = {"model": self.client.model, "input": [p + c for p, c in zip(prompts, completions, strict=True)],
+                   "encoding_format": "float"}
+        try:
+            response = self.client.session.post(f"{self.base_url}/pooling", json=payload)
+        except Exception as exc:
+            raise self._stopped(exc) from exc
+        if response.status_code != 200:
+            raise self._stopped(RuntimeError(f"POST /pooling answered {response.status_code}: {response.text[:300]}"))
+        rows = [torch.tensor(item["data"], dtype=torch.float32) for item in response.json()["data"]]
+        return [h[len(p) - 1:len(p) - 1 + len(c)] for h, p, c in zip(rows, prompts, completions, strict=True)]
+
     def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float) -> list[list[int]]:
         """The served teacher's sampled completions (online off-policy data)."""
         try:
@@ -180,3 +215,57 @@ def check_cached_dataset(columns: list[str], off_policy_column: str) -> None:
         raise ValueError(f"teacher_placement 'cache': the training dataset has no column(s) {missing} (it has "
                          f"{columns}). Write it with `amm-trl generate --teacher_top_k K --output_file data.parquet "
                          f"--output_column {off_policy_column}` and train on that file.")
+
+
+def served_head(teacher_model, args) -> tuple[torch.nn.Module, object] | None:
+    """For `teacher_server_output: hidden_states`: the teacher's output layer and config (from a path, only that
+    layer is read; from a model, its own layer); else None."""
+    if args.teacher_placement != "server" or args.teacher_server_output != "hidden_states":
+        return None
+    if teacher_model is None:
+        raise ValueError("teacher_server_output 'hidden_states' needs the teacher's output layer: pass "
+                         "teacher_model (a path) or teacher_model_name_or_path.")
+    if not isinstance(teacher_model, str):
+        head = teacher_model.get_output_embeddings()
+        return head.requires_grad_(False), teacher_model.config.get_text_config()
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    return load_output_layer(teacher_model, dtype)
+
+
+def load_output_layer(path: str, dtype: torch.dtype) -> tuple[torch.nn.Linear, object]:
+    """The teacher's output layer alone (its `lm_head`, or the input embedding it is tied to) and its config, read
+    from the checkpoint's safetensors without loading the rest of the model: what a trainer needs to turn a served
+    teacher's last hidden states into exact full-vocabulary logits."""
+    import json as _json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    config = AutoConfig.from_pretrained(path).get_text_config()
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index is not None:
+        with open(index) as f:
+            files = _json.load(f)["weight_map"]
+        folder = os.path.dirname(index)
+    else:
+        single = cached_file(path, "model.safetensors")
+        with safe_open(single, "pt") as f:
+            files = {key: os.path.basename(single) for key in f.keys()}
+        folder = os.path.dirname(single)
+    tied = getattr(config, "tie_word_embeddings", False)
+    wanted = [k for k in files if k.endswith("lm_head.weight")] if not tied else []
+    wanted = wanted or [k for k in files if k.endswith("embed_tokens.weight")]
+    if not wanted:
+        raise ValueError(f"teacher_model_name_or_path={path!r}: no lm_head.weight or embed_tokens.weight in its "
+                         f"safetensors; teacher_server_output 'hidden_states' needs the teacher's output layer.")
+    key = wanted[0]
+    with safe_open(os.path.join(folder, files[key]), "pt") as f:
+        weight = f.get_tensor(key)
+        bias_key = key.replace(".weight", ".bias")
+        bias = f.get_tensor(bias_key) if bias_key in files and files[bias_key] == files[key] else None
+    head = torch.nn.Linear(weight.size(1), weight.size(0), bias=bias is not None, dtype=dtype, device="meta")
+    head.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+    if bias is not None:
+        head.bias = torch.nn.Parameter(bias.to(dtype), requires_grad=False)
+    return head, config

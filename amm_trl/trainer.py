@@ -68,7 +68,7 @@ from .rollouts import (HeadFreeVLLMGeneration, check_vllm_memory, completion_tok
 from .runlock import LOCK_FILE, lock_output_dir
 from .shm import release_deepspeed_shm
 from .projection import TOP_K_INPUTS
-from .teacher import (ServedTeacher, check_cached_dataset, load_teacher, pad_top_k, shared_vocab_size,
+from .teacher import (ServedTeacher, check_cached_dataset, load_teacher, pad_top_k, served_head, shared_vocab_size,
                       suppress_padded_rows)
 from .vllm_cpu import vllm_generation_class
 
@@ -126,7 +126,9 @@ class AMMTrainer(DistillationTrainer):
             for dataset in (train_dataset, eval_dataset):
                 if dataset is not None:
                     check_cached_dataset(list(getattr(dataset, "column_names", None) or []), args.off_policy_column)
-        served = (ServedTeacher(args.teacher_server_base_url, args.teacher_top_k, args.teacher_server_timeout)
+        head = served_head(teacher_model or args.teacher_model_name_or_path, args)  # (layer, config) or None
+        served = (ServedTeacher(args.teacher_server_base_url, args.teacher_top_k, args.teacher_server_timeout,
+                                args.teacher_server_output, head[1].hidden_size if head else None)
                   if args.teacher_placement != "local" and args.teacher_server_base_url else None)
         if args.use_vllm and args.vllm_mode == "server" and args.process_index == 0:  # where TRL's client runs
             wait_for_vllm_server(args, model)  # before loading any model: fail fast
@@ -141,7 +143,7 @@ class AMMTrainer(DistillationTrainer):
         self.objective_unit = objective
         self._pending_metrics, self._step_losses, self._plan, self._prompt_warned = {}, [], None, False
         self.served_teacher = served  # None: the teacher is local (or the objective never reads it)
-        self._setup_teacher(teacher)
+        self._setup_teacher(teacher, head)
         self._setup_objective_modules(optimizers)
         if self.use_vllm:
             configure_vllm_generation(self.vllm_generation, args, self.accelerator.is_main_process)
@@ -207,11 +209,20 @@ class AMMTrainer(DistillationTrainer):
         return output
 
     # ----------------------------------------------------------------------------------------------- setup
-    def _setup_teacher(self, teacher: PreTrainedModel | None) -> None:
+    def _setup_teacher(self, teacher: PreTrainedModel | None, head: tuple[nn.Module, Any] | None = None) -> None:
+        """The local teacher (sharded like the student), or only the output layer of a teacher served as hidden
+        states (`head`: the layer and the teacher's config); the vocabulary both distributions share."""
         student_config = self.model.config.get_text_config()
         self.vocab_size, self._teacher_hidden_size = student_config.vocab_size, student_config.hidden_size
         self._transforms = (logit_transform(student_config), None)
-        self.teacher_model = None
+        self.teacher_model, self._teacher_head = None, None
+        if head is not None:
+            self._teacher_head = head[0].to(self.accelerator.device)
+            teacher_config = head[1]
+            self.vocab_size = shared_vocab_size(student_config.vocab_size, teacher_config.vocab_size,
+                                                len(self._tokenizer), self.objective_unit)
+            self._teacher_hidden_size = teacher_config.hidden_size
+            self._transforms = (self._transforms[0], logit_transform(teacher_config))
         if teacher is not None:
             teacher_config = teacher.config.get_text_config()
             self.vocab_size = shared_vocab_size(student_config.vocab_size, teacher_config.vocab_size,
@@ -339,10 +350,18 @@ class AMMTrainer(DistillationTrainer):
         return output
 
     def _served_top_k(self, output: dict[str, Any], kind: Kind) -> dict[str, torch.Tensor]:
-        """The served teacher's top-k log-probs of one kind's completions, as the batch's keys of that kind."""
+        """The served teacher's values of one kind's completions, as the batch's keys of that kind: its top-k
+        log-probs, or its last hidden states (`teacher_hidden`, (B, T, H), zeros at padding)."""
         completion_ids = output[kind.ids]
-        scored = self.served_teacher.score(_rows(output["prompt_ids"], output["prompt_mask"]),
-                                           _rows(completion_ids, output[kind.mask]))
+        prompts, completions = _rows(output["prompt_ids"], output["prompt_mask"]), _rows(completion_ids,
+                                                                                         output[kind.mask])
+        if self._teacher_head is not None:
+            rows = self.served_teacher.hidden_states(prompts, completions)
+            hidden = torch.zeros(len(rows), completion_ids.size(1), rows[0].size(-1))
+            for i, h in enumerate(rows):
+                hidden[i, :len(h)] = h
+            return {kind.prefix + "teacher_hidden": hidden.to(completion_ids.device)}
+        scored = self.served_teacher.score(prompts, completions)
         top_k = pad_top_k(scored["ids"], scored["log_probs"], scored["token_log_prob"], completion_ids.size(1),
                           self.args.teacher_top_k, self.vocab_size, completion_ids.device)
         return {kind.prefix + name: value for name, value in top_k.items()}
@@ -425,9 +444,11 @@ class AMMTrainer(DistillationTrainer):
                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation) as student:
             h_s = self._get_last_hidden_state(student, input_ids, attention_mask, width)
             token_inputs = {"student_hidden": h_s[valid], "target_ids": c_ids[valid]}
-            local = teacher and self.teacher_model is not None  # else the served log-probs are in the batch
-            if local:
+            local = teacher and (self.teacher_model is not None or self._teacher_head is not None)  # else top-k
+            if local and self.teacher_model is not None:
                 token_inputs["teacher_hidden"] = self._teacher_hidden_states(input_ids, attention_mask, width)[valid]
+            elif local:  # served hidden states
+                token_inputs["teacher_hidden"] = output["teacher_hidden"][valid]
             projection = self._projection(self.accelerator.unwrap_model(self.model), local)
             fn, params = token_pass([], projection, self._step_info())
             weights = torch.zeros(int(valid.sum()), device=h_s.device)
@@ -472,7 +493,10 @@ class AMMTrainer(DistillationTrainer):
         return result
 
     def _projection(self, student: PreTrainedModel, teacher: bool) -> Projection:
-        t_head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings() if teacher else None
+        t_head = None
+        if teacher:
+            t_head = (self._teacher_head if self._teacher_head is not None
+                      else self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings())
         return Projection(student.get_output_embeddings(), t_head, self.vocab_size, self.temperature,
                           *self._transforms)
 
@@ -492,8 +516,14 @@ class AMMTrainer(DistillationTrainer):
         input_ids = torch.cat([inputs["prompt_ids"].repeat(len(kinds), 1), completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"].repeat(len(kinds), 1), completion_mask], dim=1)
         h_s = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, width)
-        reads_teacher = objective.info.reads_teacher and self.teacher_model is not None  # else top-k in the batch
-        h_t = self._teacher_hidden_states(input_ids, attention_mask, width) if reads_teacher else None
+        # the teacher's hidden states: its forward here, or served ones in the batch; else its top-k is in the batch
+        reads_teacher = objective.info.reads_teacher and (self.teacher_model is not None or
+                                                          self._teacher_head is not None)
+        h_t = None
+        if reads_teacher and self.teacher_model is not None:
+            h_t = self._teacher_hidden_states(input_ids, attention_mask, width)
+        elif reads_teacher:
+            h_t = torch.cat([_pad_width(inputs[kind.prefix + "teacher_hidden"], width) for kind in kinds])
         projection, step = self._projection(unwrapped_student, reads_teacher), self._step_info()
 
         def by_kind(x: torch.Tensor | None) -> dict[str, torch.Tensor | None]:  # the kinds' rows, by name
@@ -717,12 +747,16 @@ def _rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
+def _pad_width(values: torch.Tensor, width: int) -> torch.Tensor:
+    """A (B, T', ...) batch tensor right-padded with zeros (or cut) to (B, width, ...)."""
+    if values.size(1) < width:
+        values = torch.cat([values, values.new_zeros(values.size(0), width - values.size(1), *values.shape[2:])], 1)
+    return values[:, :width]
+
+
 def _top_k_per_token(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """A (B, T', ...) top-k batch tensor at the valid positions of the (B, T) completions (T' <= T)."""
-    if values.size(1) < valid.size(1):
-        pad = values.new_zeros(values.size(0), valid.size(1) - values.size(1), *values.shape[2:])
-        values = torch.cat([values, pad], 1)
-    return values[:, :valid.size(1)][valid]
+    return _pad_width(values, valid.size(1))[valid]
 
 
 def _per_token(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

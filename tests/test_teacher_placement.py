@@ -21,7 +21,9 @@ BASE = dict(output_dir="/tmp/amm-placement", use_cpu=True, bf16=False, report_to
 @pytest.mark.parametrize("overrides, message", [
     (dict(teacher_placement="server"), r"teacher_server_base_url=None is invalid: teacher_placement 'server' needs"),
     (dict(objective="jsd", teacher_placement="server", teacher_server_base_url="http://t:8000"),
-     r"objective='jsd' is invalid: it runs TRL's loss .* use 'gkd' with lmbda 1.0"),
+     r"objective='jsd' is invalid: it runs TRL's loss, which calls a teacher model .* use 'gkd' with lmbda 1.0"),
+    (dict(teacher_placement="server", teacher_server_base_url="http://t:8000", teacher_server_output="hidden_states"),
+     r"teacher_model_name_or_path=None is invalid: teacher_server_output 'hidden_states' reads the teacher's output"),
     (dict(objective="minillm", teacher_placement="server", teacher_server_base_url="http://t:8000"),
      r"minillm_teacher_mix=0.2 is invalid: teacher-mixed sampling needs the teacher's full next-token distribution"),
     (dict(objective="amm", q_head_features="teacher", teacher_placement="server",
@@ -39,6 +41,33 @@ BASE = dict(output_dir="/tmp/amm-placement", use_cpu=True, bf16=False, report_to
 def test_settings_a_teacher_elsewhere_cannot_run_are_refused_by_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         AMMConfig(**BASE, **overrides)
+
+
+def test_hidden_states_from_a_server_allow_what_top_k_cannot():
+    """With the teacher's hidden states (its output layer applied here) the distribution is exact: teacher features
+    for the critic and any temperature are allowed."""
+    args = AMMConfig(**BASE, objective="amm", teacher_placement="server", teacher_server_base_url="http://t:8000",
+                     teacher_server_output="hidden_states", teacher_model_name_or_path="/models/teacher",
+                     q_head_features="teacher", temperature=0.7)
+    assert args.teacher_server_output == "hidden_states"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_output_layer_alone_is_read_from_the_checkpoint(tmp_path, tied):
+    from transformers import AutoModelForCausalLM
+
+    from amm_trl.teacher import load_output_layer
+    from tests.tiny import build_model
+
+    model = build_model(64, hidden=32, seed=7)
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    model.save_pretrained(tmp_path / "m")
+    head, config = load_output_layer(str(tmp_path / "m"), torch.float32)
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "m").get_output_embeddings().weight
+    assert config.hidden_size == 32 and head.weight.shape == (64, 32) and not head.weight.requires_grad
+    assert torch.equal(head.weight, want)
 
 
 def test_a_cache_reads_its_own_completions_by_default():

@@ -1,6 +1,7 @@
 """The teacher served by a real vLLM server on CPU (`vllm serve`, vLLM's CPU build, marker `vllm`):
 
-* with k = the vocabulary, the served top-k gives the local teacher's loss and gradients on the same batch;
+* with k = the vocabulary, the served top-k gives the local teacher's loss and gradients on the same batch; so do a
+  pooling server's hidden states through the teacher's output layer (exact, teacher features, temperature 0.8);
 * AMM trains against it with 1 rank, and with 2 ranks under ZeRO-3 (`amm-trl train --accelerate_config zero3_cpu`);
 * a k beyond the server's `--max-logprobs` is refused at start-up naming the flag;
 * a server that dies mid-run stops training with a clear error, and every checkpoint already written is whole.
@@ -30,13 +31,12 @@ def assets(tmp_path_factory):
     return build_tiny_assets(str(tmp_path_factory.mktemp("teacher_server_assets")), head_dim=HEAD_DIM)
 
 
-def start_server(model, folder, max_logprobs=VOCAB):
+def start_server(model, folder, extra=("--max-logprobs", str(VOCAB))):
     """`vllm serve MODEL` (the OpenAI server) on 127.0.0.1 in fp32; returns (url, process, log path)."""
     port = free_port()
     log_path = os.path.join(folder, f"server-{port}.log")
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1", "--port",
-           str(port), "--dtype", "float32", "--max-model-len", "128", "--enforce-eager", "--max-logprobs",
-           str(max_logprobs)]
+           str(port), "--dtype", "float32", "--max-model-len", "128", "--enforce-eager", *extra]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=folder, env={**worker_env(), "CUDA_VISIBLE_DEVICES": ""}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -57,28 +57,41 @@ def teacher_server(assets, tmp_path_factory):
     stop_server(proc)
 
 
-def test_served_top_k_with_k_equal_to_the_vocabulary_gives_the_local_teachers_loss_and_gradients(
-        assets, teacher_server, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def pooling_server(assets, tmp_path_factory):
+    """The teacher as a pooling server: its last hidden state at every position (`teacher_server_output`)."""
+    from amm_trl.teacher import POOLER_CONFIG
+
+    url, proc, log = start_server(assets["teacher"], str(tmp_path_factory.mktemp("pooling_server")),
+                                  extra=("--runner", "pooling", "--pooler-config", POOLER_CONFIG))
+    yield {"url": url, "proc": proc, "log": log}
+    stop_server(proc)
+
+
+def served_and_local(assets, tmp_path, monkeypatch, served_fields, **common):
+    """An AMMTrainer on the served teacher, one on the local teacher (same student), and one batch of the first."""
     from datasets import load_dataset
 
     from amm_trl import AMMTrainer
-    from tests.test_objectives_extra import student_params
-    from tests.test_trainer import fixed_batch, grads, make_config
+    from tests.test_trainer import fixed_batch, make_config
 
     for key, value in ENV.items():
         monkeypatch.setenv(key, value)
     dataset = load_dataset("json", data_files=assets["data"], split="train")
-    common = dict(objective="amm", max_completion_length=6, loss_chunk_tokens=3)
-    served = AMMTrainer(model=assets["student"], args=make_config(
-        tmp_path / "served", teacher_placement="server", teacher_server_base_url=teacher_server["url"],
-        teacher_top_k=VOCAB, **common), train_dataset=dataset)
+    common = dict(objective="amm", max_completion_length=6, loss_chunk_tokens=3, **common)
+    served = AMMTrainer(model=assets["student"], args=make_config(tmp_path / "served", teacher_placement="server",
+                                                                  **served_fields, **common), train_dataset=dataset)
     assert served.teacher_model is None and served.served_teacher is not None
     local = AMMTrainer(model=assets["student"], teacher_model=assets["teacher"],
                        args=make_config(tmp_path / "local", **common), train_dataset=dataset)
     local.model.load_state_dict(served.model.state_dict())
     torch.manual_seed(0)
-    inputs = fixed_batch(served, dataset)
-    assert inputs["teacher_topk_ids"].shape[-1] == VOCAB and "off_teacher_topk_ids" in inputs
+    return served, local, fixed_batch(served, dataset)
+
+
+def check_same_loss_and_gradients(served, local, inputs):
+    from tests.test_objectives_extra import student_params
+    from tests.test_trainer import grads
 
     def loss_and_grads(trainer):
         params = student_params(trainer) + list(trainer.q_heads.parameters())
@@ -90,8 +103,42 @@ def test_served_top_k_with_k_equal_to_the_vocabulary_gives_the_local_teachers_lo
     served_loss, served_grads = loss_and_grads(served)
     local_loss, local_grads = loss_and_grads(local)
     assert served_loss == pytest.approx(local_loss, rel=1e-4, abs=1e-6)
+    assert any(g.abs().sum() > 0 for g in served_grads)
     for got, want in zip(served_grads, local_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_served_hidden_states_give_the_local_teachers_loss_and_gradients_at_any_temperature(
+        assets, pooling_server, tmp_path, monkeypatch):
+    """The pooling server's hidden states through the teacher's own output layer (read alone from its checkpoint):
+    exact, so the critic may read teacher features and the temperature is free."""
+    served, local, inputs = served_and_local(
+        assets, tmp_path, monkeypatch, dict(teacher_server_base_url=pooling_server["url"],
+                                            teacher_server_output="hidden_states",
+                                            teacher_model_name_or_path=assets["teacher"]),
+        q_head_features="teacher", temperature=0.8)
+    assert served._teacher_head is not None and inputs["teacher_hidden"].shape[-1] == 48
+    check_same_loss_and_gradients(served, local, inputs)
+
+
+def test_a_pooling_server_is_required_for_hidden_states(assets, teacher_server, tmp_path):
+    from amm_trl import AMMTrainer
+    from tests.test_trainer import make_config
+
+    with pytest.raises(ValueError, match=r"teacher_server_output 'hidden_states': the server at .* gives no token "
+                                         r"hidden states .*--runner pooling"):
+        AMMTrainer(model=assets["student"], args=make_config(
+            tmp_path, objective="fkl", teacher_placement="server", teacher_server_base_url=teacher_server["url"],
+            teacher_server_output="hidden_states", teacher_model_name_or_path=assets["teacher"]))
+
+
+def test_served_top_k_with_k_equal_to_the_vocabulary_gives_the_local_teachers_loss_and_gradients(
+        assets, teacher_server, tmp_path, monkeypatch):
+    served, local, inputs = served_and_local(
+        assets, tmp_path, monkeypatch, dict(teacher_server_base_url=teacher_server["url"], teacher_top_k=VOCAB))
+    assert inputs["teacher_topk_ids"].shape[-1] == VOCAB and "off_teacher_topk_ids" in inputs
+
+    check_same_loss_and_gradients(served, local, inputs)
     metrics = {k: v[-1] for k, v in served._metrics["train"].items()}
     assert metrics["teacher_mass/on"] == pytest.approx(1.0, abs=1e-4)
 
