@@ -27,7 +27,7 @@ def _nested(rows: list[list[list[float]]], dtype) -> pa.Array:
 
 
 def write_top_k_cache(path: str, dataset, output_column: str, completions: list, prompt_ids: list[list[int]],
-                      completion_ids: list[list[int]], top_k: list[dict[str, list]], vocab: int) -> dict:
+                      completion_ids: list[list[int]], top_k: list[dict[str, list]]) -> dict:
     """Writes the cache atomically; returns its size per completion token and the teacher mass its top-k covers."""
     ids = [row["ids"] for row in top_k]
     largest = max((max(t) for row in ids for t in row if t), default=0)

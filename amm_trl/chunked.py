@@ -122,7 +122,8 @@ class LossSpec:
 
 
 def _gathered(params):
-    params = [p for p in params if isinstance(p, torch.nn.Parameter)]
+    # ZeRO-3 partitioned parameters only (a served teacher's output layer is a plain, whole parameter)
+    params = [p for p in params if isinstance(p, torch.nn.Parameter) and hasattr(p, "ds_id")]
     return maybe_gather_lm_head_ctx(*params) if params else contextlib.nullcontext()
 
 

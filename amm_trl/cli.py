@@ -58,7 +58,8 @@ class GenerateArguments:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per `generate` call (HF backend)."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (needs `pip install amm-trl[vllm]`)."})
-    dtype: str = field(default="auto", metadata={"help": "Model dtype for the HF backend."})
+    dtype: str = field(default="auto", metadata={
+        "help": "Model dtype (auto: the checkpoint's for HF; vLLM's auto runs fp32 checkpoints in half precision)."})
     max_samples: int | None = field(default=None, metadata={"help": "Only the first N prompts."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     teacher_top_k: int = field(default=0, metadata={
@@ -284,7 +285,7 @@ def generate(argv: list[str]):
 
     from .checks import check_model_path
     from .data import load_prompt_dataset
-    from .generation import decode_completions, generate_token_ids, render_prompts, top_k_log_probs
+    from .generation import decode_completions, generate_token_ids, generate_with_top_k, render_prompts
 
     (a,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses(argv)
     check_model_path("model_name_or_path", a.model_name_or_path)
@@ -298,19 +299,20 @@ def generate(argv: list[str]):
         dataset = dataset.select(range(min(a.max_samples, len(dataset))))
     tokenizer = AutoTokenizer.from_pretrained(a.model_name_or_path)
     prompts = dataset["prompt"]
-    ids = generate_token_ids(a.model_name_or_path, render_prompts(tokenizer, prompts), a.max_new_tokens,
-                             a.temperature, a.top_p, a.batch_size, a.use_vllm, a.dtype, a.seed)
+    prompt_ids = render_prompts(tokenizer, prompts)
+    if a.teacher_top_k:
+        ids, top_k = generate_with_top_k(a.model_name_or_path, prompt_ids, a.max_new_tokens, a.teacher_top_k,
+                                         a.temperature, a.top_p, a.batch_size, a.use_vllm, a.dtype, a.seed)
+    else:
+        ids = generate_token_ids(a.model_name_or_path, prompt_ids, a.max_new_tokens, a.temperature, a.top_p,
+                                 a.batch_size, a.use_vllm, a.dtype, a.seed)
     texts = decode_completions(tokenizer, ids)
     if a.teacher_top_k:
         from .cache import write_top_k_cache
 
-        prompt_ids = render_prompts(tokenizer, prompts)
-        top_k = top_k_log_probs(a.model_name_or_path, prompt_ids, ids, a.teacher_top_k, a.batch_size, a.use_vllm,
-                                a.dtype)
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
                        for p, t in zip(prompts, texts)]
-        stats = write_top_k_cache(a.output_file, dataset, a.output_column, completions, prompt_ids, ids, top_k,
-                                  len(tokenizer))
+        stats = write_top_k_cache(a.output_file, dataset, a.output_column, completions, prompt_ids, ids, top_k)
         print(f"amm-trl: wrote {len(texts)} completions with the teacher's top-{a.teacher_top_k} log-probs to "
               f"{a.output_file}: {json.dumps(stats)}", flush=True)
         return

@@ -321,7 +321,10 @@ class AMMConfig(DistillationConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.off_policy_source == "auto" and self.objective in OBJECTIVES:
-            self.off_policy_source = ("dataset" if self.teacher_placement == "cache"  # the cached teacher samples
+            # a cache holds the teacher's samples; a pooling server (served hidden states) cannot generate
+            no_generation = self.teacher_placement == "cache" or (self.teacher_placement == "server" and
+                                                                 self.teacher_server_output == "hidden_states")
+            self.off_policy_source = ("dataset" if no_generation
                                       else OBJECTIVE_UNITS[self.objective].info.off_policy_default)
         self._objective = None
         self._validate()
@@ -372,6 +375,12 @@ class AMMConfig(DistillationConfig):
             return
         unit, where = self._objective, f"teacher_placement {self.teacher_placement!r}"
         hidden = self.teacher_placement == "server" and self.teacher_server_output == "hidden_states"
+        if self.teacher_server_output == "hidden_states" and not hidden:
+            fail("teacher_server_output", "hidden_states", "it applies to teacher_placement 'server' only (a cache "
+                 "holds top-k log-probs).")
+        if hidden and self.off_policy_source == "teacher" and unit.data.off_policy:
+            fail("off_policy_source", "teacher", "a pooling server (teacher_server_output 'hidden_states') cannot "
+                 "generate: use 'dataset' (e.g. the teacher's completions written by `amm-trl generate`).")
         if hidden and not self.teacher_model_name_or_path:
             fail("teacher_model_name_or_path", None, "teacher_server_output 'hidden_states' reads the teacher's output "
                  "layer from it (nothing else of the teacher is loaded).")

@@ -32,7 +32,7 @@ def generate_token_ids(model_path: str, prompt_ids: list[list[int]], max_new_tok
     tokenizer has are generated: an embedding padded beyond it (Qwen2.5: 152064 rows for 151665 tokens) has rows
     that are no token, and that another model may not have."""
     if use_vllm:
-        return _generate_vllm(model_path, prompt_ids, max_new_tokens, temperature, top_p, seed)
+        return _generate_vllm(model_path, prompt_ids, max_new_tokens, temperature, top_p, seed, dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -65,17 +65,40 @@ def generate_token_ids(model_path: str, prompt_ids: list[list[int]], max_new_tok
     return results
 
 
-def _generate_vllm(model_path, prompt_ids, max_new_tokens, temperature, top_p, seed):
+def _generate_vllm(model_path, prompt_ids, max_new_tokens, temperature, top_p, seed, top_k=0, dtype="auto"):
+    """Completion ids; with `top_k`, also each generated token's top-k log-probs from the same engine (vLLM's default
+    `raw_logprobs`: the model's distribution before temperature and top-p, i.e. at temperature 1)."""
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # FlashInfer is optional; vLLM 0.26 imports it
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_path, seed=seed)
+    llm = LLM(model=model_path, seed=seed, dtype=dtype, **({"max_logprobs": max(top_k, 20)} if top_k else {}))
     tokens, rows = len(llm.get_tokenizer()), llm.llm_engine.model_config.get_vocab_size()
     allowed = list(range(tokens)) if tokens < rows else None  # no padded embedding row (see generate_token_ids)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            allowed_token_ids=allowed)
+                            allowed_token_ids=allowed, logprobs=top_k or None)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params)
-    return [list(o.outputs[0].token_ids) for o in outputs]
+    ids = [list(o.outputs[0].token_ids) for o in outputs]
+    if not top_k:
+        return ids
+    results = []
+    for o, c in zip(outputs, ids):
+        entries = [sorted(position.items(), key=lambda item: item[1].rank)[:top_k] for position in o.outputs[0].logprobs]
+        results.append({"ids": [[int(t) for t, _ in e] for e in entries],
+                        "log_probs": [[x.logprob for _, x in e] for e in entries],
+                        "token_log_prob": [position[t].logprob for position, t in zip(o.outputs[0].logprobs, c)]})
+    return ids, results
+
+
+def generate_with_top_k(model_path: str, prompt_ids: list[list[int]], max_new_tokens: int, k: int,
+                        temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16, use_vllm: bool = False,
+                        dtype: str = "auto", seed: int = 0) -> tuple[list[list[int]], list[dict[str, list]]]:
+    """Completions and, for each completion token, the model's top-k log-probs (see `top_k_log_probs`): with vLLM
+    from the sampling engine itself (one engine), else HF `generate` then one forward per batch."""
+    if use_vllm:
+        return _generate_vllm(model_path, prompt_ids, max_new_tokens, temperature, top_p, seed, top_k=k, dtype=dtype)
+    ids = generate_token_ids(model_path, prompt_ids, max_new_tokens, temperature, top_p, batch_size, False, dtype,
+                             seed)
+    return ids, top_k_log_probs(model_path, prompt_ids, ids, k, batch_size, dtype)
 
 
 def decode_completions(tokenizer, completions: list[list[int]]) -> list[str]:
@@ -83,13 +106,10 @@ def decode_completions(tokenizer, completions: list[list[int]]) -> list[str]:
 
 
 def top_k_log_probs(model_path: str, prompt_ids: list[list[int]], completion_ids: list[list[int]], k: int,
-                    batch_size: int = 16, use_vllm: bool = False, dtype: str = "auto",
-                    progress: bool = True) -> list[dict[str, list]]:
+                    batch_size: int = 16, dtype: str = "auto", progress: bool = True) -> list[dict[str, list]]:
     """For each completion token: the model's k most likely tokens at that position (after the prompt and the
     completion so far), their log-probs at temperature 1 sorted by rank, and the taken token's log-prob
     (`{"ids": [[k ids] per token], "log_probs": [[k floats]...], "token_log_prob": [floats]}` per completion)."""
-    if use_vllm:
-        return _top_k_vllm(model_path, prompt_ids, completion_ids, k)
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,29 +122,11 @@ def top_k_log_probs(model_path: str, prompt_ids: list[list[int]], completion_ids
         ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
         with torch.no_grad():
-            log_probs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            logits = model(input_ids=ids, attention_mask=mask).logits
         for i, (p, c) in enumerate(zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size])):
-            at = log_probs[i, len(p) - 1:len(p) + len(c) - 1]  # the position before each completion token
+            # the position before each completion token; one row's log-softmax at a time (not the batch's (B, T, V))
+            at = torch.log_softmax(logits[i, len(p) - 1:len(p) + len(c) - 1].float(), -1)
             values, top = at.topk(min(k, at.size(-1)), -1)
             taken = at.gather(-1, torch.tensor(c, device=device, dtype=torch.long)[:, None]).squeeze(-1)
             results.append({"ids": top.tolist(), "log_probs": values.tolist(), "token_log_prob": taken.tolist()})
-    return results
-
-
-def _top_k_vllm(model_path, prompt_ids, completion_ids, k):
-    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=model_path, max_logprobs=max(k, 20))
-    params = SamplingParams(max_tokens=1, prompt_logprobs=k)
-    outputs = llm.generate([{"prompt_token_ids": p + c} for p, c in zip(prompt_ids, completion_ids)], params)
-    results = []
-    for out, p, c in zip(outputs, prompt_ids, completion_ids):
-        ids, values, taken = [], [], []
-        for position, token in zip(range(len(p), len(p) + len(c)), c):
-            entries = sorted(out.prompt_logprobs[position].items(), key=lambda item: item[1].rank)[:k]
-            ids.append([int(t) for t, _ in entries])
-            values.append([e.logprob for _, e in entries])
-            taken.append(out.prompt_logprobs[position][token].logprob)
-        results.append({"ids": ids, "log_probs": values, "token_log_prob": taken})
     return results

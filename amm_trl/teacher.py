@@ -192,24 +192,38 @@ class ServedTeacher:
         rows = [torch.tensor(item["data"], dtype=torch.float32) for item in response.json()["data"]]
         return [h[len(p) - 1:len(p) - 1 + len(c)] for h, p, c in zip(rows, prompts, completions, strict=True)]
 
-    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float) -> list[list[int]]:
-        """The served teacher's sampled completions (online off-policy data)."""
+    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float,
+                 end_ids: list[int]) -> list[list[int]]:
+        """The served teacher's sampled completions (online off-policy data), cut after the first end token."""
         try:
             out = self.client.generate(prompts, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                       logprobs=None)
+                                       logprobs=None, generation_kwargs={"stop_token_ids": list(end_ids)})
         except Exception as exc:
             raise self._stopped(exc) from exc
-        return out["completion_ids"]
+        ends = set(end_ids)
+        return [c[:next((i + 1 for i, t in enumerate(c) if t in ends), len(c))] for c in out["completion_ids"]]
 
     def _stopped(self, exc: Exception) -> TeacherServerError:
+        if "Request failed: 4" in str(exc):  # TRL's client: the server answered, and refused this request
+            return TeacherServerError(
+                f"The teacher server at {self.base_url} refused a request ({str(exc)[:400]}): e.g. a prompt plus "
+                f"completion longer than its --max-model-len; fix the cause (a shorter max_prompt_length or "
+                f"max_completion_length, a larger --max-model-len) and resume with --resume_from_checkpoint latest.")
         return TeacherServerError(
             f"The teacher server at {self.base_url} stopped answering ({type(exc).__name__}: {str(exc)[:300]}). "
             f"Checkpoints already in output_dir are complete: restart the server and resume with "
             f"--resume_from_checkpoint latest.")
 
 
-def check_cached_dataset(columns: list[str], off_policy_column: str) -> None:
-    """A dataset for `teacher_placement: cache` holds `amm-trl generate --teacher_top_k` columns."""
+def check_cached_dataset(dataset, off_policy_column: str) -> None:
+    """A dataset (or a dict of them) for `teacher_placement: cache` holds `amm-trl generate --teacher_top_k` columns."""
+    if isinstance(dataset, dict):
+        for part in dataset.values():
+            check_cached_dataset(part, off_policy_column)
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # an iterable dataset of unknown features: its first row
+        columns = list(next(iter(dataset), {}).keys())
     missing = [c for c in TOP_K_COLUMNS if c not in columns]
     if missing:
         raise ValueError(f"teacher_placement 'cache': the training dataset has no column(s) {missing} (it has "

@@ -125,7 +125,7 @@ class AMMTrainer(DistillationTrainer):
         if args.teacher_placement == "cache":
             for dataset in (train_dataset, eval_dataset):
                 if dataset is not None:
-                    check_cached_dataset(list(getattr(dataset, "column_names", None) or []), args.off_policy_column)
+                    check_cached_dataset(dataset, args.off_policy_column)
         head = served_head(teacher_model or args.teacher_model_name_or_path, args)  # (layer, config) or None
         served = (ServedTeacher(args.teacher_server_base_url, args.teacher_top_k, args.teacher_server_timeout,
                                 args.teacher_server_output, head[1].hidden_size if head else None)
@@ -223,6 +223,8 @@ class AMMTrainer(DistillationTrainer):
                                                 len(self._tokenizer), self.objective_unit)
             self._teacher_hidden_size = teacher_config.hidden_size
             self._transforms = (self._transforms[0], logit_transform(teacher_config))
+            suppress_padded_rows(self.generation_config, self.generation_kwargs, self.vocab_size,
+                                 max(student_config.vocab_size, teacher_config.vocab_size))
         if teacher is not None:
             teacher_config = teacher.config.get_text_config()
             self.vocab_size = shared_vocab_size(student_config.vocab_size, teacher_config.vocab_size,
@@ -333,7 +335,7 @@ class AMMTrainer(DistillationTrainer):
             elif self.args.off_policy_source == "teacher" and self.served_teacher is not None:
                 completions = self.served_teacher.generate(_rows(output["prompt_ids"], output["prompt_mask"]),
                                                            self.max_completion_length, self.temperature,
-                                                           self.generation_config.top_p or 1.0)
+                                                           self.generation_config.top_p or 1.0, self.eos_token_ids)
             elif self.args.off_policy_source == "teacher":
                 completions = teacher_completions(self.teacher_model, self.accelerator,
                                                   self.args.ds3_gather_for_generation, output["prompt_ids"],

@@ -37,6 +37,11 @@ BASE = dict(output_dir="/tmp/amm-placement", use_cpu=True, bf16=False, report_to
     (dict(objective="fkl", teacher_placement="cache", off_policy_source="teacher"),
      r"off_policy_source='teacher' is invalid: with teacher_placement 'cache'"),
     (dict(teacher_top_k=0), r"teacher_top_k=0 is invalid"),
+    (dict(objective="fkl", teacher_placement="cache", teacher_server_output="hidden_states"),
+     r"teacher_server_output='hidden_states' is invalid: it applies to teacher_placement 'server' only"),
+    (dict(objective="amm", teacher_placement="server", teacher_server_base_url="http://t:8000",
+          teacher_server_output="hidden_states", teacher_model_name_or_path="/t", off_policy_source="teacher"),
+     r"off_policy_source='teacher' is invalid: a pooling server .* cannot generate"),
 ])
 def test_settings_a_teacher_elsewhere_cannot_run_are_refused_by_field(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -72,6 +77,9 @@ def test_the_output_layer_alone_is_read_from_the_checkpoint(tmp_path, tied):
 
 def test_a_cache_reads_its_own_completions_by_default():
     assert AMMConfig(**BASE, objective="fkl", teacher_placement="cache").off_policy_source == "dataset"
+    assert AMMConfig(**BASE, objective="amm", teacher_placement="server", teacher_server_base_url="http://t:8000",
+                     teacher_server_output="hidden_states", teacher_model_name_or_path="/t",
+                     ).off_policy_source == "dataset"  # a pooling server cannot generate the teacher's answers
     assert AMMConfig(**BASE, objective="fkl").off_policy_source == "dataset"
 
 
@@ -144,6 +152,20 @@ def test_a_dataset_without_the_cache_columns_is_refused_before_models_load(tmp_p
     with pytest.raises(ValueError, match=r"teacher_placement 'cache': the training dataset has no column\(s\) "
                                          r"\['prompt_ids', .*amm-trl generate --teacher_top_k K"):
         main(["train", "--config", cache_recipe(tmp_path, tiny, tiny["data"])])
+
+
+def test_an_eval_dict_and_an_iterable_dataset_are_checked_for_the_cache_columns():
+    from datasets import Dataset
+
+    from amm_trl.teacher import check_cached_dataset
+
+    good = Dataset.from_dict({name: [[1]] for name in ("prompt", "completion", "prompt_ids", "completion_ids",
+                                                       "teacher_topk_ids", "teacher_topk_logprobs",
+                                                       "teacher_token_logprob")})
+    check_cached_dataset({"a": good, "b": good.to_iterable_dataset()}, "completion")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['prompt_ids', 'completion_ids'"):
+        check_cached_dataset({"a": good, "b": Dataset.from_dict({"prompt": ["x"]}).to_iterable_dataset()},
+                             "completion")
 
 
 def test_a_cache_rendered_with_another_prompt_is_refused_naming_the_row(tmp_path, tiny):

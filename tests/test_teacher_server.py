@@ -143,6 +143,33 @@ def test_served_top_k_with_k_equal_to_the_vocabulary_gives_the_local_teachers_lo
     assert metrics["teacher_mass/on"] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_generate_with_vllm_writes_the_top_k_of_its_own_sampling_engine(assets, tmp_path):
+    """`amm-trl generate --use_vllm true --teacher_top_k K`: one vLLM engine samples and gives each sampled token's
+    top-k log-probs (temperature 1), equal to the teacher's own distribution (HF forward, fp16 tolerance)."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "cache.parquet"
+    proc = subprocess.run([sys.executable, "-m", "amm_trl.cli", "generate", "--model_name_or_path", assets["teacher"],
+                           "--dataset_name", assets["data"], "--output_file", str(out), "--max_new_tokens", "6",
+                           "--teacher_top_k", "8", "--use_vllm", "true", "--max_samples", "6", "--temperature",
+                           "0.7", "--dtype", "float32"], cwd=str(tmp_path), env=worker_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"], dtype=torch.float32).eval()
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 6
+    for row in rows:
+        ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(teacher(input_ids=ids).logits[0].float(), -1)
+        n = len(row["prompt_ids"])
+        at = log_probs[n - 1:n - 1 + len(row["completion_ids"])]  # temperature 1, whatever the sampling's
+        torch.testing.assert_close(torch.tensor(row["teacher_topk_logprobs"]), at.topk(8, -1).values, rtol=2e-3,
+                                   atol=2e-3)
+        taken = at.gather(-1, torch.tensor(row["completion_ids"])[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(row["teacher_token_logprob"]), taken, rtol=1e-4, atol=1e-4)
+
+
 def recipe(tmp_path, assets, url, **extra):
     lines = {"model_name_or_path": assets["student"], "dataset_name": assets["data"], "dtype": "float32",
              "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 2,

@@ -95,6 +95,19 @@ def test_tail_log_prob_and_empty_slots():
     torch.testing.assert_close(t.exp(), torch.tensor([[0.5, 0.25, 0.0, 0.25]], dtype=torch.float64))
 
 
+def test_a_top_k_that_rounds_to_all_the_mass_keeps_reverse_kl_finite():
+    """Served or fp16-cached log-probs may sum to >= 1 (a near-certain token served as log-prob 0.0): while the student
+    holds tail mass, the teacher's tail keeps the dtype's `tiny`, so reverse KL and its gradient stay finite."""
+    z_s = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1]], dtype=torch.float32)).requires_grad_(True)
+    teacher = TopKTeacher(torch.tensor([[0, 1]]), torch.tensor([[0.0, -20.0]]), torch.tensor([0.0]))
+    value = reverse_kl(*teacher.pair(z_s))
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(z_s.grad).all()
+    floor = math.log(torch.finfo(torch.float32).tiny)  # the tail's 0.3 of the student against tiny
+    want = 0.5 * math.log(0.5) + 0.2 * (math.log(0.2) + 20.0) + 0.3 * (math.log(0.3) - floor)
+    assert value.item() == pytest.approx(want, rel=1e-4)
+
+
 def test_the_critic_on_buckets_is_the_student_weighted_tail_mean_and_k_equal_v_is_dense():
     z_s, z_t = _logits(n=4, vocab=9, seed=3)
     values = torch.randn(4, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(4))

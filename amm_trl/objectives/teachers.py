@@ -90,7 +90,10 @@ class TopKTeacher:
         """(student, teacher) log-probs over the k + 1 buckets, (n, k + 1)."""
         top_s, tail_s, _ = self._student(student_logits)
         log_pt = as_dtype(self.log_probs, top_s.dtype)
-        tail_t = torch.where(torch.isneginf(tail_s), tail_s, tail_log_prob(log_pt))  # no token, no mass
+        # no token, no mass; a tail whose tokens the student holds keeps at least `tiny` of the teacher's mass: served
+        # or fp16-cached top-k log-probs may sum to >= 1 by rounding, which would make reverse KL infinite
+        floor = math.log(torch.finfo(log_pt.dtype).tiny)
+        tail_t = torch.where(torch.isneginf(tail_s), tail_s, tail_log_prob(log_pt).clamp_min(floor))
         return torch.cat([top_s, tail_s[:, None]], -1), torch.cat([log_pt, tail_t[:, None]], -1)
 
     def coarsen(self, values: Tensor, student_logits: Tensor) -> Tensor:
