@@ -269,9 +269,27 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
     assert all(len(suite_module.candidates(tier_b, r)) == 3 for r in tier_b["runs"])
     both = {r["name"] for r in tier_b["runs"] if r.get("args", {}).get("per_device_train_batch_size") == 4}
     assert both == {"minillm", "composite", "amm"} and tier_b["common"]["per_device_train_batch_size"] == 8
+    assert tier_b["select"]["eval"]["generate"] is False and tier_b["select"]["eval"]["only"] == ["tv_teacher_greedy"]
     pilot = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b_pilot.yaml"))
     assert [r["name"] for r in pilot["runs"]] == ["sft", "fkl"] and pilot["select"] is None
     assert pilot["common"]["learning_rate"] == 3.0e-5 and pilot["common"]["max_steps"] == 40
+
+
+def test_an_eval_without_generation_runs_the_named_measures_alone(tmp_path, monkeypatch):
+    """`generate: false` skips `amm-trl eval`; `only` reaches the measures hook."""
+    import suite as suite_module
+
+    import amm_trl.evaluation
+
+    seen = {}
+    monkeypatch.setattr(amm_trl.evaluation, "evaluate", lambda a: seen.setdefault("evaluate", a) and {})
+    monkeypatch.setattr(suite_module, "_function", lambda spec: lambda *args: seen.setdefault("measure", args[-1])
+                        and {"tv": 0.25})
+    record = suite_module.eval_one({"measures": "m:f"}, str(tmp_path), str(tmp_path), 0,
+                                   {"dataset_name": str(tmp_path), "generate": False, "only": ["tv"],
+                                    "max_new_tokens": 4})
+    assert "evaluate" not in seen and seen["measure"]["only"] == ["tv"] and "generate" not in seen["measure"]
+    assert record["tv"] == 0.25 and record["eval_seconds"] >= 0
 
 
 def test_a_fresh_checkout_rebuilds_the_assets_and_refuses_different_ones(tmp_path):

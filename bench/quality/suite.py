@@ -25,6 +25,8 @@ Optional suite keys (used by bench/tier_a/tier_a.yaml):
   requires every tuned run to have exactly N candidates (equal tuning for every method), else the suite refuses to
   start. A run with `tune_as: <name>` (an ablation: one change to that run) gets no selection of its own and trains
   with the candidate chosen for `<name>`.
+- an eval block's `generate: false` skips `amm-trl eval` (no generation, no metric) and `only: [names]` tells the
+  measures hook which of its scores to compute (e.g. a selection scored by one cheap measure);
 - `measures: module:function`: extra scores `function(model_path, suite, out, seed, eval_settings) -> dict` merged
   into every result (e.g. log-probabilities under the teacher).
 - `callbacks: [module:function, ...]`: factories `function(suite) -> TrainerCallback` added to every training run
@@ -247,13 +249,18 @@ def eval_one(suite: dict, model: str, out: str, seed: int, settings: dict | None
 
     settings = dict(settings or suite["eval"])
     settings["dataset_name"] = _resolve(settings["dataset_name"])
-    a = EvalArguments(model_name_or_path=_resolve(model), output_dir=os.path.join(out, "eval"), seed=seed or 0,
-                      **settings)
+    generate = settings.pop("generate", True)  # false: the measures alone, no `amm-trl eval` generation
+    only = settings.pop("only", None)  # the measures to compute (all when absent)
     start = time.perf_counter()
-    summary = evaluate(a)
-    summary.pop("settings", None)
+    summary = {}
+    if generate:
+        a = EvalArguments(model_name_or_path=_resolve(model), output_dir=os.path.join(out, "eval"), seed=seed or 0,
+                          **settings)
+        summary = evaluate(a)
+        summary.pop("settings", None)
     if suite.get("measures"):
-        summary.update(_function(suite["measures"])(_resolve(model), suite, out, seed or 0, settings))
+        summary.update(_function(suite["measures"])(_resolve(model), suite, out, seed or 0,
+                                                    {**settings, "only": only}))
     return {**summary, "eval_seconds": time.perf_counter() - start}
 
 

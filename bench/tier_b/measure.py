@@ -31,7 +31,8 @@ def _encoded(tokenizer, rows: list[dict], column: str, max_tokens: int) -> tuple
 
 
 def measure(model_path: str, suite: dict, out: str, seed: int, settings: dict) -> dict:
-    """Suite hook: exact TV on the teacher's greedy answers, quality and coverage of `model_path` on `settings`."""
+    """Suite hook: exact TV on the teacher's greedy answers, quality and coverage of `model_path` on `settings` (those
+    named in `settings["only"]` when given)."""
     from transformers import AutoTokenizer
 
     from amm_trl.data import load_prompt_dataset
@@ -41,16 +42,22 @@ def measure(model_path: str, suite: dict, out: str, seed: int, settings: dict) -
     rows = [dict(r) for r in load_prompt_dataset(settings["dataset_name"])]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     n = settings["max_new_tokens"]
+    only = set(settings.get("only") or ("tv_teacher_greedy", "quality", "coverage"))
     prompts, greedy = _encoded(tokenizer, rows, "teacher_greedy", n)
-    _, teacher_samples = _encoded(tokenizer, rows, "teacher", n)
-    samples = generate_token_ids(model_path, prompts, n, temperature=1.0, batch_size=50, dtype="float32",
-                                 seed=1000 + seed, progress=False)
-    student, teacher = _load(model_path), _load(suite["teacher"])
+    result = {}
+    if "tv_teacher_greedy" in only:  # forward passes only
+        result["tv_teacher_greedy"] = exact_tv(model_path, suite["teacher"], prompts, greedy)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    q_sum, q_n = token_log_probs(teacher, prompts, samples, pad, batch_size=25)
-    c_sum, c_n = token_log_probs(student, prompts, teacher_samples, pad, batch_size=25)
-    return {"tv_teacher_greedy": exact_tv(model_path, suite["teacher"], prompts, greedy),
-            "quality": q_sum / q_n, "coverage": c_sum / c_n}
+    if "quality" in only:  # the student samples (the costly part), the teacher scores them
+        samples = generate_token_ids(model_path, prompts, n, temperature=1.0, batch_size=50, dtype="float32",
+                                     seed=1000 + seed, progress=False)
+        q_sum, q_n = token_log_probs(_load(suite["teacher"]), prompts, samples, pad, batch_size=25)
+        result["quality"] = q_sum / q_n
+    if "coverage" in only:
+        _, teacher_samples = _encoded(tokenizer, rows, "teacher", n)
+        c_sum, c_n = token_log_probs(_load(model_path), prompts, teacher_samples, pad, batch_size=25)
+        result["coverage"] = c_sum / c_n
+    return result
 
 
 class ValidationCurve(EveryKSteps):
