@@ -95,12 +95,13 @@ class ValidationCurve(EveryKSteps):
 
 
 def validation_curve(suite: dict) -> ValidationCurve:
-    """Suite hook (`callbacks: [bench.tier_b.measure:validation_curve]`), on `select.eval`'s dataset."""
+    """Suite hook (`callbacks: [bench.tier_b.measure:validation_curve]`), on `curve_eval`'s dataset, else
+    `select.eval`'s (the validation split)."""
     from transformers import AutoTokenizer
 
     from amm_trl.data import load_prompt_dataset
 
-    settings = suite["select"]["eval"]
+    settings = suite.get("curve_eval") or suite["select"]["eval"]  # the validation split
     rows = [dict(r) for r in load_prompt_dataset(settings["dataset_name"])]
     tokenizer = AutoTokenizer.from_pretrained(suite["teacher"])
     prompts, answers = _encoded(tokenizer, rows, "teacher_greedy", settings["max_new_tokens"])
