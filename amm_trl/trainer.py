@@ -49,6 +49,7 @@ from trl.trainer.utils import pad
 
 from .checkpoints import (PREFIX_CHECKPOINT_DIR, check_resume_shapes, disk_full_message, load_state,
                           remove_stale_checkpoint, resume_folder, save_state)
+from .checks import check_teacher_tokenizer
 from .chunked import ChunkedLoss, LossSpec, auto_chunk_size
 from .config import AMMConfig
 from .data import check_dataset
@@ -58,7 +59,7 @@ from .objectives.amm import AMM_PAPER
 from .objectives.base import Checkpointed, LossContext, Metrics, Part, Term
 from .objectives.batch import KINDS, Kind, Step
 from .patches import extra_logits_processor, hub_ignores, trl_builds_generation
-from .projection import Projection, logit_transform, token_pass
+from .projection import TOP_K_INPUTS, Projection, logit_transform, token_pass
 from .preemption import PreemptionCallback, TrainingPreempted
 from .qhead import (HEADS_ATTRIBUTE, HEADS_FILE, is_head_parameter, load_heads, save_heads, save_master_heads,
                     split_heads)
@@ -67,7 +68,6 @@ from .rollouts import (HeadFreeVLLMGeneration, check_vllm_memory, completion_tok
                        vllm_correction, wait_for_vllm_server)
 from .runlock import LOCK_FILE, lock_output_dir
 from .shm import release_deepspeed_shm
-from .projection import TOP_K_INPUTS
 from .teacher import (ServedTeacher, check_cached_dataset, load_teacher, pad_top_k, served_head, shared_vocab_size,
                       suppress_padded_rows)
 from .vllm_cpu import vllm_generation_class
@@ -126,7 +126,10 @@ class AMMTrainer(DistillationTrainer):
             for dataset in (train_dataset, eval_dataset):
                 if dataset is not None:
                     check_cached_dataset(dataset, args.off_policy_column)
-        head = served_head(teacher_model or args.teacher_model_name_or_path, args)  # (layer, config) or None
+        elsewhere = teacher_model or args.teacher_model_name_or_path  # a served or cached teacher's name, if given
+        if args.teacher_placement != "local" and isinstance(elsewhere, str):
+            check_teacher_tokenizer(model, elsewhere, processing_class)  # its ids must be the student's
+        head = served_head(elsewhere, args)  # (layer, config) or None
         served = (ServedTeacher(args.teacher_server_base_url, args.teacher_top_k, args.teacher_server_timeout,
                                 args.teacher_server_output, head[1].hidden_size if head else None)
                   if args.teacher_placement != "local" and args.teacher_server_base_url else None)
