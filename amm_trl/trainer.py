@@ -351,10 +351,10 @@ class AMMTrainer(DistillationTrainer):
             if self.args.teacher_placement == "cache" and plan.replay is None:
                 output.update(self._cached_top_k(inputs, output))
             elif self.served_teacher is not None and self.objective_unit.info.reads_teacher:
-                output.update(self._served_top_k(output, KINDS["off"]))
+                output.update(self._served_teacher_values(output, KINDS["off"]))
         return output
 
-    def _served_top_k(self, output: dict[str, Any], kind: Kind) -> dict[str, torch.Tensor]:
+    def _served_teacher_values(self, output: dict[str, Any], kind: Kind) -> dict[str, torch.Tensor]:
         """The served teacher's values of one kind's completions, as the batch's keys of that kind: its top-k
         log-probs, or its last hidden states (`teacher_hidden`, (B, T, H), zeros at padding)."""
         completion_ids = output[kind.ids]
@@ -374,8 +374,7 @@ class AMMTrainer(DistillationTrainer):
     def _cached_completions(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> list[list[int]]:
         """The cached completions' token ids, after checking that each row's cached prompt is the prompt as this
         trainer renders it (the top-k log-probs were computed after it)."""
-        for row, (x, prompt) in enumerate(zip(inputs, _rows(output["prompt_ids"], output["prompt_mask"]),
-                                              strict=True)):
+        for x, prompt in zip(inputs, _rows(output["prompt_ids"], output["prompt_mask"]), strict=True):
             if list(x["prompt_ids"]) != prompt:
                 raise ValueError(
                     f"teacher_placement 'cache': the cached prompt_ids of the row with prompt {str(x['prompt'])[:80]!r} "
@@ -399,7 +398,7 @@ class AMMTrainer(DistillationTrainer):
         output = super()._generate_and_score_completions(inputs)
         elapsed = time.perf_counter() - start
         if self.served_teacher is not None and self.objective_unit.info.reads_teacher:
-            output.update(self._served_top_k(output, KINDS["on"]))
+            output.update(self._served_teacher_values(output, KINDS["on"]))
         tokens = self.accelerator.gather(output["completion_mask"].sum()).sum().item()
         self._metrics[mode]["rollout/tokens_per_second"].append(tokens / max(elapsed, 1e-9))
         correct = self.use_vllm and self.args.vllm_importance_sampling_correction
@@ -449,16 +448,14 @@ class AMMTrainer(DistillationTrainer):
                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation) as student:
             h_s = self._get_last_hidden_state(student, input_ids, attention_mask, width)
             token_inputs = {"student_hidden": h_s[valid], "target_ids": c_ids[valid]}
-            local = teacher and (self.teacher_model is not None or self._teacher_head is not None)  # else top-k
-            if local and self.teacher_model is not None:
-                token_inputs["teacher_hidden"] = self._teacher_hidden_states(input_ids, attention_mask, width)[valid]
-            elif local:  # served hidden states
-                token_inputs["teacher_hidden"] = output["teacher_hidden"][valid]
-            projection = self._projection(self.accelerator.unwrap_model(self.model), local)
+            h_t = self._teacher_hidden(output, [KINDS["on"]], input_ids, attention_mask, width) if teacher else None
+            if h_t is not None:
+                token_inputs["teacher_hidden"] = h_t[valid]
+            projection = self._projection(self.accelerator.unwrap_model(self.model), h_t is not None)
             fn, params = token_pass([], projection, self._step_info())
             weights = torch.zeros(int(valid.sum()), device=h_s.device)
             _, metrics = self._chunked(token_inputs, weights, fn, params)
-        if teacher and not local:
+        if teacher and h_t is None:  # a top-k teacher: the served log-prob of each taken token
             metrics["logp_teacher"] = output["teacher_token_logprob"][valid]
         result = {}
         for name in ("logp_student", "logp_teacher")[:1 + teacher]:
@@ -521,15 +518,9 @@ class AMMTrainer(DistillationTrainer):
         input_ids = torch.cat([inputs["prompt_ids"].repeat(len(kinds), 1), completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"].repeat(len(kinds), 1), completion_mask], dim=1)
         h_s = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, width)
-        # the teacher's hidden states: its forward here, or served ones in the batch; else its top-k is in the batch
-        reads_teacher = objective.info.reads_teacher and (self.teacher_model is not None or
-                                                          self._teacher_head is not None)
-        h_t = None
-        if reads_teacher and self.teacher_model is not None:
-            h_t = self._teacher_hidden_states(input_ids, attention_mask, width)
-        elif reads_teacher:
-            h_t = torch.cat([_pad_width(inputs[kind.prefix + "teacher_hidden"], width) for kind in kinds])
-        projection, step = self._projection(unwrapped_student, reads_teacher), self._step_info()
+        h_t = (self._teacher_hidden(inputs, kinds, input_ids, attention_mask, width)
+               if objective.info.reads_teacher else None)  # None with a top-k teacher: its top-k is in the batch
+        projection, step = self._projection(unwrapped_student, h_t is not None), self._step_info()
 
         def by_kind(x: torch.Tensor | None) -> dict[str, torch.Tensor | None]:  # the kinds' rows, by name
             return dict(zip([kind.name for kind in kinds], x.split(batch) if x is not None else [None] * len(kinds)))
@@ -557,6 +548,17 @@ class AMMTrainer(DistillationTrainer):
                  params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The chunked engine, run as the forward of the student's loss submodule (ZeRO-3 gathers its weights)."""
         return self.loss_module(token_inputs, weights, LossSpec(fn, params, self.chunk_size))
+
+    def _teacher_hidden(self, batch: dict[str, Any], kinds: list[Kind], input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor, width: int) -> torch.Tensor | None:
+        """The teacher's last hidden states over the last `width` positions of the kinds' rows: its forward here (a
+        local teacher), or the served ones the batch carries (`teacher_server_output: hidden_states`); None for a
+        top-k teacher."""
+        if self.teacher_model is not None:
+            return self._teacher_hidden_states(input_ids, attention_mask, width)
+        if self._teacher_head is not None:
+            return torch.cat([_pad_width(batch[kind.prefix + "teacher_hidden"], width) for kind in kinds])
+        return None
 
     @torch.no_grad()
     def _teacher_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
