@@ -210,10 +210,50 @@ def test_a_top_k_beyond_the_servers_max_logprobs_is_refused_at_start_up(assets, 
     assert not (tmp_path / "out" / "checkpoint-1").exists()
 
 
-def test_a_server_that_dies_mid_run_stops_training_and_loses_no_checkpoint(assets, tmp_path):
+def _group(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (/proc/PID/stat: state, ppid, pgrp after the command name)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError, ValueError):
+            continue
+        if entry.isdigit() and int(fields[2]) == pgid and fields[0] != "Z":  # a zombie holds nothing
+            pids.append(int(entry))
+    return pids
+
+
+def crash(proc) -> None:
+    """Kills a server's whole process group at once (SIGKILL: a crash, no shutdown) and then removes the /dev/shm
+    files its processes had mapped or open (vLLM's message queues and semaphores, which a killed server cannot give
+    back), so that what is left in /dev/shm afterwards is the trainer's own doing."""
+    shm = set()
+    for pid in _group(proc.pid):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                shm.update(line.split(None, 5)[5].strip() for line in f if " /dev/shm/" in line)
+            shm.update(t for t in (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+                       if t.startswith("/dev/shm/"))
+        except OSError:
+            continue
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for path in shm:
+        try:
+            os.unlink(path.removesuffix(" (deleted)"))
+        except OSError:
+            pass
+
+
+def test_a_server_that_dies_mid_run_stops_training_and_loses_no_checkpoint(assets, teacher_server, tmp_path):
+    """Kills the module's server: the last test of this file."""
     from amm_trl.checkpoints import checkpoint_problem
 
-    url, server, server_log = start_server(assets["teacher"], str(tmp_path))
+    url, server = teacher_server["url"], teacher_server["proc"]
     out = tmp_path / "out"
     try:
         proc = subprocess.Popen([sys.executable, "-m", "amm_trl.cli", "train", "--config",
@@ -223,7 +263,7 @@ def test_a_server_that_dies_mid_run_stops_training_and_loses_no_checkpoint(asset
         while not (out / "checkpoint-2" / "trainer_state.json").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
             time.sleep(0.2)
-        stop_server(server)
+        crash(server)
         log, _ = proc.communicate(timeout=300)
     finally:
         stop_server(server)
