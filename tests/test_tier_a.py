@@ -226,7 +226,7 @@ def test_report_flags_a_curve_still_rising_and_prints_the_sign_test():
     assert "| 10-0-0, p=0.00195 |" in table and "Bonferroni over them asks p < 0.05" in table
 
 
-def test_a_variant_suite_merges_into_its_base_and_drops_or_changes_named_runs(tmp_path):
+def test_a_variant_suite_merges_into_its_base_and_drops_changes_or_adds_runs(tmp_path):
     """bench/tier_a/tier_a_fair_800.yaml is tier_a_fair.yaml with 800 steps and without the paper's reading."""
     import suite as suite_module
 
@@ -244,8 +244,17 @@ def test_a_variant_suite_merges_into_its_base_and_drops_or_changes_named_runs(tm
     assert gkd["trials"] == next(r for r in base["runs"] if r["name"] == "gkd")["trials"]
     (tmp_path / "w.yaml").write_text("base: " + os.path.join(ROOT, "bench", "tier_a", "tier_a_fair.yaml") +
                                      "\nruns: {gdk: null}\n")
-    with pytest.raises(KeyError, match=r"runs: \['gdk'\] are not runs of the base suite; it has \['sft', "):
+    with pytest.raises(KeyError, match=r"runs: \['gdk'\] are not runs of the base suite \(it has \['sft', .*\), and a "
+                                       r"new run needs a `recipe`"):
         suite_module.load_suite(str(tmp_path / "w.yaml"))
+    # a new run (with its recipe) is added after the base's; bench/tier_a/tier_a_algo.yaml keeps rkl and amm and adds
+    # AMM on rollouts only, with 6 trials like every method
+    algo = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_a", "tier_a_algo.yaml"))
+    assert [r["name"] for r in algo["runs"]] == ["rkl", "amm", "amm_rollouts"]
+    added = algo["runs"][-1]
+    assert added["recipe"] == "quickstart" and added["args"] == {"amm_beta": 0.0, "per_device_train_batch_size": 16}
+    assert algo["common"]["max_steps"] == 800 and algo["output_dir"] == "docs/results/tier_a_algo/runs"
+    suite_module.check_budget(algo)
 
 
 def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_path):

@@ -13,7 +13,8 @@ evaluation unless `--keep_models` (33 students of 113M params would take 15 GB).
 
 Optional suite keys (used by bench/tier_a/tier_a.yaml):
 - `base: other.yaml`: this file is a variant of that suite: its mappings merge into the base's key by key, other values
-  replace; `runs: {name: {...}}` merges into the named runs (`name: null` drops one).
+  replace; `runs: {name: {...}}` merges into the named runs (`name: null` drops one; a new name with a `recipe` adds
+  a run).
 - `prepare: module:function`: builds local models / data once (cached) and returns {name: path}; any string
   `prepared:<name>` in the suite (models, datasets, run args) then stands for that path.
 - `select: {learning_rates: [...], seeds: [...], eval: {...}, metric: score}`: fair tuning. Every method first trains
@@ -64,16 +65,19 @@ def load_suite(path: str) -> dict:
 
 def _merge(base: dict, change: dict) -> dict:
     """`base` with `change` merged in: mappings merge key by key, other values replace. `runs` in a variant is a
-    mapping {run name: overrides merged into that run, or null to drop it}."""
+    mapping {run name: overrides merged into that run, null to drop it, or a new run (with its `recipe`)}."""
     out = dict(base)
     for key, value in change.items():
         if key == "runs" and isinstance(value, dict):
-            unknown = sorted(set(value) - {r["name"] for r in base["runs"]})
+            names = [r["name"] for r in base["runs"]]
+            added = [name for name in value if name not in names]
+            unknown = [name for name in added if not (isinstance(value[name], dict) and "recipe" in value[name])]
             if unknown:
-                names = [r["name"] for r in base["runs"]]
-                raise KeyError(f"runs: {unknown} are not runs of the base suite; it has {names}.")
+                raise KeyError(f"runs: {unknown} are not runs of the base suite (it has {names}), and a new run needs "
+                               f"a `recipe`.")
             out["runs"] = [_merge(r, value[r["name"]] or {}) if r["name"] in value else r for r in base["runs"]
                            if r["name"] not in value or value[r["name"]] is not None]
+            out["runs"] += [{"name": name, **value[name]} for name in added]
         elif isinstance(value, dict) and isinstance(base.get(key), dict):
             out[key] = _merge(base[key], value)
         else:
