@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
+from typing import Literal
 
 from trl import ScriptArguments
 
@@ -65,6 +66,9 @@ class GenerateArguments:
     teacher_top_k: int = field(default=0, metadata={
         "help": "Also store, for every completion token, the model's top-k log-probs (a teacher cache for "
                 "`teacher_placement: cache`); output_file must then end in .parquet."})
+    teacher_top_k_codec: Literal["float16", "log8"] = field(default="float16", metadata={
+        "help": "How the top-k is stored: float16 (ids and fp16 log-probs, ~4 bytes per entry before zstd) or log8 "
+                "(sorted id gaps and 8-bit log-probs in 1/16-nat steps with the exact covered mass, ~2 bytes)."})
 
 
 def recipe_path(name_or_path: str) -> str:
@@ -312,7 +316,8 @@ def generate(argv: list[str]):
 
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
                        for p, t in zip(prompts, texts)]
-        stats = write_top_k_cache(a.output_file, dataset, a.output_column, completions, prompt_ids, ids, top_k)
+        stats = write_top_k_cache(a.output_file, dataset, a.output_column, completions, prompt_ids, ids, top_k,
+                                  a.teacher_top_k_codec)
         print(f"amm-trl: wrote {len(texts)} completions with the teacher's top-{a.teacher_top_k} log-probs to "
               f"{a.output_file}: {json.dumps(stats)}", flush=True)
         return

@@ -82,7 +82,6 @@ def suppress_padded_rows(generation_config, generation_kwargs: dict, vocab_size:
 
 
 # ---------------------------------------------------------------------------------------------- a teacher elsewhere
-TOP_K_COLUMNS = ("prompt_ids", "completion_ids", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_token_logprob")
 
 
 POOLER_CONFIG = '{"pooling_type": "ALL", "use_activation": false, "task": "token_embed"}'
@@ -224,7 +223,11 @@ def check_cached_dataset(dataset, off_policy_column: str) -> None:
     columns = getattr(dataset, "column_names", None)
     if columns is None:  # an iterable dataset of unknown features: its first row
         columns = list(next(iter(dataset), {}).keys())
-    missing = [c for c in TOP_K_COLUMNS if c not in columns]
+    from .cache import FLOAT16_COLUMNS, LOG8_COLUMNS
+
+    # either codec's top-k columns (`amm-trl generate --teacher_top_k_codec`); named: those of the nearer one
+    missing = min(([c for c in ("prompt_ids", "completion_ids", *top, "teacher_token_logprob") if c not in columns]
+                   for top in (FLOAT16_COLUMNS, LOG8_COLUMNS)), key=len)
     if missing:
         raise ValueError(f"teacher_placement 'cache': the training dataset has no column(s) {missing} (it has "
                          f"{columns}). Write it with `amm-trl generate --teacher_top_k K --output_file data.parquet "

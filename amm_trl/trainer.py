@@ -47,6 +47,7 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
+from .cache import top_k_of
 from .checkpoints import (PREFIX_CHECKPOINT_DIR, check_resume_shapes, disk_full_message, load_state,
                           remove_stale_checkpoint, resume_folder, save_state)
 from .checks import check_teacher_tokenizer
@@ -386,9 +387,9 @@ class AMMTrainer(DistillationTrainer):
 
     def _cached_top_k(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> dict[str, torch.Tensor]:
         kind = KINDS["off"]
-        top_k = pad_top_k([x["teacher_topk_ids"] for x in inputs], [x["teacher_topk_logprobs"] for x in inputs],
-                          [x["teacher_token_logprob"] for x in inputs], output[kind.ids].size(1),
-                          self.args.teacher_top_k, self.vocab_size, output[kind.ids].device)
+        rows = [top_k_of(x) for x in inputs]  # either codec of `amm-trl generate --teacher_top_k_codec`
+        top_k = pad_top_k([r["ids"] for r in rows], [r["log_probs"] for r in rows], [r["token_log_prob"] for r in rows],
+                          output[kind.ids].size(1), self.args.teacher_top_k, self.vocab_size, output[kind.ids].device)
         return {kind.prefix + name: value for name, value in top_k.items()}
 
     def _rollouts(self, inputs: list[dict[str, Any]], step: Step) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -83,10 +84,11 @@ def test_a_cache_reads_its_own_completions_by_default():
     assert AMMConfig(**BASE, objective="fkl").off_policy_source == "dataset"
 
 
-def generate_cache(tmp_path, tiny, k, name="cache.parquet"):
+def generate_cache(tmp_path, tiny, k, name="cache.parquet", codec="float16"):
     out = tmp_path / name
     main(["generate", "--model_name_or_path", tiny["teacher"], "--dataset_name", tiny["data"], "--output_file",
-          str(out), "--max_new_tokens", "6", "--temperature", "1.0", "--teacher_top_k", str(k), "--batch_size", "8"])
+          str(out), "--max_new_tokens", "6", "--temperature", "1.0", "--teacher_top_k", str(k), "--batch_size", "8",
+          "--teacher_top_k_codec", codec])
     return out
 
 
@@ -109,6 +111,82 @@ def test_generate_writes_a_whole_top_k_cache_with_the_teachers_log_probs(tmp_pat
         torch.testing.assert_close(torch.tensor(row["teacher_topk_logprobs"]), values, rtol=2e-3, atol=2e-3)  # fp16
         taken = at.gather(-1, torch.tensor(row["completion_ids"])[:, None]).squeeze(-1)
         torch.testing.assert_close(torch.tensor(row["teacher_token_logprob"]), taken, rtol=1e-6, atol=1e-6)
+
+
+def test_log8_stores_sorted_id_gaps_in_byte_planes_and_log_probs_in_16ths_of_a_nat_below_the_top():
+    from amm_trl.cache import decode_log8, encode_log8
+
+    encoded = encode_log8([[3, 300, 1]], [[-0.1, -2.0, -40.0]])
+    # ids sorted 1, 3, 300: gaps 1, 2, 297 = 41 + 256; codes round(16 * (top - lp)), capped at 255
+    assert encoded["id_gaps"].tolist() == [[1, 2, 41, 0, 0, 1]] and encoded["codes"].tolist() == [[255, 0, 30]]
+    assert encoded["logmass"][0] == pytest.approx(math.log(math.exp(-0.1) + math.exp(-2.0) + math.exp(-40.0)))
+    ids, log_probs = decode_log8(**encoded)
+    assert ids.tolist() == [[3, 300, 1]]  # rank order again
+    shift = encoded["logmass"][0] - math.log(1 + math.exp(-30 / 16) + math.exp(-255 / 16))
+    np.testing.assert_allclose(log_probs[0], [shift, shift - 30 / 16, shift - 255 / 16], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab, k, planes", [(64, 64, 1), (49152, 128, 2), (151936, 20, 3)])
+def test_log8_keeps_each_log_prob_within_a_32nd_of_a_nat_up_to_one_shift_and_the_covered_mass(vocab, k, planes):
+    """float64 top-k of random distributions (the tiny models', SmolLM2's and Qwen2.5's vocabulary sizes; in the
+    last, the top-k among ids >= 2^16, so the first gap needs a third byte)."""
+    from amm_trl.cache import decode_log8, encode_log8
+
+    rng = np.random.default_rng(vocab)
+    logits = rng.normal(size=(12, vocab)) * 4
+    logits[:, :2 ** 16] -= 40.0 if planes == 3 else 0.0
+    log_probs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    ids = np.argsort(-log_probs, axis=1)[:, :k]
+    values = np.take_along_axis(log_probs, ids, 1)
+    encoded = encode_log8(ids, values)
+    assert encoded["id_gaps"].shape == (12, planes * k) and encoded["codes"].shape == (12, k)
+    got_ids, got = decode_log8(**encoded)
+    assert (np.diff(got, axis=1) <= 0).all()  # rank order
+    for t in range(12):
+        exact = dict(zip(ids[t].tolist(), values[t].tolist()))
+        assert sorted(exact) == sorted(got_ids[t].tolist())
+        error = np.array([lp - exact[i] for i, lp in zip(got_ids[t].tolist(), got[t].tolist())
+                          if exact[i] > values[t].max() - 255 / 16])
+        assert error.max() - error.min() <= 1 / 16 + 1e-5  # each within 1/32 of (exact + one shift)
+        assert np.logaddexp.reduce(got[t].astype(np.float64)) == pytest.approx(np.logaddexp.reduce(values[t]),
+                                                                               abs=1e-5)
+
+
+def test_a_log8_cache_reads_back_within_its_bound_and_trains_like_the_float16_one(tmp_path, tiny):
+    """The same seed gives the same completions in both codecs; the teacher's log-probs read back from log8 are
+    within its bound of the float16 ones, and 2 fkl steps on each give losses within 2%."""
+    from amm_trl.cache import top_k_of
+
+    exact = pq.read_table(generate_cache(tmp_path, tiny, k=64, name="f16.parquet")).to_pylist()
+    compact = pq.read_table(generate_cache(tmp_path, tiny, k=64, name="log8.parquet", codec="log8")).to_pylist()
+    assert "teacher_topk_logprobs" not in compact[0] and len(compact) == len(exact) == 32
+    for a, b in zip(exact, compact):
+        assert a["completion_ids"] == b["completion_ids"]
+        read = top_k_of(b)
+        assert read["token_log_prob"] == a["teacher_token_logprob"]
+        for ids_a, lp_a, ids_b, lp_b in zip(a["teacher_topk_ids"], a["teacher_topk_logprobs"], read["ids"],
+                                            read["log_probs"]):
+            by_id = dict(zip(ids_b, lp_b))
+            error = np.array([by_id[i] - lp for i, lp in zip(ids_a, lp_a)])
+            assert error.max() - error.min() <= 1 / 16 + 4e-3  # + float16's own rounding
+    losses = {}
+    for name in ("f16", "log8"):
+        train_one_thread(["--config", cache_recipe(tmp_path, tiny, tmp_path / f"{name}.parquet", out=name,
+                                                   max_steps=2, save_steps=2)])
+        state = json.loads((tmp_path / name / "checkpoint-2" / "trainer_state.json").read_text())
+        losses[name] = [h["loss"] for h in state["log_history"] if "loss" in h]
+        assert all(h["teacher_mass/off"] == pytest.approx(1.0, abs=2e-3)
+                   for h in state["log_history"] if "loss" in h)
+    np.testing.assert_allclose(losses["log8"], losses["f16"], rtol=0.02)
+
+
+def test_generate_refuses_an_unknown_codec_before_loading(tmp_path, tiny, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--model_name_or_path", tiny["teacher"], "--dataset_name", tiny["data"], "--output_file",
+              str(tmp_path / "c.parquet"), "--teacher_top_k", "4", "--teacher_top_k_codec", "int4"])
+    err = capsys.readouterr().err
+    assert "--teacher_top_k_codec" in err and "invalid choice: 'int4'" in err and "log8" in err, err
+    assert not (tmp_path / "c.parquet").exists()
 
 
 def test_generate_refuses_a_cache_that_is_not_parquet_before_loading(tmp_path, tiny):
@@ -163,6 +241,12 @@ def test_an_eval_dict_and_an_iterable_dataset_are_checked_for_the_cache_columns(
                                                        "teacher_topk_ids", "teacher_topk_logprobs",
                                                        "teacher_token_logprob")})
     check_cached_dataset({"a": good, "b": good.to_iterable_dataset()}, "completion")
+    compact = Dataset.from_dict({name: [[1]] for name in ("prompt", "completion", "prompt_ids", "completion_ids",
+                                                          "teacher_topk_id_gaps", "teacher_topk_codes",
+                                                          "teacher_topk_logmass", "teacher_token_logprob")})
+    check_cached_dataset(compact, "completion")  # the log8 codec's columns
+    with pytest.raises(ValueError, match=r"no column\(s\) \['teacher_topk_logmass'\]"):
+        check_cached_dataset(compact.remove_columns("teacher_topk_logmass"), "completion")
     with pytest.raises(ValueError, match=r"no column\(s\) \['prompt_ids', 'completion_ids'"):
         check_cached_dataset({"a": good, "b": Dataset.from_dict({"prompt": ["x"]}).to_iterable_dataset()},
                              "completion")
