@@ -6,9 +6,10 @@ and its top-`max(--ks)` log-probs at every completion token are computed once in
 function `amm-trl generate` calls); each k's cache is that top-k written by `write_top_k_cache` in each codec (the
 writer `amm-trl generate` calls), so every figure compares the same tokens. Per k and codec: the top-k columns'
 bytes per completion token (compressed, as parquet stores them), the covered teacher mass, and what the codec loses
-against the float32 values: the largest spread of a token's log-prob errors (`max_spread`: log8 keeps each log-prob
-within 1/32 nat of one per-token shift, so <= 1/16) and the mean total variation between the decoded and the exact
-top-k-plus-tail distributions.
+against the float32 values: the largest spread of a token's log-prob errors (`max_spread`, over the entries within
+255/16 nats of the token's top: log8 keeps each within 1/32 nat of one per-token shift, so <= 1/16), the share of
+entries further below (`clamped_share`, read as 255/16 below the top), and the mean and largest total variation
+between the decoded and the exact top-k-plus-tail distributions.
 
     OMP_NUM_THREADS=1 python bench/teacher_cache.py --json out.json
 
@@ -35,7 +36,7 @@ from amm_trl.cache import CODECS, top_k_of, write_top_k_cache  # noqa: E402
 def fidelity(rows: list[dict], exact: list[dict]) -> dict:
     """Decoded vs exact log-probs of the same tokens: the largest per-token spread of the errors, and the mean TV
     between the two (top-k + tail) distributions."""
-    spreads, tvs = [], []
+    spreads, tvs, clamped, entries = [], [], 0, 0
     for row, ref in zip(rows, exact, strict=True):
         got = top_k_of(row)
         for ids, lps, ref_ids, ref_lps in zip(got["ids"], got["log_probs"], ref["ids"], ref["log_probs"],
@@ -44,10 +45,13 @@ def fidelity(rows: list[dict], exact: list[dict]) -> dict:
             p = np.exp(np.array([by_id[i] for i in ref_ids], dtype=np.float64))
             q = np.exp(np.array(ref_lps, dtype=np.float64))
             error = np.log(p) - np.log(q)
-            spreads.append(float(error.max() - error.min()))
+            kept = np.log(q) > np.log(q).max() - 255 / 16  # log8 reads entries further below the top as 255/16
+            clamped += int((~kept).sum())
+            entries += len(q)
+            spreads.append(float(error[kept].max() - error[kept].min()))
             tvs.append(0.5 * (np.abs(p - q).sum() + abs(p.sum() - q.sum())))
-    return {"max_spread": round(max(spreads), 4), "tv_mean": float(f"{np.mean(tvs):.3g}"),
-            "tv_max": float(f"{max(tvs):.3g}")}
+    return {"max_spread": round(max(spreads), 4), "clamped_share": round(clamped / entries, 4),
+            "tv_mean": float(f"{np.mean(tvs):.3g}"), "tv_max": float(f"{max(tvs):.3g}")}
 
 
 def main():
