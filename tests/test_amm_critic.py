@@ -155,3 +155,27 @@ def test_the_critic_can_have_its_own_learning_rate(tiny, tiny_dataset, tmp_path)
     with pytest.raises(ValueError, match=r"AMMConfig.q_head_learning_rate=0.0 is invalid: use a positive learning "
                                          r"rate, or null for learning_rate \* q_head_lr_multiplier\."):
         make_trainer(tiny, tiny_dataset, tmp_path, q_head_learning_rate=0.0)
+
+
+@CHUNKS
+def test_amm_on_rollouts_alone_with_a_zero_critic_gives_the_student_reverse_kls_gradient(tiny, tiny_dataset, tmp_path,
+                                                                                        chunk):
+    """`amm_beta: 0` (`amm_rollouts` in bench/tier_a/tier_a_algo.yaml): every sequence a rollout, no anchor. At the
+    critic's zero init (f = the prior log p_T / p_S) the student's gradient is reverse KL's on the same batch, so what
+    that variant adds over `rkl` is the learned residual alone; the heads get a gradient of their own."""
+    amm = make_trainer(tiny, tiny_dataset, tmp_path / "amm", loss_chunk_tokens=chunk, objective="amm", amm_beta=0.0)
+    rkl = make_trainer(tiny, tiny_dataset, tmp_path / "rkl", loss_chunk_tokens=chunk, objective="rkl")
+    inputs = fixed_batch(amm, tiny_dataset)
+    assert "off_completion_ids" not in inputs
+    check_chunks(amm, inputs, chunk)
+    grads = {}
+    for name, trainer in (("amm", amm), ("rkl", rkl)):
+        trainer.model.train()
+        trainer.model.zero_grad()
+        trainer.compute_loss(trainer.model, inputs).backward()
+        grads[name] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                       if p.grad is not None and "amm_q_heads" not in n}
+    assert grads["amm"].keys() == grads["rkl"].keys() and any(g.abs().sum() > 0 for g in grads["rkl"].values())
+    for n, g in grads["rkl"].items():
+        torch.testing.assert_close(grads["amm"][n], g, rtol=1e-4, atol=1e-7)
+    assert any(p.grad.abs().sum() > 0 for p in amm.q_heads.parameters())

@@ -43,7 +43,9 @@ def start_server(model, folder, extra=("--max-logprobs", str(VOCAB))):
     url = f"http://127.0.0.1:{port}"
     from amm_trl.rollouts import wait_for_health
 
-    problem = wait_for_health(url, 240)
+    deadline, problem = time.monotonic() + 240, "not polled"
+    while proc.poll() is None and time.monotonic() < deadline and problem is not None:  # a server that died: at once
+        problem = wait_for_health(url, 5)
     if problem is not None:
         stop_server(proc)
         pytest.fail(f"the teacher server did not start ({problem}):\n{open(log_path).read()[-4000:]}")
