@@ -219,6 +219,10 @@ class AMMConfig(DistillationConfig):
             Address of the teacher's vLLM server, e.g. `http://teacher-node:8000`.
         teacher_server_timeout (`float`, *optional*, defaults to `240.0`):
             Seconds to wait for the teacher's server at start-up.
+        teacher_server_request_timeout (`float`, *optional*, defaults to `300.0`):
+            Seconds one request to the teacher's server may take. A request with no answer by then stops training
+            with an error naming the server (TRL's client has no timeout: a server that hangs would stall the run for
+            good); TRL's retries of refused connections and 5xx answers still apply.
         teacher_server_output (`str`, *optional*, defaults to `"top_k"`):
             What the server returns. `top_k`: log-probs (`vllm serve TEACHER --max-logprobs K`). `hidden_states`: the
             teacher's last hidden state at every position (a pooling server, `vllm serve TEACHER --runner pooling
@@ -308,6 +312,8 @@ class AMMConfig(DistillationConfig):
     teacher_server_base_url: str | None = field(default=None, metadata={
         "help": "The teacher's vLLM server, e.g. http://teacher-node:8000."})
     teacher_server_timeout: float = field(default=240.0, metadata={"help": "Seconds to wait for it at start-up."})
+    teacher_server_request_timeout: float = field(default=300.0, metadata={
+        "help": "Seconds one request to it may take before training stops with an error."})
     teacher_server_output: Literal[TEACHER_SERVER_OUTPUTS] = field(default="top_k", metadata={
         "help": "top_k: the server's top-k log-probs; hidden_states: its last hidden states, projected here by the "
                 "teacher's own output layer (exact)."})
@@ -371,6 +377,9 @@ class AMMConfig(DistillationConfig):
                  "--max-logprobs).")
         if self.teacher_server_output not in TEACHER_SERVER_OUTPUTS:
             fail("teacher_server_output", self.teacher_server_output, f"choose one of {list(TEACHER_SERVER_OUTPUTS)}.")
+        for name in ("teacher_server_timeout", "teacher_server_request_timeout"):
+            if not getattr(self, name) > 0:
+                fail(name, getattr(self, name), "give a number of seconds > 0.")
         if self.teacher_placement == "local":
             return
         unit, where = self._objective, f"teacher_placement {self.teacher_placement!r}"

@@ -120,7 +120,7 @@ class ServedTeacher:
     returns log-probabilities (not logits)."""
 
     def __init__(self, base_url: str, top_k: int, timeout: float, output: str = "top_k",
-                 hidden_size: int | None = None):
+                 hidden_size: int | None = None, request_timeout: float = 300.0):
         from trl.generation.vllm_client import VLLMClient
 
         from .rollouts import wait_for_health
@@ -133,6 +133,8 @@ class ServedTeacher:
                                   f"first, e.g. `vllm serve TEACHER --port PORT --max-logprobs {max(top_k, 20)}`, "
                                   f"and check the address; raise teacher_server_timeout if it is still loading.")
         self.client = VLLMClient(base_url=self.base_url)
+        self.request_timeout = request_timeout
+        bound_requests(self.client.session, request_timeout)
         self.output = output
         self.check() if output == "top_k" else self.check_hidden(hidden_size)
 
@@ -159,7 +161,7 @@ class ServedTeacher:
                 raise ValueError(f"The teacher server at {self.base_url} refuses {self.k} log-probs per token "
                                  f"(teacher_top_k={self.k}): restart it with `--max-logprobs {self.k}` (vLLM's default "
                                  f"is 20), or lower teacher_top_k. The server said: {exc}") from exc
-            raise
+            raise self._stopped(exc) from exc
         covered = torch.logsumexp(torch.tensor(out["logprobs"][0][0], dtype=torch.float64), 0).item()
         if covered > 1e-3:
             raise ValueError(f"The teacher server at {self.base_url} returns scores whose top-{self.k} sums to "
@@ -203,6 +205,12 @@ class ServedTeacher:
         return [c[:next((i + 1 for i, t in enumerate(c) if t in ends), len(c))] for c in out["completion_ids"]]
 
     def _stopped(self, exc: Exception) -> TeacherServerError:
+        if "timed out" in str(exc).lower():
+            return TeacherServerError(
+                f"The teacher server at {self.base_url} gave no answer within teacher_server_request_timeout="
+                f"{self.request_timeout} s ({type(exc).__name__}: {str(exc)[:300]}): it hangs or is overloaded. "
+                f"Checkpoints already in output_dir are complete: restart it (or raise the timeout for very large "
+                f"batches) and resume with --resume_from_checkpoint latest.")
         if "Request failed: 4" in str(exc):  # TRL's client: the server answered, and refused this request
             return TeacherServerError(
                 f"The teacher server at {self.base_url} refused a request ({str(exc)[:400]}): e.g. a prompt plus "
@@ -212,6 +220,23 @@ class ServedTeacher:
             f"The teacher server at {self.base_url} stopped answering ({type(exc).__name__}: {str(exc)[:300]}). "
             f"Checkpoints already in output_dir are complete: restart the server and resume with "
             f"--resume_from_checkpoint latest.")
+
+
+def bound_requests(session, timeout: float) -> None:
+    """Gives every request of a `requests` session (TRL's `VLLMClient.session`, which passes no timeout) a timeout,
+    keeping its adapters' retries except on read errors: a request that got no answer in `timeout` seconds is not sent
+    again (refused connections and 5xx answers are still retried, as TRL configures them)."""
+    from requests.adapters import HTTPAdapter
+
+    class TimeoutAdapter(HTTPAdapter):
+        def send(self, request, timeout=None, **kwargs):
+            return super().send(request, timeout=bound if timeout is None else timeout, **kwargs)
+
+    bound = timeout
+    for prefix, adapter in list(session.adapters.items()):
+        session.mount(prefix, TimeoutAdapter(pool_connections=adapter._pool_connections,
+                                             pool_maxsize=adapter._pool_maxsize,
+                                             max_retries=adapter.max_retries.new(read=0)))
 
 
 def check_cached_dataset(dataset, off_policy_column: str) -> None:

@@ -132,7 +132,8 @@ class AMMTrainer(DistillationTrainer):
             check_teacher_tokenizer(model, elsewhere, processing_class)  # its ids must be the student's
         head = served_head(elsewhere, args)  # (layer, config) or None
         served = (ServedTeacher(args.teacher_server_base_url, args.teacher_top_k, args.teacher_server_timeout,
-                                args.teacher_server_output, head[1].hidden_size if head else None)
+                                args.teacher_server_output, head[1].hidden_size if head else None,
+                                request_timeout=args.teacher_server_request_timeout)
                   if args.teacher_placement != "local" and args.teacher_server_base_url else None)
         if args.use_vllm and args.vllm_mode == "server" and args.process_index == 0:  # where TRL's client runs
             wait_for_vllm_server(args, model)  # before loading any model: fail fast

@@ -257,3 +257,10 @@ def test_a_cache_rendered_with_another_prompt_is_refused_naming_the_row(tmp_path
     with pytest.raises(ValueError, match=r"the cached prompt_ids of the row with prompt 'w\d+.*differ from the prompt "
                                          r"this trainer renders .*raise max_prompt_length"):
         main(["train", "--config", cache_recipe(tmp_path, tiny, data, max_prompt_length=2)])
+
+
+
+def test_the_server_timeouts_must_be_positive():
+    for name in ("teacher_server_timeout", "teacher_server_request_timeout"):
+        with pytest.raises(ValueError, match=rf"{name}=0 is invalid: give a number of seconds > 0"):
+            AMMConfig(**BASE, **{name: 0})

@@ -212,6 +212,49 @@ def test_a_top_k_beyond_the_servers_max_logprobs_is_refused_at_start_up(assets, 
     assert not (tmp_path / "out" / "checkpoint-1").exists()
 
 
+def test_a_teacher_server_that_hangs_fails_within_the_request_timeout_naming_it():
+    """A stand-in server that answers /health and /v1/models but never a completion: TRL's client has no timeout of its
+    own, so without `teacher_server_request_timeout` the start-up probe (and any step) would wait for good."""
+    import http.server
+    import threading
+    import time
+
+    from amm_trl.teacher import ServedTeacher, TeacherServerError
+
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"data": [{"id": "teacher"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            release.wait(30)  # hangs
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    import trl.generation.vllm_client  # noqa: F401  (its imports take seconds: not part of the time measured)
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(TeacherServerError, match=rf"The teacher server at {url} gave no answer within "
+                                                     r"teacher_server_request_timeout=0.5 s .*resume with"):
+            ServedTeacher(url, top_k=4, timeout=10, request_timeout=0.5)
+        # one try: a request that timed out is not sent again (TRL's 5 retries would back off 2 + 4 + ... = 62 s)
+        assert time.monotonic() - start < 5
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
 def _group(pgid: int) -> list[int]:
     """The live processes of process group `pgid` (/proc/PID/stat: state, ppid, pgrp after the command name)."""
     pids = []
