@@ -250,8 +250,8 @@ def test_a_variant_suite_merges_into_its_base_and_drops_changes_or_adds_runs(tmp
     # a new run (with its recipe) is added after the base's; bench/tier_a/tier_a_algo.yaml keeps rkl and amm and adds
     # AMM on rollouts only, with 6 trials like every method
     algo = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_a", "tier_a_algo.yaml"))
-    assert [r["name"] for r in algo["runs"]] == ["rkl", "amm", "amm_rollouts"]
-    added = algo["runs"][-1]
+    assert [r["name"] for r in algo["runs"]] == ["rkl", "amm", "amm_rollouts", "amm_rollouts_clip_apart"]
+    added = algo["runs"][2]
     assert added["recipe"] == "quickstart" and added["args"] == {"amm_beta": 0.0, "per_device_train_batch_size": 16}
     assert algo["common"]["max_steps"] == 800 and algo["output_dir"] == "docs/results/tier_a_algo/runs"
     suite_module.check_budget(algo)
