@@ -291,9 +291,30 @@ def code_version() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+def cpu_kind() -> str:
+    """The machine's CPU model and its widest vector extension (float results differ between kinds), e.g. `AMD EPYC
+    (avx512_bf16)`; recorded in every result so that a suite continued on another machine says which runs ran where."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    widest = next((flag for flag in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if flag in flags), "other")
+    return f"{model} ({widest})"
+
+
 def execute(suite: dict, run: dict, keep_models: bool) -> dict:
     out = run_dir(suite, run)
-    record = {"name": run["name"], "group": run["group"], "seed": run["seed"], "commit": code_version()}
+    record = {"name": run["name"], "group": run["group"], "seed": run["seed"], "commit": code_version(),
+              "cpu": cpu_kind()}
     learning_rate, settings = None, None
     if run["group"] == "select":
         learning_rate, settings = run["learning_rate"], suite["select"]["eval"]

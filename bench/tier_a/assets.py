@@ -64,6 +64,9 @@ def cached_build(out: str, cfg: dict, paths: dict, make, name: str) -> dict:
             raise ValueError(f"{manifest_path} was built with other settings {recorded['settings']}; delete {out} "
                              f"to rebuild it with {cfg}.")
         if all(os.path.exists(p) for p in paths.values()):
+            if recorded.get("digest") not in (None, digest(paths)):  # e.g. committed assets changed by hand
+                raise ValueError(f"The assets in {out} differ from the digest {manifest_path} records: restore them "
+                                 f"(git checkout {out}) or delete {out} and rerun the suite from scratch.")
             return paths
     import torch
 
