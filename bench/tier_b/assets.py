@@ -1,14 +1,18 @@
-"""Tier B assets, built once into `<output_dir>/assets` (the suite's `prepare` hook) and reused while its
+"""Tier B assets, built once into the suite's `assets_dir` (the suite's `prepare` hook) and reused while its
 `manifest.json` holds the same settings: a pruned student, the splits, and the teacher's answers.
 
 - teacher: SmolLM2-135M-Instruct (asset `smollm2-135m-instruct`, 30 layers), loaded in fp32;
-- initial student: the teacher with the middle layers `drop` removed (default: 14 of 30, leaving 16 layers, ~85M
-  parameters), saved in fp32 (the shared SFT start then trains it on the references);
+- initial student: the teacher with the layers `drop` removed (default: the quickstart student's 10, 13, 16, 19, 22,
+  25, leaving 24 layers, 113M parameters), saved in fp32; every method starts from it;
 - splits of alpaca_en_demo (asset rows): train = the first 799 demo-train rows, validation = the last 100 (learning
   rate selection, curves), test = the 100 demo-eval rows;
 - per row: `teacher`, one temperature-1 sample of the teacher (the off-policy data of every method but SFT, and the
   coverage measure), and on validation and test `teacher_greedy`, the teacher's greedy answer (exact TV on fixed
   data). Answers are cut at `max_new_tokens`. Deterministic: fixed seeds, one thread.
+
+The two models are exact copies of shipped weights (the same bytes on every machine); the answers are sampled, so
+their bits depend on the CPU kind. The split files are therefore committed beside the manifest and reused when present
+(only the models are rebuilt on a fresh checkout), which keeps a suite that spans machines on one set of data.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 
 from bench.tier_a.assets import cached_build
 
-DEFAULTS = {"drop": list(range(8, 22)), "validation_rows": 100, "max_new_tokens": 48, "seed": 0}
+DEFAULTS = {"drop": [10, 13, 16, 19, 22, 25], "validation_rows": 100, "max_new_tokens": 48, "seed": 0}
 
 
 def _message(text: str) -> list[dict]:
@@ -71,6 +75,8 @@ def _make(cfg: dict, paths: dict) -> dict:
     rows = {"train": demo[:-n_val], "validation": demo[-n_val:],
             "test": [dict(r) for r in load_prompt_dataset(resolve("alpaca-demo-eval"))]}
     for i, (split, split_rows) in enumerate(rows.items()):
+        if os.path.exists(paths[split]):  # committed answers: sampled once, on whichever machine built them first
+            continue
         for row, sample in zip(split_rows, _answers(paths["teacher"], split_rows, cfg["max_new_tokens"], 1.0,
                                                     cfg["seed"] + i)):
             row["teacher"] = _message(sample)
@@ -85,5 +91,6 @@ def _make(cfg: dict, paths: dict) -> dict:
 
 
 def prepare(suite: dict) -> dict:
-    """Suite hook (`prepare: bench.tier_b.assets:prepare`): builds into `<output_dir>/assets` with `suite["task"]`."""
-    return build(os.path.join(suite["output_dir"], "assets"), suite.get("task"))
+    """Suite hook (`prepare: bench.tier_b.assets:prepare`): builds into `suite["assets_dir"]` (default
+    `<output_dir>/assets`; the pilot and the tier share one) with `suite["task"]`."""
+    return build(suite.get("assets_dir") or os.path.join(suite["output_dir"], "assets"), suite.get("task"))
