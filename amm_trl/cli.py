@@ -66,6 +66,10 @@ class GenerateArguments:
     teacher_top_k: int = field(default=0, metadata={
         "help": "Also store, for every completion token, the model's top-k log-probs (a teacher cache for "
                 "`teacher_placement: cache`); output_file must then end in .parquet."})
+    chat_template_kwargs: str | None = field(default=None, metadata={
+        "help": "JSON object of extra chat-template variables, as the trainer's `chat_template_kwargs` (e.g. "
+                "'{\"enable_thinking\": false}'): prompts are rendered as the trainer will render them, which a "
+                "top-k cache requires."})
     teacher_top_k_codec: Literal["float16", "log8"] = field(default="float16", metadata={
         "help": "How the top-k is stored: float16 (ids and fp16 log-probs, ~4 bytes per entry before zstd) or log8 "
                 "(sorted id gaps and 8-bit log-probs in 1/16-nat steps with the exact covered mass, ~2 bytes)."})
@@ -284,6 +288,20 @@ def training_summary(log_history: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _json_object(name: str, text: str | None) -> dict:
+    """`--name '{...}'` as a dict; anything but a JSON object is refused naming the flag."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--{name} {text!r} is not valid JSON ({e}); give an object, e.g. "
+                         f"'{{\"enable_thinking\": false}}'.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--{name} {text!r} must be a JSON object, e.g. '{{\"enable_thinking\": false}}'.")
+    return value
+
+
 def generate(argv: list[str]):
     from transformers import AutoTokenizer, HfArgumentParser
 
@@ -296,6 +314,7 @@ def generate(argv: list[str]):
     if a.teacher_top_k < 0 or (a.teacher_top_k and not a.output_file.endswith(".parquet")):
         raise ValueError(f"--teacher_top_k {a.teacher_top_k} --output_file {a.output_file!r}: a top-k cache is written "
                          f"as parquet (give a file ending in .parquet) and k must be >= 0.")
+    template_kwargs = _json_object("chat_template_kwargs", a.chat_template_kwargs)
     dataset = load_prompt_dataset(a.dataset_name, a.dataset_split)
     if "prompt" not in dataset.column_names:
         raise ValueError(f"dataset_name {a.dataset_name!r} has columns {dataset.column_names} but no 'prompt'.")
@@ -303,7 +322,7 @@ def generate(argv: list[str]):
         dataset = dataset.select(range(min(a.max_samples, len(dataset))))
     tokenizer = AutoTokenizer.from_pretrained(a.model_name_or_path)
     prompts = dataset["prompt"]
-    prompt_ids = render_prompts(tokenizer, prompts)
+    prompt_ids = render_prompts(tokenizer, prompts, template_kwargs)
     if a.teacher_top_k:
         ids, top_k = generate_with_top_k(a.model_name_or_path, prompt_ids, a.max_new_tokens, a.teacher_top_k,
                                          a.temperature, a.top_p, a.batch_size, a.use_vllm, a.dtype, a.seed)

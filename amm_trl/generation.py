@@ -8,12 +8,14 @@ from tqdm.auto import tqdm
 from trl.data_utils import is_conversational
 
 
-def render_prompts(tokenizer, prompts: list) -> list[list[int]]:
-    """Token ids of each prompt as the trainer renders it (chat template with generation prompt, or plain text)."""
+def render_prompts(tokenizer, prompts: list, chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """Token ids of each prompt as the trainer renders it (chat template with generation prompt and the trainer's
+    `chat_template_kwargs`, or plain text)."""
     ids = []
     for prompt in prompts:
         if is_conversational({"prompt": prompt}):
-            encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                    **(chat_template_kwargs or {}))
             ids.append(list(encoded["input_ids"] if not isinstance(encoded, list) else encoded))
         else:
             ids.append(tokenizer(prompt)["input_ids"])

@@ -264,3 +264,64 @@ def test_the_server_timeouts_must_be_positive():
     for name in ("teacher_server_timeout", "teacher_server_request_timeout"):
         with pytest.raises(ValueError, match=rf"{name}=0 is invalid: give a number of seconds > 0"):
             AMMConfig(**BASE, **{name: 0})
+
+
+def _thinking_copy(tmp_path, tiny):
+    """The tiny student and teacher with a chat template that reads a template variable (as Qwen3's reads
+    `enable_thinking`): with `enable_thinking: false` the generation prompt gains a word."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tests.tiny import CHAT_TEMPLATE
+
+    template = CHAT_TEMPLATE.replace("<|im_start|> assistant {% endif %}", "<|im_start|> assistant {% if "
+                                     "enable_thinking is defined and not enable_thinking %}w7 {% endif %}{% endif %}")
+    paths = {}
+    for name in ("student", "teacher"):
+        paths[name] = str(tmp_path / name)
+        shutil.copytree(tiny[name], paths[name])
+        tokenizer = AutoTokenizer.from_pretrained(paths[name])
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(paths[name])
+    return {**tiny, **paths}
+
+
+def test_generate_renders_prompts_with_the_trainers_chat_template_kwargs(tmp_path, tiny):
+    from transformers import AutoTokenizer
+
+    from amm_trl.data import load_prompt_dataset
+    from amm_trl.generation import render_prompts
+
+    thinking = _thinking_copy(tmp_path, tiny)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"w{i} w{i + 1}"}]}) + "\n"
+                            for i in range(8)))
+    out = tmp_path / "cache.parquet"
+    main(["generate", "--model_name_or_path", thinking["teacher"], "--dataset_name", str(data), "--output_file",
+          str(out), "--max_new_tokens", "4", "--teacher_top_k", "8", "--batch_size", "8",
+          "--chat_template_kwargs", '{"enable_thinking": false}'])
+    rows = pq.read_table(out).to_pylist()
+    tokenizer = AutoTokenizer.from_pretrained(thinking["teacher"])
+    prompts = load_prompt_dataset(str(data))["prompt"]
+    rendered = render_prompts(tokenizer, prompts, {"enable_thinking": False})
+    assert [r["prompt_ids"] for r in rows] == rendered
+    assert all(r[-1] == tokenizer.convert_tokens_to_ids("w7") for r in rendered)
+    assert rendered != render_prompts(tokenizer, prompts)  # the variable changes the prompt
+    # the trainer renders the same prompts only when it is given the same variables
+    recipe = cache_recipe(tmp_path, thinking, out, max_steps=1, save_strategy="no", teacher_top_k=8,
+                          chat_template_kwargs={"enable_thinking": False})
+    train_one_thread(["--config", recipe])
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="the cached prompt_ids of the row with prompt"):
+        train_one_thread(["--config", cache_recipe(tmp_path, thinking, out, out="out2", max_steps=1,
+                                                   save_strategy="no", teacher_top_k=8)])
+
+
+@pytest.mark.parametrize("text, message", [("{enable_thinking: false}", "is not valid JSON"),
+                                           ("[1]", "must be a JSON object")])
+def test_generate_refuses_chat_template_kwargs_that_are_not_a_json_object_before_loading(tmp_path, tiny, text,
+                                                                                           message):
+    with pytest.raises(ValueError, match=rf"--chat_template_kwargs .*{message}"):  # the dataset does not exist
+        main(["generate", "--model_name_or_path", tiny["teacher"], "--dataset_name", str(tmp_path / "none.jsonl"),
+              "--output_file", str(tmp_path / "o.jsonl"), "--chat_template_kwargs", text])
