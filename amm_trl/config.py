@@ -232,6 +232,11 @@ class AMMConfig(DistillationConfig):
         teacher_top_k (`int`, *optional*, defaults to `20`):
             Teacher log-probs per token from the server (vLLM allows 20 unless started with `--max-logprobs`); a cache
             holding more is cut to this many.
+        teacher_local_top_k (`int`, *optional*, defaults to `0`):
+            With a teacher whose full distribution the trainer has (`local`, or a server's hidden states), `k > 0`
+            shows every loss only its top-k + tail, as a server or cache at that k would: what a k keeps of the
+            quality, measured before paying for the server (the rounding of served or cached log-probs aside).
+            `0`: the full distribution.
 
         > Memory
 
@@ -318,6 +323,9 @@ class AMMConfig(DistillationConfig):
         "help": "top_k: the server's top-k log-probs; hidden_states: its last hidden states, projected here by the "
                 "teacher's own output layer (exact)."})
     teacher_top_k: int = field(default=20, metadata={"help": "Teacher log-probs per token (server / cache)."})
+    teacher_local_top_k: int = field(default=0, metadata={
+        "help": "> 0: the losses see only the top-k + tail of a teacher whose full distribution is here (local, or "
+                "served hidden states), as a server or cache at that k would give it; 0: the full distribution."})
 
     # Parameters that control prompts and memory
     max_prompt_length: int | None = field(default=None, metadata={
@@ -375,6 +383,16 @@ class AMMConfig(DistillationConfig):
         if not (isinstance(self.teacher_top_k, int) and self.teacher_top_k >= 1):
             fail("teacher_top_k", self.teacher_top_k, "use an integer >= 1 (vLLM serves 20 unless started with "
                  "--max-logprobs).")
+        if not (isinstance(self.teacher_local_top_k, int) and self.teacher_local_top_k >= 0):
+            fail("teacher_local_top_k", self.teacher_local_top_k, "use an integer >= 0 (0: the full distribution).")
+        exact = self.teacher_placement == "local" or (self.teacher_placement == "server"
+                                                      and self.teacher_server_output == "hidden_states")
+        if self.teacher_local_top_k and not exact:
+            fail("teacher_local_top_k", self.teacher_local_top_k, f"teacher_placement {self.teacher_placement!r} "
+                 f"already gives a top-k teacher: set its k with teacher_top_k.")
+        if self.teacher_local_top_k and self._objective.info.trl_loss:
+            fail("teacher_local_top_k", self.teacher_local_top_k, f"objective {self.objective!r} runs TRL's loss on "
+                 f"the full logits: use 'gkd' with lmbda 1.0 (the same loss).")
         if self.teacher_server_output not in TEACHER_SERVER_OUTPUTS:
             fail("teacher_server_output", self.teacher_server_output, f"choose one of {list(TEACHER_SERVER_OUTPUTS)}.")
         for name in ("teacher_server_timeout", "teacher_server_request_timeout"):

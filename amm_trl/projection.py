@@ -60,10 +60,11 @@ class Projection:
     """The output layers, read by name from the parameters the chunked engine passes (`params`)."""
 
     def __init__(self, student_head: nn.Module, teacher_head: nn.Module | None, vocab: int, temperature: float,
-                 student_transform, teacher_transform=None):
+                 student_transform, teacher_transform=None, teacher_top_k: int = 0):
         self.student = _head_params("student", student_head)
         self.teacher = _head_params("teacher", teacher_head)
         self.vocab, self.temperature = vocab, temperature
+        self.teacher_top_k = teacher_top_k  # > 0: the losses see the teacher's top-k + tail (`teacher_local_top_k`)
         self.transforms = {"student": student_transform, "teacher": teacher_transform}
 
     @property
@@ -97,10 +98,13 @@ def common_metrics(student_logits: Tensor, teacher: DenseTeacher | TopKTeacher |
 
 def teacher_of(chunk: dict[str, Tensor], projection: Projection,
                params: dict[str, Tensor]) -> DenseTeacher | TopKTeacher | None:
-    """The teacher's distribution of a chunk: projected from its hidden states (a teacher in this process), from the
-    top-k token inputs (served or cached), or None."""
+    """The teacher's distribution of a chunk: projected from its hidden states (a teacher in this process; its top-k
+    view with `projection.teacher_top_k`), from the top-k token inputs (served or cached), or None."""
     if "teacher_hidden" in chunk:
-        return DenseTeacher(projection.logits("teacher", chunk["teacher_hidden"], params))
+        logits = projection.logits("teacher", chunk["teacher_hidden"], params)
+        if projection.teacher_top_k:
+            return TopKTeacher.of_logits(logits, chunk["target_ids"], projection.teacher_top_k)
+        return DenseTeacher(logits)
     if TOP_K_INPUTS[0] in chunk:
         return TopKTeacher(*(chunk[key] for key in TOP_K_INPUTS))
     return None

@@ -152,8 +152,9 @@ OBJECTIVES = {"fkl": {}, "rkl": {}, "tvd": {}, "gkd": {"lmbda": 1.0}, "gkd_off":
               "minillm": {"minillm_teacher_mix": 0.0}}
 
 
-def dense_top_k(trainer, inputs):
-    """The local teacher's full distribution at every completion token of each kind, as top-k batch keys (k = V)."""
+def dense_top_k(trainer, inputs, k=None):
+    """The local teacher's top-k (default: the whole vocabulary) at every completion token of each kind, as a server
+    would give it: top-k batch keys."""
     teacher, extra = trainer.teacher_model, {}
     for prefix, ids_key, mask_key in (("", "completion_ids", "completion_mask"),
                                       ("off_", "off_completion_ids", "off_completion_mask")):
@@ -165,7 +166,7 @@ def dense_top_k(trainer, inputs):
         with torch.no_grad():
             logits = teacher(input_ids=ids, attention_mask=att).logits[:, -width - 1:-1].float()
         log_pt = torch.log_softmax(logits / trainer.temperature, -1)
-        values, top = log_pt.topk(log_pt.size(-1), -1)
+        values, top = log_pt.topk(k or log_pt.size(-1), -1)
         token = log_pt.gather(-1, inputs[ids_key][..., None]).squeeze(-1) * inputs[mask_key]
         extra.update({prefix + TOP_K_INPUTS[0]: top, prefix + TOP_K_INPUTS[1]: values, prefix + TOP_K_INPUTS[2]: token})
     return extra
@@ -209,3 +210,56 @@ def test_with_k_equal_to_the_vocabulary_every_objective_matches_the_local_teache
         for metric in ("tv", "logp_teacher"):
             assert sparse_metrics[f"{metric}/{kind}"] == pytest.approx(dense_metrics[f"{metric}/{kind}"], rel=1e-4,
                                                                        abs=1e-6)
+
+
+@CHUNKS
+@pytest.mark.parametrize("name", ["fkl", "rkl", "amm"])
+def test_a_local_teachers_top_k_view_is_what_a_server_at_that_k_gives(tiny, tiny_dataset, tmp_path, name, chunk):
+    """`teacher_local_top_k: k` on the local teacher: the same loss, gradients and coverage metrics as the top-k keys
+    a server returns at k (here built from the same teacher, so no rounding), and not the dense loss."""
+    k = 5
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, loss_chunk_tokens=chunk, objective=name,
+                           teacher_local_top_k=k)
+    torch.manual_seed(0)
+    heads = list(trainer.q_heads.parameters()) if trainer.q_heads is not None else []
+    for p in heads:
+        p.data.normal_(0, 0.3)
+    inputs = fixed_batch(trainer, tiny_dataset)
+    check_chunks(trainer, inputs, chunk)
+    params = student_params(trainer) + heads
+
+    def loss_and_grads(batch):
+        trainer.model.zero_grad()
+        trainer._metrics["train"].clear()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        got = grads(params)
+        trainer.model.zero_grad()
+        return loss.item(), got, {key: v[-1] for key, v in trainer._metrics["train"].items()}
+
+    local_loss, local_grads, local_metrics = loss_and_grads(inputs)
+    trainer.args.teacher_local_top_k = 0
+    dense_loss, _, _ = loss_and_grads(inputs)
+    served = {**inputs, **dense_top_k(trainer, inputs, k)}
+    trainer.teacher_model = None  # the loss now reads the top-k keys, as from a server
+    served_loss, served_grads, served_metrics = loss_and_grads(served)
+    assert local_loss == pytest.approx(served_loss, rel=1e-5, abs=1e-7)
+    assert abs(local_loss - dense_loss) > 1e-4 * abs(dense_loss)  # k = 5 of 64 tokens is not the full teacher
+    for got, want in zip(local_grads, served_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-6)
+    masses = [key for key in local_metrics if key.startswith("teacher_mass/")]
+    assert masses and all(local_metrics[key] < 0.999 for key in masses)
+    for key in masses + [key.replace("teacher_mass", "tv") for key in masses]:
+        assert local_metrics[key] == pytest.approx(served_metrics[key], rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"teacher_local_top_k": -1}, r"teacher_local_top_k=-1 is invalid: use an integer >= 0"),
+    ({"teacher_local_top_k": 8, "teacher_placement": "server", "teacher_server_base_url": "http://t:8000"},
+     "already gives a top-k teacher: set its k with teacher_top_k"),
+    ({"teacher_local_top_k": 8, "objective": "jsd"}, "runs TRL's loss on the full logits")])
+def test_a_local_top_k_view_where_it_cannot_apply_is_refused_by_field(overrides, message):
+    from amm_trl.config import AMMConfig
+
+    with pytest.raises(ValueError, match=message):
+        AMMConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, **{"objective": "fkl", **overrides})

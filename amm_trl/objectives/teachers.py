@@ -65,6 +65,15 @@ class TopKTeacher:
     covers the whole vocabulary both tails are empty (-inf), so with k = V the pair is the dense one.
     """
 
+    @classmethod
+    def of_logits(cls, logits: Tensor, target_ids: Tensor, k: int) -> "TopKTeacher":
+        """The top-k view of a full distribution (n, V) (no gradient): what a server or cache at this k gives of
+        it, without their rounding."""
+        with torch.no_grad():
+            log_pt = torch.log_softmax(logits, -1)
+            values, ids = log_pt.topk(min(k, log_pt.size(-1)), -1)
+            return cls(ids, values, log_pt.gather(-1, target_ids[:, None]).squeeze(-1))
+
     def __init__(self, ids: Tensor, log_probs: Tensor, token_log_prob: Tensor):
         if ids.shape != log_probs.shape or ids.dim() != 2 or token_log_prob.shape != ids.shape[:1]:
             raise ValueError(f"top-k teacher: ids {tuple(ids.shape)}, log_probs {tuple(log_probs.shape)} and "
