@@ -273,10 +273,14 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
     assert suite_module.selection(suite, "a")["learning_rate"] == 1.0e-3
 
     tier_b = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b.yaml"))
-    assert [r["name"] for r in tier_b["runs"]] == ["sft", "fkl", "rkl", "gkd", "distillm", "minillm", "composite",
-                                                    "amm"]
-    assert all(len(suite_module.candidates(tier_b, r)) == 3 for r in tier_b["runs"])
-    both = {r["name"] for r in tier_b["runs"] if r.get("args", {}).get("per_device_train_batch_size") == 4}
+    methods = [r for r in tier_b["runs"] if r.get("group", "method") == "method"]
+    assert [r["name"] for r in methods] == ["sft", "fkl", "rkl", "gkd", "distillm", "minillm", "composite", "amm"]
+    assert all(len(suite_module.candidates(tier_b, r)) == 2 for r in methods)
+    ablations = {r["name"]: r for r in tier_b["runs"] if r.get("group") == "ablation"}  # the top-k table
+    assert {name: (r["tune_as"], r["args"]["teacher_local_top_k"]) for name, r in ablations.items()} == {
+        f"{m}_k{k}": (m, k) for m in ("fkl", "amm") for k in (8, 32, 128)}
+    assert ablations["amm_k8"]["args"]["per_device_train_batch_size"] == 4
+    both = {r["name"] for r in methods if r.get("args", {}).get("per_device_train_batch_size") == 4}
     assert both == {"minillm", "composite", "amm"} and tier_b["common"]["per_device_train_batch_size"] == 8
     assert tier_b["select"]["eval"]["generate"] is False and tier_b["select"]["eval"]["only"] == ["tv_teacher_greedy"]
     pilot = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b_pilot.yaml"))
@@ -323,3 +327,41 @@ def test_a_fresh_checkout_rebuilds_the_assets_and_refuses_different_ones(tmp_pat
     with pytest.raises(ValueError, match=r"The assets rebuilt in .* differ from those .*manifest.json records \(digest "
                                          r"[0-9a-f]{12} vs 000000000000\): this machine computes other models"):
         assets.build(out, TOY_TASK)
+
+
+def test_selection_runs_train_without_curves_when_asked_and_step_zero_is_measured_once(tmp_path, monkeypatch):
+    """`select.curves: false` passes no callbacks to selection runs (test runs keep them); Tier B's validation curve
+    measures the shared initial student at step 0 once per process and reuses that value."""
+    from types import SimpleNamespace
+
+    import suite as suite_module
+
+    import amm_trl.cli
+    from bench.tier_b import measure
+
+    seen = []
+
+    def fake_train(argv, callbacks):
+        seen.append(len(callbacks))
+        return SimpleNamespace(state=SimpleNamespace(log_history=[]))
+
+    monkeypatch.setattr(amm_trl.cli, "train", fake_train)
+    monkeypatch.setattr(suite_module, "_function", lambda spec: lambda suite: object())
+    suite = {"common": {}, "callbacks": ["m:f"], "initial_student": "s", "select": {"curves": False}}
+    for group in ("select", "method"):
+        suite_module.train_one(suite, {"name": "a", "recipe": "r", "group": group, "seed": 0}, str(tmp_path))
+    assert seen == [0, 1]
+
+    calls = []
+    monkeypatch.setattr(measure.ValidationCurve, "_tv", lambda self, model: calls.append(model) or 0.5 + len(calls))
+    monkeypatch.setattr(measure, "_STEP0", {})
+    logs = []
+    for model in ("run1", "run2"):
+        curve = measure.ValidationCurve([], [], None, 20, start_key=("s", "validation"))
+        state = SimpleNamespace(global_step=0, log_history=[])
+        curve.record(state, model)
+        state.global_step = 20
+        curve.record(state, model)
+        logs.append(state.log_history)
+    assert calls == ["run1", "run1", "run2"]  # step 0 once, step 20 per run
+    assert logs[1][0] == {"step": 0, "val/tv": 1.5} == logs[0][0] and logs[1][1] == {"step": 20, "val/tv": 3.5}

@@ -24,7 +24,8 @@ Optional suite keys (used by bench/tier_a/tier_a.yaml):
   a learning rate of the grid, or, for a run with `trials: [{args}, ...]` (its design budget over its own knobs), a
   trial's args with each learning rate of the grid (or with the trial's own `learning_rate`). `select.budget: N`
   requires every tuned run to have exactly N candidates (equal tuning for every method), else the suite refuses to
-  start. A run with `tune_as: <name>` (an ablation: one change to that run) gets no selection of its own and trains
+  start; `select.curves: false` trains the selection runs without the `callbacks` (they are scored at their end
+  only). A run with `tune_as: <name>` (an ablation: one change to that run) gets no selection of its own and trains
   with the candidate chosen for `<name>`.
 - an eval block's `generate: false` skips `amm-trl eval` (no generation, no metric) and `only: [names]` tells the
   measures hook which of its scores to compute (e.g. a selection scored by one cheap measure);
@@ -224,7 +225,8 @@ def train_one(suite: dict, run: dict, out: str, learning_rate: float | None = No
         overrides.update(suite["gpu_args"])  # the packaged recipes are sized for a CPU
     overrides.update(output_dir=out, save_strategy="no", report_to="none")
     argv = ["--config", run["recipe"]] + _flags(overrides)
-    callbacks = [_function(spec)(suite) for spec in suite.get("callbacks", [])] if run["group"] != "reference" else []
+    curves = run["group"] != "reference" and (run["group"] != "select" or suite["select"].get("curves", True))
+    callbacks = [_function(spec)(suite) for spec in suite.get("callbacks", [])] if curves else []
     print(f"suite: amm-trl train {' '.join(argv)}", flush=True)
     start = time.perf_counter()
     trainer = cli.train(argv, callbacks=callbacks)

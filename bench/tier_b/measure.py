@@ -60,16 +60,30 @@ def measure(model_path: str, suite: dict, out: str, seed: int, settings: dict) -
     return result
 
 
+_STEP0: dict[tuple, float] = {}  # (initial student, validation split) -> its validation TV, per suite process
+
+
 class ValidationCurve(EveryKSteps):
     """Exact TV on the validation split's teacher greedy answers at step 0 and every `every` optimizer steps, appended
     to the training log as `val/tv` (the suite's `train_log.json` holds the curves). No sampling: the RNG and hence
     training are the same with or without this callback."""
 
-    def __init__(self, prompts: list[list[int]], answers: list[list[int]], teacher, every: int):
+    def __init__(self, prompts: list[list[int]], answers: list[list[int]], teacher, every: int,
+                 start_key: tuple | None = None):
         self.prompts, self.answers, self.teacher, self.every = prompts, answers, teacher, every
+        self.start_key = start_key  # step 0 is the same model for every run with this key: measured once per process
 
     @torch.no_grad()
     def record(self, state, model):
+        if state.global_step == 0 and self.start_key in _STEP0:
+            state.log_history.append({"step": 0, "val/tv": _STEP0[self.start_key]})
+            return
+        value = self._tv(model)
+        if state.global_step == 0 and self.start_key is not None:
+            _STEP0[self.start_key] = value
+        state.log_history.append({"step": state.global_step, "val/tv": value})
+
+    def _tv(self, model) -> float:
         from amm_trl.objectives import total_variation
 
         was_training = model.training
@@ -91,7 +105,7 @@ class ValidationCurve(EveryKSteps):
             total += total_variation(z_s[:, :vocab].cpu(), z_t[:, :vocab]).sum().item()
             count += int(scored.sum())
         model.train(was_training)
-        state.log_history.append({"step": state.global_step, "val/tv": total / max(count, 1)})
+        return total / max(count, 1)
 
 
 def validation_curve(suite: dict) -> ValidationCurve:
@@ -105,4 +119,6 @@ def validation_curve(suite: dict) -> ValidationCurve:
     rows = [dict(r) for r in load_prompt_dataset(settings["dataset_name"])]
     tokenizer = AutoTokenizer.from_pretrained(suite["teacher"])
     prompts, answers = _encoded(tokenizer, rows, "teacher_greedy", settings["max_new_tokens"])
-    return ValidationCurve(prompts, answers, _load(suite["teacher"]), suite["curve_every"])
+    # without a shared start every run begins at the initial student, whose step-0 value is then measured once
+    start_key = None if suite.get("start") else (suite["initial_student"], settings["dataset_name"])
+    return ValidationCurve(prompts, answers, _load(suite["teacher"]), suite["curve_every"], start_key)
