@@ -172,12 +172,9 @@ def dense_top_k(trainer, inputs, k=None):
     return extra
 
 
-@CHUNKS
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
-def test_with_k_equal_to_the_vocabulary_every_objective_matches_the_local_teacher(tiny, tiny_dataset, tmp_path,
-                                                                                 name, chunk):
-    overrides = {"objective": name, **OBJECTIVES[name]}
-    trainer = make_trainer(tiny, tiny_dataset, tmp_path, loss_chunk_tokens=chunk, **overrides)
+def _batch_and_probe(trainer, tiny_dataset, chunk):
+    """A fixed batch (checked to span `chunk`-token loss chunks), with a non-trivial critic, and `probe(batch)` ->
+    (loss, gradients of the student and the critic, the step's logged metrics)."""
     torch.manual_seed(0)
     heads = list(trainer.q_heads.parameters()) if trainer.q_heads is not None else []
     for p in heads:  # a non-trivial critic
@@ -186,7 +183,7 @@ def test_with_k_equal_to_the_vocabulary_every_objective_matches_the_local_teache
     check_chunks(trainer, inputs, chunk)
     params = student_params(trainer) + heads
 
-    def loss_and_grads(batch):
+    def probe(batch):
         trainer.model.zero_grad()
         trainer._metrics["train"].clear()
         loss = trainer.compute_loss(trainer.model, batch)
@@ -194,6 +191,17 @@ def test_with_k_equal_to_the_vocabulary_every_objective_matches_the_local_teache
         got = grads(params)
         trainer.model.zero_grad()
         return loss.item(), got, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    return inputs, probe
+
+
+@CHUNKS
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_with_k_equal_to_the_vocabulary_every_objective_matches_the_local_teacher(tiny, tiny_dataset, tmp_path,
+                                                                                 name, chunk):
+    overrides = {"objective": name, **OBJECTIVES[name]}
+    trainer = make_trainer(tiny, tiny_dataset, tmp_path, loss_chunk_tokens=chunk, **overrides)
+    inputs, loss_and_grads = _batch_and_probe(trainer, tiny_dataset, chunk)
 
     dense_loss, dense_grads, dense_metrics = loss_and_grads(inputs)
     sparse_inputs = {**inputs, **dense_top_k(trainer, inputs)}
@@ -220,22 +228,7 @@ def test_a_local_teachers_top_k_view_is_what_a_server_at_that_k_gives(tiny, tiny
     k = 5
     trainer = make_trainer(tiny, tiny_dataset, tmp_path, loss_chunk_tokens=chunk, objective=name,
                            teacher_local_top_k=k)
-    torch.manual_seed(0)
-    heads = list(trainer.q_heads.parameters()) if trainer.q_heads is not None else []
-    for p in heads:
-        p.data.normal_(0, 0.3)
-    inputs = fixed_batch(trainer, tiny_dataset)
-    check_chunks(trainer, inputs, chunk)
-    params = student_params(trainer) + heads
-
-    def loss_and_grads(batch):
-        trainer.model.zero_grad()
-        trainer._metrics["train"].clear()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        got = grads(params)
-        trainer.model.zero_grad()
-        return loss.item(), got, {key: v[-1] for key, v in trainer._metrics["train"].items()}
+    inputs, loss_and_grads = _batch_and_probe(trainer, tiny_dataset, chunk)
 
     local_loss, local_grads, local_metrics = loss_and_grads(inputs)
     trainer.args.teacher_local_top_k = 0
