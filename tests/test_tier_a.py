@@ -365,3 +365,93 @@ def test_selection_runs_train_without_curves_when_asked_and_step_zero_is_measure
         logs.append(state.log_history)
     assert calls == ["run1", "run1", "run2"]  # step 0 once, step 20 per run
     assert logs[1][0] == {"step": 0, "val/tv": 1.5} == logs[0][0] and logs[1][1] == {"step": 20, "val/tv": 3.5}
+
+
+def tier_b_like_suite(tmp_path) -> str:
+    """A Tier B-shaped suite written by hand: exact TV to the teacher (lower is better) as the primary and selection
+    metric, a `val/tv` curve, an ablation on seed 0 only, the assets in their own folder. Per seed s: amm's TV is
+    0.05 - 0.001 s below fkl's; amm's curve still falls by 0.03 over the last quarter, sft's by a constant 0.003
+    (below flat_below), fkl's wobbles around zero, the ablation's (one seed) falls by 0.001."""
+    out = tmp_path / "runs"
+
+    def write(leaf: str, name: str, obj) -> None:
+        (out / leaf).mkdir(parents=True, exist_ok=True)
+        (out / leaf / name).write_text(json.dumps(obj))
+
+    base = {"sft": 0.60, "fkl": 0.55, "amm": 0.50}
+    write("teacher", "result.json", {"rougeL": 23.0, "tv_teacher_greedy": 0.0, "quality": -1.75, "coverage": -1.81})
+    write("initial_student", "result.json", {"rougeL": 9.8, "tv_teacher_greedy": 0.67, "quality": -4.9,
+                                             "coverage": -4.0})
+    for name, tv in base.items():
+        for s in range(5):
+            step = 0.003 if name == "amm" else 0.002
+            write(f"{name}/seed{s}", "result.json", {
+                "seed": s, "learning_rate": 1.0e-4, "train_seconds": 60.0, "tv_teacher_greedy": tv + step * s,
+                "rougeL": 30 - 20 * tv + 0.1 * s, "quality": -5 * tv - 0.01 * s, "coverage": -5 * tv - 0.02 * s})
+            last = {"amm": 0.52 + 0.001 * s, "sft": 0.577, "fkl": 0.58 + 0.001 * (s - 2)}[name]
+            write(f"{name}/seed{s}", "train_log.json", [{"step": 0, "val/tv": 0.7}, {"step": 10, "loss": 1.0},
+                                                        {"step": 20, "val/tv": 0.6},
+                                                        {"step": 30, "val/tv": 0.55 + 0.001 * s if name == "amm"
+                                                         else 0.58},
+                                                        {"step": 40, "val/tv": last}])
+        for lr, tv_val in ((3.0e-5, tv + 0.01), (1.0e-4, tv - 0.0125)):
+            write(f"select/{name}/lr{lr:g}/seed0", "result.json", {"learning_rate": lr, "tv_teacher_greedy": tv_val})
+    write("amm_k8/seed0", "result.json", {"seed": 0, "learning_rate": 1.0e-4, "tv_teacher_greedy": 0.52,
+                                          "rougeL": 19.0, "quality": -2.6, "coverage": -2.6})
+    write("amm_k8/seed0", "train_log.json", [{"step": 0, "val/tv": 0.7}, {"step": 30, "val/tv": 0.53},
+                                             {"step": 40, "val/tv": 0.529}])
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "manifest.json").write_text(json.dumps({"digest": "abc"}))
+    with open(os.path.join(ROOT, "bench", "tier_b", "tier_b.yaml")) as f:
+        report_block = yaml.safe_load(f)["report"]
+    suite = {"output_dir": str(out), "assets_dir": str(tmp_path / "assets"), "teacher": "t", "initial_student": "s",
+             "seeds": [0, 1, 2, 3, 4], "common": {},
+             "select": {"learning_rates": [3.0e-5, 1.0e-4], "seeds": [0], "metric": "tv_teacher_greedy", "mode": "min"},
+             "runs": [{"name": "sft", "recipe": "r"}, {"name": "fkl", "recipe": "r"}, {"name": "amm", "recipe": "r"},
+                      {"name": "amm_k8", "recipe": "r", "group": "ablation", "tune_as": "amm", "seeds": [0]}],
+             "report": report_block}
+    path = tmp_path / "tier_b_like.yaml"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))  # the metrics' order is the columns' order
+    return str(path)
+
+
+def test_report_block_reads_a_lower_is_better_metric_and_its_own_curve(tmp_path, capsys):
+    """Tier B's `report:` block: exact TV (lower is better) is the primary metric, so a lower TV wins the sign test
+    (the (<0) mark stays the arithmetic sign); the `val/tv` curve's last-quarter change is judged against
+    flat_below; the selection table shows TV as it is; the ablation has its rows; the export holds the curve and the
+    manifest from `assets_dir`."""
+    import suite as suite_module
+
+    from bench.tier_a import report
+
+    assert report.report_config({"runs": []}) is report.TIER_A  # no block: Tier A's metrics, text and numbers
+    config = report.report_config(suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b.yaml")))
+    assert config.primary == "tv_teacher_greedy" and config.metrics["tv_teacher_greedy"].direction == "min"
+    assert list(config.curves) == ["val/tv"] and config.flat_below == 0.005
+
+    path = tier_b_like_suite(tmp_path)
+    export = tmp_path / "export"
+    verdicts = report.main([path, "--export", str(export)])
+    text = capsys.readouterr().out
+    assert "| method | lr | seeds | exact TV | ROUGE-L | quality | coverage | train s |" in text
+    assert "| teacher | - | - | 0.0000 | 23.00 | -1.750 | -1.810 | - |" in text
+    assert "| amm | 0.0001 | 5 | 0.5060 ± 0.0059 |" in text and "| amm_k8 | 0.0001 | 1 | 0.5200 | 19.00 |" in text
+    # sign test: amm's TV is lower than fkl's on all 5 seeds -> 5 wins; the difference itself is negative
+    assert "| fkl | -0.0480 ± 0.0020 (<0) |" in text and "| 5-0-0, p=0.0625 |" in text
+    assert "| amm_k8 | -0.0200 ± nan |" in text and "| 1-0-0, p=1 |" in text
+    assert "(sign test on exact TV (lower is better): seeds where amm is ahead-behind-level." in text
+    assert verdicts["tv_teacher_greedy"] == "PASS"
+    assert "separation on the primary metric (tv_teacher_greedy): PASS" in text
+    assert "## Have the curves flattened? (validation exact TV, last quarter of training)" in text
+    assert "| method | steps | last-quarter change | |" in text
+    assert "| amm | 40 | -0.0300 ± 0.0000 | STILL CHANGING |" in text
+    assert "| sft | 40 | -0.0030 ± 0.0000 | flat |" in text  # below flat_below although the interval excludes 0
+    assert "| fkl | 40 | +0.0000 ± 0.0020 | flat |" in text and "| amm_k8 | 40 | -0.0010 | flat |" in text
+    assert "## Selection (validation exact TV, seed(s) [0]; ties go to the first candidate)" in text
+    assert "| amm | 0.5100 | 0.4875 | 0.0001 |" in text and "| sft | 0.6100 | 0.5875 | 0.0001 |" in text
+    assert "SEPARATION PASS" in text
+    amm = json.loads((export / "amm.json").read_text())
+    assert amm["seeds"]["1"]["val_curve"] == [[0, 0.7], [20, 0.6], [30, 0.551], [40, 0.521]]
+    assert json.loads((export / "assets.json").read_text()) == {"digest": "abc"}
+    assert (export / "curves_val_score.png").stat().st_size > 0
+    assert not (export / "curves_selection.png").exists()  # the selection runs have no curves
