@@ -131,7 +131,7 @@ def collect(suite: dict, config: ReportConfig = TIER_A) -> tuple[dict, dict, dic
         if result is None:
             continue
         keep = {k: result.get(k) for k in ("seed", "learning_rate", "train_seconds", "eval_seconds", "candidate",
-                                           "trial_args", *config.metrics)}
+                                           "trial_args", "cpu", *config.metrics)}
         if run["group"] == "select":
             keep["candidate"] = run["candidate"]
         if run["group"] == "reference":
@@ -295,14 +295,19 @@ def trials_table(suite: dict, selects: dict, config: ReportConfig = TIER_A) -> s
         chosen = selection(suite, name)
         run = next(r for r in suite["runs"] if r["name"] == name)
         trials = run.get("trials") or []
-        cells = []
-        for row in sorted(rows, key=lambda r: r["candidate"]):
-            index = int(row["candidate"][1:].split("-")[0]) if row["candidate"].startswith("t") else None
+        cells, by_candidate = [], {}
+        for row in sorted(rows, key=lambda r: (r["candidate"], r.get("seed") or 0)):
+            by_candidate.setdefault(row["candidate"], []).append(row)
+        for candidate, seeds in by_candidate.items():  # the mean over the selection seeds, then each seed's value
+            index = int(candidate[1:].split("-")[0]) if candidate.startswith("t") else None
             knobs = {k: v for k, v in (trials[index] if index is not None else {}).items() if k != "learning_rate"}
-            label = ", ".join(f"{k}={v}" for k, v in knobs.items()) + f" lr={row['learning_rate']:g}"
-            value = "-" if row.get(metric) is None else f"{q.shown(row[metric]):.{q.digits}f}"
+            label = ", ".join(f"{k}={v}" for k, v in knobs.items()) + f" lr={seeds[0]['learning_rate']:g}"
+            values = [q.shown(r[metric]) for r in seeds if r.get(metric) is not None]
+            value = "-" if not values else f"{sum(values) / len(values):.{q.digits}f}"
+            if len(values) > 1:
+                value += " (" + ", ".join(f"{v:.{q.digits}f}" for v in values) + ")"
             cells.append(f"{label.strip(', ')}: {value}")
-        lines.append(f"| {name} | {len(rows)} | " + "; ".join(cells) + f" | {chosen['candidate']} |")
+        lines.append(f"| {name} | {len(by_candidate)} | " + "; ".join(cells) + f" | {chosen['candidate']} |")
     return "\n".join(lines)
 
 
@@ -389,6 +394,17 @@ def export(suite: dict, refs: dict, tests: dict, selects: dict, text: str, out_d
         f.write(text + "\n")
 
 
+def machine_counts(refs: dict, tests: dict, selects: dict) -> dict:
+    """{CPU kind: number of finished runs} over every record that names its CPU (suite.cpu_kind)."""
+    records = [*refs.values(), *(r for by_seed in tests.values() for r in by_seed.values()),
+               *(r for rows in selects.values() for r in rows)]
+    counts: dict = {}
+    for r in records:
+        if r.get("cpu"):
+            counts[r["cpu"]] = counts.get(r["cpu"], 0) + 1
+    return counts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite")
@@ -410,6 +426,10 @@ def main(argv=None):
               paired_table(tests, a.candidate, config),
               f"## Have the curves flattened? (validation {curve.label}, last quarter of training)",
               flattening_table(tests, config)]
+    machines = machine_counts(refs, tests, selects)
+    if machines:
+        parts += ["## Machines (runs per CPU kind; results before this record were not labelled)",
+                  "; ".join(f"{cpu}: {n}" for cpu, n in machines.items())]
     if suite.get("select"):
         metric, q = _select_quantity(suite, config)
         parts += [f"## Selection (validation {q.label}{' %' if q.scale == 100.0 else ''}, seed(s) "
