@@ -357,7 +357,7 @@ def test_selection_runs_train_without_curves_when_asked_and_step_zero_is_measure
     monkeypatch.setattr(measure, "_STEP0", {})
     logs = []
     for model in ("run1", "run2"):
-        curve = measure.ValidationCurve([], [], None, 20, start_key=("s", "validation"))
+        curve = measure.ValidationCurve(None, 20, start_key=("s", "validation"))
         state = SimpleNamespace(global_step=0, log_history=[])
         curve.record(state, model)
         state.global_step = 20
@@ -455,3 +455,25 @@ def test_report_block_reads_a_lower_is_better_metric_and_its_own_curve(tmp_path,
     assert json.loads((export / "assets.json").read_text()) == {"digest": "abc"}
     assert (export / "curves_val_score.png").stat().st_size > 0
     assert not (export / "curves_selection.png").exists()  # the selection runs have no curves
+
+
+def test_tier_b_tv_keeps_the_teachers_side_and_equals_exact_tv(tiny, monkeypatch):
+    """The cached exact TV gives exact_tv's number bit for bit, and loads and runs the teacher once for any number
+    of models."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from amm_trl.evaluation import exact_tv
+    from bench.tier_b import measure
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(6, 64, (int(n),), generator=g).tolist() for n in torch.randint(2, 6, (20,), generator=g)]
+    answers = [torch.randint(6, 64, (int(n),), generator=g).tolist() for n in torch.randint(0, 5, (20,), generator=g)]
+    monkeypatch.setattr(measure, "_TEACHER_LOGITS", {})
+    loads, load = [], measure._load
+    monkeypatch.setattr(measure, "_load", lambda path: loads.append(path) or load(path))
+    student = AutoModelForCausalLM.from_pretrained(tiny["student"], dtype=torch.float32)
+    for _ in range(2):
+        got = measure.FixedAnswersTV(tiny["teacher"], prompts, answers).tv(student)
+        assert got == exact_tv(tiny["student"], tiny["teacher"], prompts, answers)
+    assert loads == [tiny["teacher"]] and 0.0 < got < 1.0

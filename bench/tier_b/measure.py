@@ -36,7 +36,6 @@ def measure(model_path: str, suite: dict, out: str, seed: int, settings: dict) -
     from transformers import AutoTokenizer
 
     from amm_trl.data import load_prompt_dataset
-    from amm_trl.evaluation import exact_tv
     from amm_trl.generation import generate_token_ids
 
     rows = [dict(r) for r in load_prompt_dataset(settings["dataset_name"])]
@@ -45,8 +44,8 @@ def measure(model_path: str, suite: dict, out: str, seed: int, settings: dict) -
     only = set(settings.get("only") or ("tv_teacher_greedy", "quality", "coverage"))
     prompts, greedy = _encoded(tokenizer, rows, "teacher_greedy", n)
     result = {}
-    if "tv_teacher_greedy" in only:  # forward passes only
-        result["tv_teacher_greedy"] = exact_tv(model_path, suite["teacher"], prompts, greedy)
+    if "tv_teacher_greedy" in only:  # forward passes only; the teacher's side once per process
+        result["tv_teacher_greedy"] = FixedAnswersTV(suite["teacher"], prompts, greedy).tv(_load(model_path))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if "quality" in only:  # the student samples (the costly part), the teacher scores them
         samples = generate_token_ids(model_path, prompts, n, temperature=1.0, batch_size=50, dtype="float32",
@@ -60,6 +59,58 @@ def measure(model_path: str, suite: dict, out: str, seed: int, settings: dict) -
     return result
 
 
+_TEACHER_LOGITS: dict[tuple, list[torch.Tensor]] = {}  # (teacher, answers) -> its logits at the scored positions
+
+
+class FixedAnswersTV:
+    """`amm_trl.evaluation.exact_tv` (mean exact TV between teacher and student over the tokens of fixed answers, the
+    same batches of 16, the same vocabulary cut, fp32) with the teacher's logits computed once per process and kept
+    (about 1 GB for 100 answers of 48 tokens at SmolLM2's vocabulary): every later model costs its own forward only."""
+
+    def __init__(self, teacher_path: str, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 16):
+        self.teacher_path, self.batch_size = teacher_path, batch_size
+        self.rows = [(p, c) for p, c in zip(prompts, answers) if c]
+        self.key = (teacher_path, tuple(map(tuple, prompts)), tuple(map(tuple, answers)), batch_size)
+
+    def _batches(self):
+        for start in range(0, len(self.rows), self.batch_size):
+            rows = self.rows[start:start + self.batch_size]
+            width = max(len(p) + len(c) for p, c in rows)
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            mask, scored = torch.zeros_like(ids), torch.zeros(len(rows), width, dtype=torch.bool)
+            for i, (p, c) in enumerate(rows):  # right padding; position j predicts token j + 1
+                ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+                mask[i, :len(p) + len(c)] = 1
+                scored[i, len(p) - 1:len(p) + len(c) - 1] = True
+            yield ids, mask, scored
+
+    def _teacher(self) -> list[torch.Tensor]:
+        if self.key not in _TEACHER_LOGITS:
+            teacher = _load(self.teacher_path)
+            with torch.no_grad():
+                _TEACHER_LOGITS[self.key] = [teacher(input_ids=ids, attention_mask=mask).logits.float()[scored]
+                                             for ids, mask, scored in self._batches()]
+        return _TEACHER_LOGITS[self.key]
+
+    @torch.no_grad()
+    def tv(self, model) -> float:
+        from transformers import AutoTokenizer
+
+        from amm_trl.objectives import total_variation
+
+        vocab = min(len(AutoTokenizer.from_pretrained(self.teacher_path)), model.get_output_embeddings().weight.size(0),
+                    self._teacher()[0].size(-1))
+        was_training, device = model.training, next(model.parameters()).device
+        model.eval()
+        total, count = 0.0, 0
+        for (ids, mask, scored), z_t in zip(self._batches(), self._teacher()):
+            z_s = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[..., :vocab].float()
+            total += total_variation(z_s[scored.to(device)].cpu(), z_t[:, :vocab]).sum().item()
+            count += int(scored.sum())
+        model.train(was_training)
+        return total / max(count, 1)
+
+
 _STEP0: dict[tuple, float] = {}  # (initial student, validation split) -> its validation TV, per suite process
 
 
@@ -68,12 +119,10 @@ class ValidationCurve(EveryKSteps):
     to the training log as `val/tv` (the suite's `train_log.json` holds the curves). No sampling: the RNG and hence
     training are the same with or without this callback."""
 
-    def __init__(self, prompts: list[list[int]], answers: list[list[int]], teacher, every: int,
-                 start_key: tuple | None = None):
-        self.prompts, self.answers, self.teacher, self.every = prompts, answers, teacher, every
+    def __init__(self, measure: FixedAnswersTV, every: int, start_key: tuple | None = None):
+        self.measure, self.every = measure, every
         self.start_key = start_key  # step 0 is the same model for every run with this key: measured once per process
 
-    @torch.no_grad()
     def record(self, state, model):
         if state.global_step == 0 and self.start_key in _STEP0:
             state.log_history.append({"step": 0, "val/tv": _STEP0[self.start_key]})
@@ -84,28 +133,7 @@ class ValidationCurve(EveryKSteps):
         state.log_history.append({"step": state.global_step, "val/tv": value})
 
     def _tv(self, model) -> float:
-        from amm_trl.objectives import total_variation
-
-        was_training = model.training
-        model.eval()
-        total, count = 0.0, 0
-        for i in range(0, len(self.prompts), 25):
-            pairs = list(zip(self.prompts[i:i + 25], self.answers[i:i + 25]))
-            width = max(len(p) + len(c) for p, c in pairs)
-            ids = torch.zeros(len(pairs), width, dtype=torch.long)
-            mask, scored = torch.zeros_like(ids), torch.zeros(len(pairs), width, dtype=torch.bool)
-            for j, (p, c) in enumerate(pairs):
-                ids[j, :len(p) + len(c)] = torch.tensor(p + c)
-                mask[j, :len(p) + len(c)] = 1
-                scored[j, len(p) - 1:len(p) + len(c) - 1] = True
-            device = next(model.parameters()).device
-            z_s = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()[scored.to(device)]
-            z_t = self.teacher(input_ids=ids, attention_mask=mask).logits.float()[scored]
-            vocab = min(z_s.size(-1), z_t.size(-1))
-            total += total_variation(z_s[:, :vocab].cpu(), z_t[:, :vocab]).sum().item()
-            count += int(scored.sum())
-        model.train(was_training)
-        return total / max(count, 1)
+        return self.measure.tv(model)
 
 
 def validation_curve(suite: dict) -> ValidationCurve:
@@ -121,4 +149,4 @@ def validation_curve(suite: dict) -> ValidationCurve:
     prompts, answers = _encoded(tokenizer, rows, "teacher_greedy", settings["max_new_tokens"])
     # without a shared start every run begins at the initial student, whose step-0 value is then measured once
     start_key = None if suite.get("start") else (suite["initial_student"], settings["dataset_name"])
-    return ValidationCurve(prompts, answers, _load(suite["teacher"]), suite["curve_every"], start_key)
+    return ValidationCurve(FixedAnswersTV(suite["teacher"], prompts, answers), suite["curve_every"], start_key)
