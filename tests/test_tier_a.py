@@ -274,7 +274,8 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
 
     tier_b = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b.yaml"))
     methods = [r for r in tier_b["runs"] if r.get("group", "method") == "method"]
-    assert [r["name"] for r in methods] == ["sft", "fkl", "rkl", "gkd", "distillm", "minillm", "composite", "amm"]
+    assert [r["name"] for r in methods] == ["sft", "fkl", "rkl", "gkd", "distillm", "minillm", "composite", "amm",
+                                             "amm_rollouts"]
     assert all(len(suite_module.candidates(tier_b, r)) == 2 for r in methods)
     ablations = {r["name"]: r for r in tier_b["runs"] if r.get("group") == "ablation"}  # the top-k table
     assert {name: (r["tune_as"], r["args"]["teacher_local_top_k"]) for name, r in ablations.items()} == {
