@@ -3,8 +3,10 @@ the cache's size per token, on the quickstart's SmolLM2 pair (offline assets) on
 
 One prompt set (the first `--rows` alpaca-demo rows), completions and top-k log-probs written once by
 `amm-trl generate --teacher_top_k K` (the cache), then the same `fkl` run (`recipes/quickstart_fkl.yaml`, `--steps`
-steps on those completions) three times, each in its own process: the teacher loaded in the trainer (`local`),
-served by `vllm serve` on this machine (`server`, top-k over HTTP), or read from the cache (`cache`). Peak RSS is the
+steps on those completions) four times, each in its own process: the teacher loaded in the trainer (`local`),
+served by `vllm serve` on this machine (`server`, top-k over HTTP), read from the cache (`cache`), or served as a
+pooling server's last hidden states, to which the trainer applies the teacher's output layer (`server_hidden_states`:
+the exact distribution, the output layer alone loaded). Peak RSS is the
 trainer process's own (`memory/peak_rss_gib`, logged by the trainer); a served teacher's memory is in the server's
 processes, reported apart. The step time is the median of steps 2..N. Run it in the vLLM environment (the server
 and all three trainers use the same Python):
@@ -51,8 +53,10 @@ def cpu_kind():
     return "avx512_bf16" if "avx512_bf16" in flags else "avx512f" if "avx512f" in flags else "avx2"
 
 
-def train(placement, cache, workdir, steps, k, url=None):
-    out = os.path.join(workdir, f"out-{placement}")
+def train(placement, cache, workdir, steps, k, url=None, hidden_states=None):
+    """One `fkl` run of `steps` steps in its own process; `hidden_states`: the teacher's path, its output layer applied
+    to a pooling server's hidden states (`teacher_server_output: hidden_states`)."""
+    out = os.path.join(workdir, f"out-{placement}" + ("-hidden" if hidden_states else ""))
     argv = ["--config", "quickstart_fkl", "--dataset_name", cache, "--max_steps", str(steps), "--logging_steps", "1",
             "--output_dir", out, "--max_completion_length", "32", "--seed", "0", "--save_strategy", "steps",
             "--save_steps", str(steps)]
@@ -60,6 +64,8 @@ def train(placement, cache, workdir, steps, k, url=None):
         argv += ["--teacher_placement", placement, "--teacher_top_k", str(k)]
     if placement == "server":
         argv += ["--teacher_server_base_url", url]
+    if hidden_states:
+        argv += ["--teacher_server_output", "hidden_states", "--teacher_model_name_or_path", hidden_states]
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "amm_trl.cli", "train", *argv], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -70,6 +76,28 @@ def train(placement, cache, workdir, steps, k, url=None):
             "peak_rss_gib": round(max(h["memory/peak_rss_gib"] for h in logs), 3),
             "step_s_median": round(statistics.median(h["step_time"] for h in logs[1:]), 3),
             "teacher_mass": round(statistics.mean(h.get("teacher_mass/off", 1.0) for h in logs), 4)}
+
+
+def served(teacher, workdir, name, flags, run):
+    """`run(url)` against `vllm serve teacher *flags` started on this machine; adds the server's resident memory."""
+    from amm_trl.rollouts import wait_for_health
+
+    port = C.free_port()
+    log = open(os.path.join(workdir, f"{name}.log"), "w")
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", teacher, "--host",
+                               "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1024",
+                               "--enforce-eager", *flags], stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        problem = wait_for_health(f"http://127.0.0.1:{port}", 300)
+        if problem:
+            raise SystemExit(f"the teacher server ({name}) did not start: {problem}")
+        result = run(f"http://127.0.0.1:{port}")
+        result["server_rss_gib"] = round(rss_tree_gib(server.pid), 3)
+        return result
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
 
 
 def main():
@@ -99,30 +127,24 @@ def main():
     cache = caches[args.top_k]["path"]
     runs = {"local": train("local", cache, workdir, args.steps, args.top_k),
             "cache": train("cache", cache, workdir, args.steps, args.top_k)}
-    port = C.free_port()
-    log = open(os.path.join(workdir, "server.log"), "w")
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", teacher, "--host",
-                               "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1024",
-                               "--max-logprobs", str(args.top_k), "--enforce-eager"], stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        from amm_trl.rollouts import wait_for_health
+    from amm_trl.teacher import POOLER_CONFIG
 
-        problem = wait_for_health(f"http://127.0.0.1:{port}", 300)
-        if problem:
-            raise SystemExit(f"the teacher server did not start: {problem}")
-        runs["server"] = train("server", cache, workdir, args.steps, args.top_k, f"http://127.0.0.1:{port}")
-        runs["server"]["server_rss_gib"] = round(rss_tree_gib(server.pid), 3)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+    runs["server"] = served(teacher, workdir, "server", ["--max-logprobs", str(args.top_k)],
+                            lambda url: train("server", cache, workdir, args.steps, args.top_k, url))
+    runs["server_hidden_states"] = served(
+        teacher, workdir, "pooling", ["--runner", "pooling", "--pooler-config", POOLER_CONFIG],
+        lambda url: train("server", cache, workdir, args.steps, args.top_k, url, hidden_states=teacher))
     result = {"meta": C.run_info(), "cpu_flags": cpu_kind(), "rows": args.rows, "steps": args.steps,
               "top_k": args.top_k, "runs": runs,
               "caches": {k: {n: v for n, v in c.items() if n != "path"} for k, c in caches.items()},
               "ratio_rss_server_local": round(runs["server"]["peak_rss_gib"] / runs["local"]["peak_rss_gib"], 3),
               "ratio_rss_cache_local": round(runs["cache"]["peak_rss_gib"] / runs["local"]["peak_rss_gib"], 3),
               "ratio_step_server_local": round(runs["server"]["step_s_median"] / runs["local"]["step_s_median"], 3),
-              "ratio_step_cache_local": round(runs["cache"]["step_s_median"] / runs["local"]["step_s_median"], 3)}
+              "ratio_step_cache_local": round(runs["cache"]["step_s_median"] / runs["local"]["step_s_median"], 3),
+              "ratio_rss_hidden_local": round(runs["server_hidden_states"]["peak_rss_gib"]
+                                              / runs["local"]["peak_rss_gib"], 3),
+              "ratio_step_hidden_local": round(runs["server_hidden_states"]["step_s_median"]
+                                               / runs["local"]["step_s_median"], 3)}
     C.emit(result, args.json)
 
 
