@@ -159,6 +159,26 @@ def evaluate(a: EvalArguments) -> dict:
     return summary
 
 
+def answer_batches(prompt_ids: list[list[int]], completions: list[list[int]], batch_size: int):
+    """(ids, attention mask, scored) per batch of prompt + completion rows (empty completions skipped), right-padded;
+    `scored` marks the positions that predict a completion token (position j predicts token j + 1)."""
+    import torch
+
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = [(p, c) for p, c in zip(prompt_ids[start:start + batch_size], completions[start:start + batch_size])
+                if c]
+        if not rows:
+            continue
+        width = max(len(p) + len(c) for p, c in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask, scored = torch.zeros_like(ids), torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, (p, c) in enumerate(rows):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, :len(p) + len(c)] = 1
+            scored[i, len(p) - 1:len(p) + len(c) - 1] = True
+        yield ids, mask, scored
+
+
 def exact_tv(student_path: str, teacher_path: str, prompt_ids: list[list[int]], completions: list[list[int]],
              batch_size: int = 16) -> float:
     """Mean exact total variation between the teacher's and the student's next-token distributions over the tokens
@@ -175,16 +195,7 @@ def exact_tv(student_path: str, teacher_path: str, prompt_ids: list[list[int]], 
     vocab = min(len(AutoTokenizer.from_pretrained(student_path)),
                 *(m.get_output_embeddings().weight.size(0) for m in models))
     total, count = 0.0, 0
-    for start in range(0, len(prompt_ids), batch_size):
-        rows = [(p, c) for p, c in zip(prompt_ids[start:start + batch_size], completions[start:start + batch_size])
-                if c]
-        width = max(len(p) + len(c) for p, c in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask, scored = torch.zeros_like(ids), torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, (p, c) in enumerate(rows):  # right padding; position j predicts token j + 1
-            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-            mask[i, :len(p) + len(c)] = 1
-            scored[i, len(p) - 1:len(p) + len(c) - 1] = True
+    for ids, mask, scored in answer_batches(prompt_ids, completions, batch_size):
         with torch.no_grad():
             logits = [m(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[..., :vocab].float()
                       [scored.to(device)] for m in models]

@@ -69,20 +69,13 @@ class FixedAnswersTV:
 
     def __init__(self, teacher_path: str, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 16):
         self.teacher_path, self.batch_size = teacher_path, batch_size
-        self.rows = [(p, c) for p, c in zip(prompts, answers) if c]
+        self.prompts, self.answers = prompts, answers
         self.key = (teacher_path, tuple(map(tuple, prompts)), tuple(map(tuple, answers)), batch_size)
 
     def _batches(self):
-        for start in range(0, len(self.rows), self.batch_size):
-            rows = self.rows[start:start + self.batch_size]
-            width = max(len(p) + len(c) for p, c in rows)
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            mask, scored = torch.zeros_like(ids), torch.zeros(len(rows), width, dtype=torch.bool)
-            for i, (p, c) in enumerate(rows):  # right padding; position j predicts token j + 1
-                ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-                mask[i, :len(p) + len(c)] = 1
-                scored[i, len(p) - 1:len(p) + len(c) - 1] = True
-            yield ids, mask, scored
+        from amm_trl.evaluation import answer_batches
+
+        return answer_batches(self.prompts, self.answers, self.batch_size)  # exact_tv's batches
 
     def _teacher(self) -> list[torch.Tensor]:
         if self.key not in _TEACHER_LOGITS:
