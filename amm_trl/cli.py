@@ -379,7 +379,7 @@ def env(argv: list[str]) -> dict:
     cuda = torch.cuda.is_available()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
     info["gpus"] = f"{len(gpus)} x {gpus[0]}" if gpus else "none"
-    flags = _cpu_flags()
+    flags = cpu_flags()
     info["cpu"] = f"{platform.processor() or platform.machine()}; " + (
         "AVX-512 BF16: bf16 runs fast on the CPU (--bf16 true)" if "avx512_bf16" in flags or "amx_bf16" in flags else
         "no AVX-512 BF16: keep fp32 on the CPU (bf16 is far slower)")
@@ -388,12 +388,29 @@ def env(argv: list[str]) -> dict:
     return info
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
     except OSError:
         return set()
+
+
+def cpu_kind() -> str:
+    """The CPU's model and its widest vector extension, e.g. `AMD EPYC (avx512_bf16)`: float results differ between
+    kinds, so benchmark records name it."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    flags = cpu_flags()
+    widest = next((flag for flag in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if flag in flags), "other")
+    return f"{model} ({widest})"
 
 
 COMMANDS = {

@@ -27,10 +27,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
-from teacher_placement import cpu_kind  # noqa: E402
 
 from amm_trl.assets import prepare  # noqa: E402
 from amm_trl.cache import CODECS, top_k_of, write_top_k_cache  # noqa: E402
+from amm_trl.cli import cpu_kind  # noqa: E402
 
 
 def fidelity(rows: list[dict], exact: list[dict]) -> dict:
@@ -90,7 +90,7 @@ def main():
                                                                  "covered_mass_mean", "covered_mass_min")},
                                        **fidelity(pq.read_table(path).to_pylist(), exact)}
             os.remove(path)
-    result = {"meta": C.run_info(), "cpu_flags": cpu_kind(), "rows": args.rows, "tokens": sum(map(len, ids)),
+    result = {"meta": C.run_info(), "cpu": cpu_kind(), "rows": args.rows, "tokens": sum(map(len, ids)),
               "max_new_tokens": args.max_new_tokens, "teacher_seconds": round(seconds, 1), "caches": caches,
               "ratio_bytes_log8_float16": {k: round(caches[f"k{k}_log8"]["top_k_bytes_per_token"]
                                                     / caches[f"k{k}_float16"]["top_k_bytes_per_token"], 3)

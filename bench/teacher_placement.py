@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 from amm_trl.assets import prepare  # noqa: E402
+from amm_trl.cli import cpu_kind  # noqa: E402
 
 
 def rss_tree_gib(pid):
@@ -45,12 +46,6 @@ def rss_tree_gib(pid):
         except (FileNotFoundError, StopIteration, ProcessLookupError):
             continue
     return total / 2 ** 20
-
-
-def cpu_kind():
-    with open("/proc/cpuinfo") as f:
-        flags = set(next(line for line in f if line.startswith("flags")).split())
-    return "avx512_bf16" if "avx512_bf16" in flags else "avx512f" if "avx512f" in flags else "avx2"
 
 
 def train(placement, cache, workdir, steps, k, url=None, hidden_states=None):
@@ -134,7 +129,7 @@ def main():
     runs["server_hidden_states"] = served(
         teacher, workdir, "pooling", ["--runner", "pooling", "--pooler-config", POOLER_CONFIG],
         lambda url: train("server", cache, workdir, args.steps, args.top_k, url, hidden_states=teacher))
-    result = {"meta": C.run_info(), "cpu_flags": cpu_kind(), "rows": args.rows, "steps": args.steps,
+    result = {"meta": C.run_info(), "cpu": cpu_kind(), "rows": args.rows, "steps": args.steps,
               "top_k": args.top_k, "runs": runs,
               "caches": {k: {n: v for n, v in c.items() if n != "path"} for k, c in caches.items()},
               "ratio_rss_server_local": round(runs["server"]["peak_rss_gib"] / runs["local"]["peak_rss_gib"], 3),

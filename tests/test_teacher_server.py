@@ -4,7 +4,8 @@
   pooling server's hidden states through the teacher's output layer (exact, teacher features, temperature 0.8);
 * AMM trains against it with 1 rank, and with 2 ranks under ZeRO-3 (`amm-trl train --accelerate_config zero3_cpu`);
 * a k beyond the server's `--max-logprobs` is refused at start-up naming the flag;
-* a server that dies mid-run stops training with a clear error, and every checkpoint already written is whole.
+* a server that dies mid-run stops training with a clear error (1 rank, and 2 ranks under ZeRO-3: both stop), and
+  every checkpoint already written is whole.
 """
 
 import json
@@ -294,28 +295,66 @@ def crash(proc) -> None:
             pass
 
 
-def test_a_server_that_dies_mid_run_stops_training_and_loses_no_checkpoint(assets, teacher_server, tmp_path):
-    """Kills the module's server: the last test of this file."""
+def train_until_the_server_dies(tmp_path, assets, url, kill, argv=()):
+    """Trains against `url` until checkpoint-2 is written, then `kill()`s the server; the run's return code and log
+    (it must have stopped by itself within 300 s), after checking that every checkpoint it left is whole."""
     from amm_trl.checkpoints import checkpoint_problem
 
-    url, server = teacher_server["url"], teacher_server["proc"]
     out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "amm_trl.cli", "train", "--config",
+                             recipe(tmp_path, assets, url, max_steps=200), *argv], cwd=str(tmp_path),
+                            env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "amm_trl.cli", "train", "--config",
-                                 recipe(tmp_path, assets, url, max_steps=200)], cwd=str(tmp_path), env=worker_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         deadline = time.monotonic() + 300
         while not (out / "checkpoint-2" / "trainer_state.json").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
             time.sleep(0.2)
-        crash(server)
+        kill()
         log, _ = proc.communicate(timeout=300)
     finally:
-        stop_server(server)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
-    assert f"The teacher server at {url} stopped answering" in log and "resume with --resume_from_checkpoint" in log, \
-        log[-4000:]
+            proc.wait()
     checkpoints = sorted(p for p in out.iterdir() if p.name.startswith("checkpoint-"))
     assert len(checkpoints) >= 2 and all(checkpoint_problem(str(p)) is None for p in checkpoints), checkpoints
+    return proc.returncode, log
+
+
+def test_a_server_that_dies_under_two_zero3_ranks_stops_both_and_loses_no_checkpoint(assets, teacher_server, tmp_path):
+    """Each rank asks the server itself: when it dies, a rank's request fails, the launcher stops the other rank (no
+    rank is left waiting in a ZeRO-3 collective) and the run exits naming the server. The server's crash is its
+    relay's SIGKILL (`tests/relay.py`), so the module's server lives on for the last test."""
+    port = free_port()
+    relay = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "relay.py"),
+                              teacher_server["url"], str(port)], start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        from amm_trl.rollouts import wait_for_health
+
+        assert wait_for_health(url, 30) is None
+        start = time.monotonic()
+        rc, log = train_until_the_server_dies(
+            tmp_path, assets, url, lambda: os.killpg(relay.pid, signal.SIGKILL),
+            argv=("--accelerate_config", "zero3_cpu", "--num_processes", "2"))
+    finally:
+        if relay.poll() is None:
+            os.killpg(relay.pid, signal.SIGKILL)
+        relay.wait()
+    assert rc != 0
+    assert f"The teacher server at {url} stopped answering" in log and "resume with --resume_from_checkpoint" in log, \
+        log[-4000:]
+    assert time.monotonic() - start < 240  # the run stopped; no rank hung in a collective
+    assert teacher_server["proc"].poll() is None
+
+
+def test_a_server_that_dies_mid_run_stops_training_and_loses_no_checkpoint(assets, teacher_server, tmp_path):
+    """Kills the module's server: the last test of this file."""
+    url, server = teacher_server["url"], teacher_server["proc"]
+    try:
+        rc, log = train_until_the_server_dies(tmp_path, assets, url, lambda: crash(server))
+    finally:
+        stop_server(server)
+    assert rc != 0
+    assert f"The teacher server at {url} stopped answering" in log and "resume with --resume_from_checkpoint" in log, \
+        log[-4000:]

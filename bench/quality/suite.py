@@ -51,6 +51,7 @@ import yaml
 
 # Hooks and scorers named `bench.<...>:function` import from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from amm_trl.cli import cpu_kind  # noqa: E402  (recorded in every result: runs may continue on another machine)
 
 
 def load_suite(path: str) -> dict:
@@ -291,26 +292,6 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
-
-
-def cpu_kind() -> str:
-    """The machine's CPU model and its widest vector extension (float results differ between kinds), e.g. `AMD EPYC
-    (avx512_bf16)`; recorded in every result so that a suite continued on another machine says which runs ran where."""
-    import platform
-
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    widest = next((flag for flag in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if flag in flags), "other")
-    return f"{model} ({widest})"
 
 
 def execute(suite: dict, run: dict, keep_models: bool) -> dict:

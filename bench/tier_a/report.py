@@ -395,7 +395,7 @@ def export(suite: dict, refs: dict, tests: dict, selects: dict, text: str, out_d
 
 
 def machine_counts(refs: dict, tests: dict, selects: dict) -> dict:
-    """{CPU kind: number of finished runs} over every record that names its CPU (suite.cpu_kind)."""
+    """{CPU kind: number of finished runs} over every record that names its CPU (amm_trl.cli.cpu_kind)."""
     records = [*refs.values(), *(r for by_seed in tests.values() for r in by_seed.values()),
                *(r for rows in selects.values() for r in rows)]
     counts: dict = {}
