@@ -276,7 +276,7 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
     methods = [r for r in tier_b["runs"] if r.get("group", "method") == "method"]
     assert [r["name"] for r in methods] == ["sft", "fkl", "rkl", "gkd", "distillm", "minillm", "composite", "amm",
                                              "amm_rollouts"]
-    assert all(len(suite_module.candidates(tier_b, r)) == 2 for r in methods)
+    assert all(len(suite_module.candidates(tier_b, r)) == 3 for r in methods)  # the learning-rate grid
     ablations = {r["name"]: r for r in tier_b["runs"] if r.get("group") == "ablation"}  # the top-k table
     assert {name: (r["tune_as"], r["args"]["teacher_local_top_k"]) for name, r in ablations.items()} == {
         f"{m}_k{k}": (m, k) for m in ("fkl", "amm") for k in (8, 32, 128)}
