@@ -7,6 +7,7 @@ from trl import DistillationConfig
 
 from .objectives import OBJECTIVES as OBJECTIVE_UNITS
 from .objectives import VLLM_IS_MODES, Objective, get_objective
+from .objectives.amm import L2_WEIGHTS
 
 # objective name -> what it trains (the `amm-trl` help text); each is an `Objective` in `amm_trl/objectives/`.
 OBJECTIVES = {name: unit.info.description for name, unit in OBJECTIVE_UNITS.items()}
@@ -59,6 +60,12 @@ class AMMConfig(DistillationConfig):
             L2 penalty of the critic: the heads ascend <sg(p_T - p_S), f> - q_head_l2 / 2 * sum_a f(a)^2 (the student
             still descends the plain gap), whose best response (p_T - p_S) / q_head_l2 is finite without a tanh; a
             saturated tanh head under Adam goes stale instead.
+        q_head_l2_weight (`str`, *optional*, defaults to `"uniform"`):
+            What the penalty weighs each f(a)^2 by, which sets the divergence the game plays (the regularized gap at
+            the best response): `uniform` (1: the squared L2 distance, which barely sees a mode of small mass),
+            `student` (sg(p_S): Pearson's chi^2(p_T || p_S); at the best response the student's logit gradient at
+            each state is forward KL's, p_T - p_S, mass-covering) or `mixture` (sg(p_T + p_S) / 2: the triangular
+            discrimination, a critic bounded by 2 / q_head_l2).
         q_head_max_grad_norm (`float` or `None`, *optional*, defaults to `None`):
             Clip the Q-heads' gradient norm on its own; the student is then clipped alone at `max_grad_norm` (by
             default the Trainer clips student and heads jointly, so a large head gradient shrinks the student's
@@ -256,6 +263,8 @@ class AMMConfig(DistillationConfig):
         "help": "Informed critic: u = alpha * (log p_T - log p_S) + head; f = u (unbounded, the default, with "
                 "q_head_l2) or c * tanh(u) with q_bound c; 0 = the head alone."})
     q_head_l2: float = field(default=1.0, metadata={"help": "L2 penalty lambda/2 * sum_a f^2 in the critic's objective."})
+    q_head_l2_weight: Literal[L2_WEIGHTS] = field(default="uniform", metadata={
+        "help": "Weight of f(a)^2 in the penalty: uniform (squared L2), student (Pearson chi^2), mixture (triangular)."})
     q_head_max_grad_norm: float | None = field(default=None, metadata={
         "help": "Clip the Q-heads' gradient norm separately (the student keeps max_grad_norm)."})
     amm_anchor_weight: float = field(default=0.5, metadata={
@@ -452,6 +461,8 @@ class AMMConfig(DistillationConfig):
         if self.q_bound is not None and not self.q_bound > 0:
             fail("q_bound", self.q_bound, "the Q-head bound c must be > 0 (f = c * tanh(.)), or null for an unbounded "
                  "critic with q_head_l2 > 0.")
+        if self.q_head_l2_weight not in L2_WEIGHTS:
+            fail("q_head_l2_weight", self.q_head_l2_weight, f"choose one of {list(L2_WEIGHTS)}.")
         for name in ("q_prior_alpha", "q_head_l2", "amm_anchor_weight"):
             if not getattr(self, name) >= 0:
                 fail(name, getattr(self, name), "it must be >= 0.")

@@ -49,6 +49,71 @@ def test_l2_critic_best_response_and_value():
         O.amm_adversarial_gap(z_s, z_t, q, l2=-1.0)
 
 
+@pytest.mark.parametrize("weight", ["uniform", "student", "mixture"])
+def test_a_weighted_penalty_sets_the_best_response_and_the_divergence_it_plays(weight):
+    """Against w(a) f(a)^2 the head's best response is (p_T - p_S) / (lambda w), and its regularized gap there is
+    sum (p_T - p_S)^2 / (2 lambda w): the squared L2 distance, Pearson's chi^2(p_T || p_S) or the triangular
+    discrimination. The student's gradient depends on f alone, never on the weight."""
+    z_s, z_t, lam = logits(6), logits(7), 0.7
+    p_s, p_t = torch.softmax(z_s, -1), torch.softmax(z_t, -1)
+    w = {"uniform": torch.ones_like(p_s), "student": p_s, "mixture": (p_t + p_s) / 2}[weight]
+    best = ((p_t - p_s) / (lam * w)).requires_grad_()
+    value = O.amm_adversarial_gap(z_s, z_t, best, l2=lam, l2_weight=weight)
+    (g,) = torch.autograd.grad(value.sum(), best)
+    torch.testing.assert_close(g, torch.zeros_like(g))  # the head's optimum
+    (g_away,) = torch.autograd.grad(O.amm_adversarial_gap(z_s, z_t, 1.5 * best, l2=lam, l2_weight=weight).sum(), best)
+    assert g_away.abs().max() > 1e-3
+    played = ((p_t - p_s) * best).sum(-1) - 0.5 * lam * (w * best * best).sum(-1)  # h - r at the optimum
+    named = {"uniform": ((p_t - p_s) ** 2).sum(-1) / (2 * lam),
+             "student": ((p_t / p_s) ** 2 * p_s).sum(-1).sub(1) / (2 * lam),  # chi^2 = sum p_T^2 / p_S - 1
+             "mixture": ((p_t - p_s) ** 2 / (p_t + p_s)).sum(-1) / lam}[weight]
+    torch.testing.assert_close(played.detach(), named)
+    z = z_s.clone().requires_grad_()
+    (g_student,) = torch.autograd.grad(O.amm_adversarial_gap(z, z_t, best.detach(), l2=lam, l2_weight=weight).sum(), z)
+    (g_plain,) = torch.autograd.grad(O.amm_moment_gap(z, z_t, best.detach()).sum(), z)
+    torch.testing.assert_close(g_student, g_plain)
+    if weight == "student":  # at its best response the student descends forward KL / lambda, state by state
+        z = z_s.clone().requires_grad_()
+        (g_fkl,) = torch.autograd.grad(O.forward_kl(z, z_t).sum(), z)
+        torch.testing.assert_close(g_student, g_fkl / lam)
+    if weight == "mixture":
+        assert best.abs().max() <= 2 / lam
+    with pytest.raises(ValueError, match=r"l2_weight must be one of \('uniform', 'student', 'mixture'\), got 'pearson'"):
+        O.amm_adversarial_gap(z_s, z_t, best, l2=lam, l2_weight="pearson")
+
+
+@CHUNKS
+def test_the_penalty_weight_reaches_the_heads_only_and_is_the_same_in_loss_chunks(tiny, tiny_dataset, tmp_path, chunk):
+    """`q_head_l2_weight: student` in the trainer: the student's gradient equals the uniform penalty's (same critic
+    values), the heads' differs, and chunks of 3 give the one-chunk gradients."""
+    made = {}
+    for name, weight, size in (("uniform", "uniform", None), ("student", "student", None),
+                               ("chunked", "student", chunk)):
+        made[name] = make_trainer(tiny, tiny_dataset, tmp_path / name, amm_beta=0.5, q_head_l2_weight=weight,
+                                  loss_chunk_tokens=size)
+    torch.manual_seed(0)
+    for p in made["uniform"].q_heads.parameters():  # a non-trivial critic
+        p.data.normal_(0, 0.5)
+    for trainer in (made["student"], made["chunked"]):
+        trainer.model.load_state_dict(made["uniform"].model.state_dict())
+    inputs = fixed_batch(made["uniform"], tiny_dataset)
+    check_chunks(made["chunked"], inputs, chunk)
+    got = {}
+    for name, trainer in made.items():
+        trainer.model.train()
+        trainer.model.zero_grad()
+        trainer.compute_loss(trainer.model, inputs).backward()
+        got[name] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    heads = [n for n in got["uniform"] if "amm_q_heads" in n]
+    assert heads and got["uniform"].keys() == got["student"].keys() == got["chunked"].keys()
+    for n, g in got["uniform"].items():
+        if n not in heads:
+            torch.testing.assert_close(got["student"][n], g, rtol=1e-5, atol=1e-8)
+    assert any((got["student"][n] - got["uniform"][n]).abs().max() > 1e-4 for n in heads)
+    for n, g in got["student"].items():
+        torch.testing.assert_close(got["chunked"][n], g, rtol=1e-4, atol=1e-7)
+
+
 def test_critic_values_validates_shapes_and_bound():
     with pytest.raises(ValueError, match="bound must be > 0 or None"):
         O.critic_values(torch.zeros(2, 3), 0.0)
@@ -61,6 +126,8 @@ def test_critic_values_validates_shapes_and_bound():
     ({"q_prior_alpha": -1.0}, r"AMMConfig.q_prior_alpha=-1.0 is invalid: it must be >= 0"),
     ({"q_head_max_grad_norm": 0.0}, r"AMMConfig.q_head_max_grad_norm=0.0 is invalid: use a positive norm or null"),
     ({"amm_anchor": "kl"}, r"AMMConfig.amm_anchor='kl' is invalid: choose one of \['fkl', 'ce'\]"),
+    ({"q_head_l2_weight": "pearson"},
+     r"AMMConfig.q_head_l2_weight='pearson' is invalid: choose one of \['uniform', 'student', 'mixture'\]"),
     ({"objective": "pbkd", "q_bound": 1.0}, r"AMMConfig.q_prior_alpha=1.0 is invalid: with a bounded critic"),
 ])
 def test_invalid_critic_fields_are_named(tmp_path, fields, message):

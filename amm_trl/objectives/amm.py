@@ -18,7 +18,7 @@ from .base import Data, Info, LossContext, Metrics, Objective, Part, Term, Token
 from .functional import (as_dtype, compute_dtype, cross_entropy, kl, length_normalize, pair_log_probs, reward_to_go,
                          token_log_probs)
 
-__all__ = ["informed_prior", "critic_values", "amm_moment_gap", "amm_adversarial_gap"]
+__all__ = ["informed_prior", "critic_values", "amm_moment_gap", "amm_adversarial_gap", "L2_WEIGHTS"]
 
 
 def informed_prior(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
@@ -81,32 +81,45 @@ def amm_moment_gap(student_logits: Tensor, teacher_logits: Tensor, q_values: Ten
     return ((log_pt.exp() - log_ps.exp()) * q).sum(-1)
 
 
+L2_WEIGHTS = ("uniform", "student", "mixture")  # `q_head_l2_weight`: what the critic's L2 penalty weighs f^2 by
+
+
 def amm_adversarial_gap(student_logits: Tensor, teacher_logits: Tensor, q_values: Tensor,
-                        l2: float = 0.0) -> Tensor:
+                        l2: float = 0.0, l2_weight: str = "uniform") -> Tensor:
     r"""The moment gap arranged for a single min-max backward (``L = D(theta, sg(phi)) - D(sg(theta), phi)``).
 
     .. math::
         s = \langle p_T - p_S, \mathrm{sg}(f) \rangle, \quad
         h = \langle \mathrm{sg}(p_T - p_S), f \rangle, \quad
-        r = \tfrac{\lambda}{2} \textstyle\sum_a f(a)^2, \quad
+        r = \tfrac{\lambda}{2} \textstyle\sum_a w(a) f(a)^2, \quad
         \text{returns } s - h + \mathrm{sg}(h) + r - \mathrm{sg}(r)
 
     The value equals :func:`amm_moment_gap`. Minimizing it makes the student *descend* the gap (its gradient
-    is that of the gap) while the Q-head *ascends* the regularized gap :math:`h - r` (``l2`` = lambda; its best
-    response is :math:`f^* = (p_T - p_S)/\lambda`, an unbounded critic kept finite by the penalty instead of a tanh
-    that saturates). Teacher logits never receive a gradient.
+    is that of the gap) while the Q-head *ascends* the regularized gap :math:`h - r` (``l2`` = lambda). Its best
+    response :math:`f^* = (p_T - p_S) / (\lambda w)` is an unbounded critic kept finite by the penalty instead of a
+    tanh that saturates, and the regularized gap there is :math:`\sum_a (p_T - p_S)^2 / (2 \lambda w)`, a divergence
+    chosen by the weight ``l2_weight`` (detached; teacher logits never receive a gradient):
+
+    - ``uniform``: w = 1, the squared L2 distance / (2 lambda). It barely sees a mode of small mass.
+    - ``student``: w = sg(p_S), Pearson's chi^2(p_T || p_S) / (2 lambda). At the best response the student's gradient
+      on its logits is (p_T - p_S) / lambda at each state, forward KL's: mass-covering where the student visits.
+    - ``mixture``: w = sg(p_T + p_S) / 2, the triangular discrimination / lambda; |f^*| <= 2 / lambda.
     """
     _check_q(student_logits, q_values)
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got {l2}")
+    if l2_weight not in L2_WEIGHTS:
+        raise ValueError(f"l2_weight must be one of {L2_WEIGHTS}, got {l2_weight!r}")
     log_ps, log_pt = pair_log_probs(student_logits, teacher_logits.detach())
     q = as_dtype(q_values, compute_dtype(q_values, log_ps))
-    diff = log_pt.exp() - log_ps.exp()
+    p_s, p_t = log_ps.exp(), log_pt.exp()
+    diff = p_t - p_s
     s = (diff * q.detach()).sum(-1)
     h = (diff.detach() * q).sum(-1)
     out = s - h + h.detach()
     if l2:
-        r = 0.5 * float(l2) * (q * q).sum(-1)
+        weight = {"uniform": None, "student": p_s.detach(), "mixture": (p_t + p_s.detach()) / 2}[l2_weight]
+        r = 0.5 * float(l2) * (q * q if weight is None else weight * q * q).sum(-1)
         out = out + r - r.detach()
     return out
 
@@ -229,7 +242,7 @@ class AMM(Objective):
         """Per token: the adversarial moment gap (both players descend it, see `amm_adversarial_gap`)."""
         q = self.adversary.values(kind, tokens)
         z_s, z_t = tokens.teacher.pair(self._student_logits(tokens))
-        return amm_adversarial_gap(z_s, z_t, q, self.args.q_head_l2), {"q_abs": q.detach().abs().mean(-1)}
+        return amm_adversarial_gap(z_s, z_t, q, self.args.q_head_l2, self.args.q_head_l2_weight), {"q_abs": q.detach().abs().mean(-1)}
 
     def anchor(self, tokens: Tokens) -> tuple[Tensor, dict[str, Tensor]]:
         """Likelihood anchor per off-policy token: KL(p_T || p_S) (`amm_anchor: fkl`) or -log p_S(y) (`ce`)."""
