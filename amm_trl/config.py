@@ -91,9 +91,10 @@ class AMMConfig(DistillationConfig):
             Whether `push_to_hub` uploads `amm_q_heads.safetensors` (the trained critic) beside the student. Off: the
             hub repository holds the student alone.
         q_head_type (`str`, *optional*, defaults to `"linear"`):
-            `"linear"`: f = c*tanh(W h + b) with W of shape (vocab, hidden), zero-initialized (distances start at 0).
-            `"low_rank"`: f = c*tanh(E g(h)), E the detached student output embedding and g a two-layer MLP
-            (hidden^2 parameters instead of hidden*vocab).
+            The learned part g(s, .) of the critic's raw score u (see `q_prior_alpha`; f = u, or c * tanh(u) with a
+            `q_bound`). `"linear"`: g = W h + b with W of shape (vocab, hidden), zero-initialized (g starts at 0).
+            `"low_rank"`: g = E m(h), E the detached student output embedding and m a two-layer MLP whose last layer
+            starts at zero (~2 hidden^2 parameters instead of hidden * vocab).
         q_head_features (`str`, *optional*, defaults to `"student"`):
             Features the head reads, detached: the student's (`"student"`) or the teacher's (`"teacher"`) last hidden
             state.
