@@ -227,6 +227,29 @@ def test_help_shows_the_configs_defaults_not_the_quickstart_recipes(capsys):
     assert "(default: 8)" in entry and "(default: 4)" not in entry  # AMMConfig's 8, not the quickstart's 4
 
 
+def test_the_config_docstring_documents_every_field_with_its_actual_default():
+    """AMMConfig's docstring (TRL's format: ``name (`type`, *optional*, defaults to `X`)``) has one entry per field
+    it adds or overrides, and X is the field's default: a default changed in code but not in the docs fails here."""
+    import ast
+    import dataclasses
+    import re
+
+    from trl import DistillationConfig
+
+    entry = re.compile(r"^ {8}(\w+) \(`[^`]+`[^)\n]*?defaults to `([^`]*)`\)", re.M)
+    documented = dict(entry.findall(AMMConfig.__doc__))
+    inherited = {f.name: f for f in dataclasses.fields(DistillationConfig)}
+    ours = [f for f in dataclasses.fields(AMMConfig) if f.name not in inherited or f.name in documented]
+    assert len(ours) > 40 and {f.name for f in ours} == set(documented), set(documented) ^ {f.name for f in ours}
+    for f in ours:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = documented[f.name]
+        try:
+            text_value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            text_value = text
+        assert text_value == default, f"{f.name}: the docstring says {text!r}, the field defaults to {default!r}"
+
 def test_version_and_env_print_what_a_bug_report_needs(capsys):
     import importlib.metadata
 
