@@ -242,7 +242,8 @@ class AMM(Objective):
         """Per token: the adversarial moment gap (both players descend it, see `amm_adversarial_gap`)."""
         q = self.adversary.values(kind, tokens)
         z_s, z_t = tokens.teacher.pair(self._student_logits(tokens))
-        return amm_adversarial_gap(z_s, z_t, q, self.args.q_head_l2, self.args.q_head_l2_weight), {"q_abs": q.detach().abs().mean(-1)}
+        gap = amm_adversarial_gap(z_s, z_t, q, self.args.q_head_l2, self.args.q_head_l2_weight)
+        return gap, {"q_abs": q.detach().abs().mean(-1)}
 
     def anchor(self, tokens: Tokens) -> tuple[Tensor, dict[str, Tensor]]:
         """Likelihood anchor per off-policy token: KL(p_T || p_S) (`amm_anchor: fkl`) or -log p_S(y) (`ce`)."""
