@@ -478,3 +478,35 @@ def test_tier_b_tv_keeps_the_teachers_side_and_equals_exact_tv(tiny, monkeypatch
         got = measure.FixedAnswersTV(tiny["teacher"], prompts, answers).tv(student)
         assert got == exact_tv(tiny["student"], tiny["teacher"], prompts, answers)
     assert loads == [tiny["teacher"]] and 0.0 < got < 1.0
+
+
+def test_k_table_pairs_each_top_k_run_with_its_dense_run_on_the_same_seeds(tmp_path):
+    """bench/tier_b/k_table.py: mass metrics averaged over the log (on and off pooled), metrics averaged over seeds,
+    the difference to the dense run paired by seed (mean ± 95% t half-width; the mean alone for one seed)."""
+    import suite as suite_module
+
+    from bench.tier_b import k_table
+
+    runs = [{"name": "fkl", "recipe": "r"}, {"name": "other", "recipe": "r"},
+            {"name": "fkl_k8", "recipe": "r", "group": "ablation", "tune_as": "fkl",
+             "args": {"teacher_local_top_k": 8}},
+            {"name": "fkl_k32", "recipe": "r", "group": "ablation", "tune_as": "fkl", "seeds": [0],
+             "args": {"teacher_local_top_k": 32}}]
+    suite = {"output_dir": str(tmp_path), "seeds": [0, 1, 2], "common": {}, "teacher": "t", "initial_student": "s",
+             "runs": runs, "report": {"metrics": {"tv": ["TV", 1.0, 3, "min"]}}}
+    values = {("fkl", 0): 0.40, ("fkl", 1): 0.42, ("fkl", 2): 0.44, ("other", 0): 0.9,
+              ("fkl_k8", 0): 0.41, ("fkl_k8", 1): 0.44, ("fkl_k32", 0): 0.45}
+    for run in suite_module.planned_runs(suite):
+        if (run["name"], run["seed"]) in values:
+            out = suite_module.run_dir(suite, run)
+            suite_module._write_json(os.path.join(out, "result.json"), {"tv": values[run["name"], run["seed"]]})
+            log = [{"step": 5, "teacher_mass/off": 0.8, "student_mass/off": 0.5}, {"step": 10, "loss": 1.0},
+                   {"step": 10, "teacher_mass/on": 0.9, "overlap_ratio/on": 0.25}]
+            suite_module._write_json(os.path.join(out, "train_log.json"), log)
+    lines = k_table.table(suite).splitlines()
+    assert lines[0] == ("| method | teacher | seeds | covered teacher mass | student mass on the top-k | overlap | "
+                        "TV (Δ vs dense) |")
+    # differences 0.01 and 0.02: mean 0.015, half-width t_{0.975,1} * 0.00707 / sqrt(2) = 12.706 * 0.005 = 0.064
+    assert lines[2:] == ["| fkl | dense | 3 | 1 | - | - | 0.420 |",
+                         "| fkl | top-32 + tail | 1 | 0.850 | 0.500 | 0.250 | 0.450 (+0.050) |",
+                         "| fkl | top-8 + tail | 2 | 0.850 | 0.500 | 0.250 | 0.425 (+0.015 ± 0.064) |"]
