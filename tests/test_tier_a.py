@@ -287,6 +287,10 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
     pilot = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b_pilot.yaml"))
     assert [r["name"] for r in pilot["runs"]] == ["sft", "fkl"] and pilot["select"] is None
     assert pilot["common"]["learning_rate"] == 3.0e-5 and pilot["common"]["max_steps"] == 40
+    budget = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b_budget.yaml"))
+    assert [r["name"] for r in budget["runs"]] == ["fkl"] and budget["select"] is None
+    assert (budget["common"]["learning_rate"], budget["common"]["max_steps"], budget["curve_every"]) == (3.0e-4, 160, 20)
+    assert budget["assets_dir"] == tier_b["assets_dir"]  # the same committed teacher answers
 
 
 def test_an_eval_without_generation_runs_the_named_measures_alone(tmp_path, monkeypatch):
