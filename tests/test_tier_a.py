@@ -138,6 +138,51 @@ def test_instrument_end_to_end_at_toy_size(tmp_path, capsys):
     assert (export / "curves_val_score.png").stat().st_size > 0 and (export / "report.md").exists()
 
 
+def test_select_reuse_evaluates_the_chosen_selection_run_and_equals_training_it_again(tmp_path, capsys):
+    """`select.reuse: true`: the method's test run on a selection seed evaluates the chosen selection run's weights
+    instead of training the same student again, then deletes that seed's selection weights; with the weights gone it
+    trains, and the fresh student scores exactly the same."""
+    import suite as suite_module
+
+    path = toy_suite(tmp_path)
+    suite = yaml.safe_load(open(path).read())
+    suite["select"]["reuse"] = True
+    suite["runs"] = [r for r in suite["runs"] if r["name"] == "fkl"]
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(suite))
+    out = tmp_path / "tier_a"
+    capsys.readouterr()
+    suite_module.main([path])
+    printed = capsys.readouterr().out
+    assert printed.count("amm-trl train") == 1 + 2  # the shared start and the two selection runs, not the test run
+    reused = json.loads((out / "fkl" / "seed0" / "result.json").read_text())
+    chosen = f"lr{reused['learning_rate']:g}"
+    assert reused["trained_in"] == f"select/fkl/{chosen}/seed0"
+    trial = json.loads((out / "select" / "fkl" / chosen / "seed0" / "result.json").read_text())
+    assert reused["train_seconds"] == trial["train_seconds"] and reused["train_argv"] == trial["train_argv"]
+    log = (out / "fkl" / "seed0" / "train_log.json").read_text()
+    assert log == (out / "select" / "fkl" / chosen / "seed0" / "train_log.json").read_text()
+    assert not list((out / "select" / "fkl").glob("*/seed0/*.safetensors"))  # deleted once the test run is done
+    assert not list((out / "fkl" / "seed0").glob("*.safetensors"))
+
+    # the weights gone (a fresh machine): the test run trains the same student, with the same scores
+    (out / "fkl" / "seed0" / "result.json").unlink()
+    (out / "fkl" / "seed0" / "train_log.json").unlink()
+    suite_module.main([path])
+    assert capsys.readouterr().out.count("amm-trl train") == 1
+    fresh = json.loads((out / "fkl" / "seed0" / "result.json").read_text())
+    assert "trained_in" not in fresh and fresh["learning_rate"] == reused["learning_rate"]
+    for key in ("score", "score_sampled", "quality", "coverage"):
+        assert fresh[key] == reused[key], key
+    assert fresh["quality"] < 0 and fresh["coverage"] < 0  # real numbers, not a shared default
+    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time", "memory/peak_rss_gib")
+
+    def trained(text):  # the training's own numbers: losses, the curve, the student's statistics
+        return [{k: v for k, v in e.items() if k not in timing} for e in json.loads(text)]
+
+    assert trained(log) == trained((out / "fkl" / "seed0" / "train_log.json").read_text())
+    assert any("train_loss" in e for e in trained(log))
+
+
 def test_sign_test_hand_computed():
     from bench.tier_a.stats import sign_test
 
@@ -291,6 +336,11 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
     assert [r["name"] for r in budget["runs"]] == ["fkl"] and budget["select"] is None
     assert (budget["common"]["learning_rate"], budget["common"]["max_steps"], budget["curve_every"]) == (3.0e-4, 160, 20)
     assert budget["assets_dir"] == tier_b["assets_dir"]  # the same committed teacher answers
+    longer = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b_120.yaml"))  # the flattening budget
+    assert [r["name"] for r in longer["runs"]] == [r["name"] for r in methods] and longer["runs"] == methods
+    assert longer["common"] == {**tier_b["common"], "max_steps": 120} and longer["curve_every"] == 30
+    assert longer["select"] == {**tier_b["select"], "curves": True, "reuse": True}
+    assert (longer["output_dir"], longer["assets_dir"]) == ("docs/results/tier_b_120/runs", tier_b["assets_dir"])
 
 
 def test_an_eval_without_generation_runs_the_named_measures_alone(tmp_path, monkeypatch):

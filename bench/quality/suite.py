@@ -26,7 +26,10 @@ Optional suite keys (used by bench/tier_a/tier_a.yaml):
   requires every tuned run to have exactly N candidates (equal tuning for every method), else the suite refuses to
   start; `select.curves: false` trains the selection runs without the `callbacks` (they are scored at their end
   only). A run with `tune_as: <name>` (an ablation: one change to that run) gets no selection of its own and trains
-  with the candidate chosen for `<name>`.
+  with the candidate chosen for `<name>`. `select.reuse: true`: a method's test run on a selection seed is the chosen
+  selection run itself (same args, learning rate, seed and data), so the selection runs keep their weights until
+  that test run has evaluated the chosen one's on the test split (then all of that seed's are deleted); where the
+  weights are gone (e.g. a fresh machine) the test run trains as usual.
 - an eval block's `generate: false` skips `amm-trl eval` (no generation, no metric) and `only: [names]` tells the
   measures hook which of its scores to compute (e.g. a selection scored by one cheap measure);
 - `measures: module:function`: extra scores `function(model_path, suite, out, seed, eval_settings) -> dict` merged
@@ -44,6 +47,7 @@ import gc
 import glob
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -311,20 +315,61 @@ def execute(suite: dict, run: dict, keep_models: bool) -> dict:
             run = {**run, "args": {**chosen["trial_args"], **run.get("args", {})} if "tune_as" in run else
                    {**run.get("args", {}), **chosen["trial_args"]}}
     trained = os.path.exists(os.path.join(out, "train_log.json")) and glob.glob(os.path.join(out, "*.safetensors"))
+    reused = _reusable_selection_run(suite, run) if "recipe" in run and not trained else None
     if "recipe" in run and trained:  # interrupted during evaluation: the student is there, evaluate it
         record["train_seconds"] = None
         model = out
+    elif reused:  # the chosen selection run trained exactly this student: evaluate its weights on the test split
+        with open(os.path.join(reused, "result.json")) as f:
+            trial = json.load(f)
+        record.update(train_seconds=trial.get("train_seconds"), train_argv=trial.get("train_argv"),
+                      trained_in=os.path.relpath(reused, suite["output_dir"]))
+        os.makedirs(out, exist_ok=True)
+        shutil.copyfile(os.path.join(reused, "train_log.json"), os.path.join(out, "train_log.json"))
+        model = reused
     elif "recipe" in run:
         record.update(train_one(suite, run, out, learning_rate))
         model = out
     else:
         model = run["model"]
     record.update(eval_one(suite, model, out, run["seed"], settings))
-    if "recipe" in run and not keep_models and run["name"] != "start":
+    if "recipe" in run and not keep_models and run["name"] != "start" and not _kept_for_test(suite, run):
         for path in glob.glob(os.path.join(out, "*.safetensors")):
             os.remove(path)
     _write_json(os.path.join(out, "result.json"), record)
+    if "recipe" in run and not keep_models and _reuses(suite, run):
+        for cid, _, _ in candidates(suite, run):  # this seed's test run is done: its selection weights are not needed
+            trial = run_dir(suite, {"name": run["name"], "group": "select", "seed": run["seed"], "candidate": cid})
+            for path in glob.glob(os.path.join(trial, "*.safetensors")):
+                os.remove(path)
     return record
+
+
+def _kept_for_test(suite: dict, run: dict) -> bool:
+    """Whether a selection run keeps its weights for its method's test run on the same seed (`select.reuse`)."""
+    select = suite.get("select") or {}
+    return bool(select.get("reuse")) and run["group"] == "select" and run.get("select_group") == "method" and \
+        run["seed"] in suite["seeds"] and select.get("curves", True)
+
+
+def _reuses(suite: dict, run: dict) -> bool:
+    """Whether `run` is a method's test run on a selection seed under `select.reuse`: the chosen selection run trained
+    exactly it (same args, learning rate, seed and data; both with the curves' callbacks, which touch neither the RNG
+    nor the weights)."""
+    select = suite.get("select") or {}
+    return bool(select.get("reuse")) and run["group"] == "method" and "tune_as" not in run and \
+        run["seed"] in select["seeds"] and select.get("curves", True)
+
+
+def _reusable_selection_run(suite: dict, run: dict) -> str | None:
+    """The folder of the selection run that trained exactly `run`, if its weights are still there; else None (the
+    test run trains)."""
+    if not _reuses(suite, run):
+        return None
+    chosen = selection(suite, run["name"])["candidate"]
+    out = run_dir(suite, {"name": run["name"], "group": "select", "seed": run["seed"], "candidate": chosen})
+    trained = os.path.exists(os.path.join(out, "train_log.json")) and glob.glob(os.path.join(out, "*.safetensors"))
+    return out if trained else None
 
 
 def _claim(out: str) -> bool:
