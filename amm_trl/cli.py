@@ -312,8 +312,8 @@ def generate(argv: list[str]):
     (a,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses(argv)
     check_model_path("model_name_or_path", a.model_name_or_path)
     if a.teacher_top_k < 0 or (a.teacher_top_k and not a.output_file.endswith(".parquet")):
-        raise ValueError(f"--teacher_top_k {a.teacher_top_k} --output_file {a.output_file!r}: a top-k cache is written "
-                         f"as parquet (give a file ending in .parquet) and k must be >= 0.")
+        raise ValueError(f"--teacher_top_k {a.teacher_top_k} --output_file {a.output_file!r}: a top-k cache is "
+                         f"written as parquet (give a file ending in .parquet) and k must be >= 0.")
     template_kwargs = _json_object("chat_template_kwargs", a.chat_template_kwargs)
     dataset = load_prompt_dataset(a.dataset_name, a.dataset_split)
     if "prompt" not in dataset.column_names:

@@ -263,9 +263,11 @@ class AMMConfig(DistillationConfig):
     q_prior_alpha: float = field(default=1.0, metadata={
         "help": "Informed critic: u = alpha * (log p_T - log p_S) + head; f = u (unbounded, the default, with "
                 "q_head_l2) or c * tanh(u) with q_bound c; 0 = the head alone."})
-    q_head_l2: float = field(default=1.0, metadata={"help": "L2 penalty lambda/2 * sum_a f^2 in the critic's objective."})
+    q_head_l2: float = field(default=1.0, metadata={
+        "help": "L2 penalty lambda/2 * sum_a f^2 in the critic's objective."})
     q_head_l2_weight: Literal[L2_WEIGHTS] = field(default="uniform", metadata={
-        "help": "Weight of f(a)^2 in the penalty: uniform (squared L2), student (Pearson chi^2), mixture (triangular)."})
+        "help": "Weight of f(a)^2 in the penalty: uniform (squared L2), student (Pearson chi^2), mixture "
+                "(triangular)."})
     q_head_max_grad_norm: float | None = field(default=None, metadata={
         "help": "Clip the Q-heads' gradient norm separately (the student keeps max_grad_norm)."})
     amm_anchor_weight: float = field(default=0.5, metadata={
@@ -310,7 +312,9 @@ class AMMConfig(DistillationConfig):
     off_policy_source: Literal[OFF_POLICY_SOURCES] = field(
         default="auto", metadata={"help": "Off-policy completions source."}
     )
-    off_policy_column: str = field(default="completion", metadata={"help": "Dataset column of off-policy completions."})
+    off_policy_column: str = field(
+        default="completion", metadata={"help": "Dataset column of off-policy completions."}
+    )
 
     # Parameters that control vLLM's sampling correction (TRL GRPO's fields; only with `use_vllm`)
     vllm_importance_sampling_correction: bool = field(
@@ -419,8 +423,8 @@ class AMMConfig(DistillationConfig):
             fail("off_policy_source", "teacher", "a pooling server (teacher_server_output 'hidden_states') cannot "
                  "generate: use 'dataset' (e.g. the teacher's completions written by `amm-trl generate`).")
         if hidden and not self.teacher_model_name_or_path:
-            fail("teacher_model_name_or_path", None, "teacher_server_output 'hidden_states' reads the teacher's output "
-                 "layer from it (nothing else of the teacher is loaded).")
+            fail("teacher_model_name_or_path", None, "teacher_server_output 'hidden_states' reads the teacher's "
+                 "output layer from it (nothing else of the teacher is loaded).")
         if self.teacher_placement == "server" and not self.teacher_server_base_url:
             fail("teacher_server_base_url", self.teacher_server_base_url, "teacher_placement 'server' needs the "
                  "teacher's vLLM server address, e.g. http://teacher-node:8000.")
@@ -428,7 +432,8 @@ class AMMConfig(DistillationConfig):
             fail("objective", self.objective, f"it runs TRL's loss, which calls a teacher model in the training "
                  f"process; with {where} there is none: use 'gkd' with lmbda 1.0 (the same loss).")
         if unit.adversary is not None and self.q_head_features == "teacher" and not hidden:
-            fail("q_head_features", "teacher", f"with {where} the trainer has no teacher hidden states: use 'student'.")
+            fail("q_head_features", "teacher",
+                 f"with {where} the trainer has no teacher hidden states: use 'student'.")
         if self.temperature != 1.0 and not hidden:
             fail("temperature", self.temperature, f"with {where} the teacher's log-probs are at temperature 1 (vLLM's "
                  "prompt log-probs skip the sampling processors, whatever --logprobs-mode says): use temperature 1.0, "
@@ -436,8 +441,8 @@ class AMMConfig(DistillationConfig):
         reads_rollouts = unit.info.reads_teacher and unit.data.rollouts
         if self.teacher_placement == "cache":
             if self.off_policy_source == "teacher" and unit.data.off_policy:
-                fail("off_policy_source", "teacher", "with teacher_placement 'cache' the teacher's completions are the "
-                     "cached ones: use 'dataset'.")
+                fail("off_policy_source", "teacher", "with teacher_placement 'cache' the teacher's completions are "
+                     "the cached ones: use 'dataset'.")
             if not unit.data.off_policy:
                 fail("teacher_placement", "cache", f"objective {self.objective!r} trains on rollouts only, which no "
                      "cache holds: use 'server'.")
@@ -479,13 +484,14 @@ class AMMConfig(DistillationConfig):
         """A DeepSpeed 'optimizer' section (a dict, a JSON file or accelerate's deepspeed_config_file, all read into
         the plugin) makes DeepSpeed build one optimizer over every parameter: the Q-heads would lose their group."""
         plugin = getattr(self, "deepspeed_plugin", None)
-        if plugin is None or "optimizer" not in (plugin.deepspeed_config or {}) or self.objective_unit.adversary is None:
+        if (plugin is None or "optimizer" not in (plugin.deepspeed_config or {})
+                or self.objective_unit.adversary is None):
             return
         source = (f"deepspeed={self.deepspeed!r}" if isinstance(self.deepspeed, str) else "deepspeed" if
                   self.deepspeed is not None else "the accelerate config's deepspeed_config_file")
         raise ValueError(
-            f"The DeepSpeed config ({source}) has an 'optimizer' section: DeepSpeed would then build one optimizer over "
-            f"all parameters and the Q-heads of objective {self.objective!r} would lose their own group "
+            f"The DeepSpeed config ({source}) has an 'optimizer' section: DeepSpeed would then build one optimizer "
+            f"over all parameters and the Q-heads of objective {self.objective!r} would lose their own group "
             "(q_head_lr_multiplier, no weight decay). Remove the 'optimizer' section; the Trainer-built optimizer "
             "(optim / learning_rate / weight_decay) is still wrapped by DeepSpeed.")
 

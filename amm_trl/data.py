@@ -14,8 +14,8 @@ from datasets.exceptions import DatasetGenerationError
 
 def load_prompt_dataset(name_or_path: str, split: str = "train", config: str | None = None,
                         field: str = "dataset_name") -> Dataset:
-    """Loads a local jsonl/json/parquet file, a `save_to_disk` folder, or a hub dataset split. A file with no rows or a line
-    that is not a JSON object is refused with the file and the line number; `field` names the argument."""
+    """Loads a local jsonl/json/parquet file, a `save_to_disk` folder, or a hub dataset split. A file with no rows or a
+    line that is not a JSON object is refused with the file and the line number; `field` names the argument."""
     if name_or_path.endswith((".jsonl", ".json")):
         if not os.path.exists(name_or_path):
             raise FileNotFoundError(f"{field}: no such file {name_or_path!r}.")

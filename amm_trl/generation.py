@@ -53,7 +53,8 @@ def generate_token_ids(model_path: str, prompt_ids: list[list[int]], max_new_tok
     for start in tqdm(batches, desc="generate", disable=not progress):
         index = order[start:start + batch_size]
         width = max(len(prompt_ids[i]) for i in index)
-        input_ids = torch.tensor([[pad_id] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in index], device=device)
+        input_ids = torch.tensor([[pad_id] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in index],
+                                 device=device)
         attention = torch.tensor([[0] * (width - len(prompt_ids[i])) + [1] * len(prompt_ids[i]) for i in index],
                                  device=device)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
@@ -84,7 +85,8 @@ def _generate_vllm(model_path, prompt_ids, max_new_tokens, temperature, top_p, s
         return ids
     results = []
     for o, c in zip(outputs, ids):
-        entries = [sorted(position.items(), key=lambda item: item[1].rank)[:top_k] for position in o.outputs[0].logprobs]
+        entries = [sorted(position.items(), key=lambda item: item[1].rank)[:top_k]
+                   for position in o.outputs[0].logprobs]
         results.append({"ids": [[int(t) for t, _ in e] for e in entries],
                         "log_probs": [[x.logprob for _, x in e] for e in entries],
                         "token_log_prob": [position[t].logprob for position, t in zip(o.outputs[0].logprobs, c)]})
@@ -125,7 +127,8 @@ def top_k_log_probs(model_path: str, prompt_ids: list[list[int]], completion_ids
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits
-        for i, (p, c) in enumerate(zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size])):
+        for i, (p, c) in enumerate(zip(prompt_ids[start:start + batch_size],
+                                       completion_ids[start:start + batch_size])):
             # the position before each completion token; one row's log-softmax at a time (not the batch's (B, T, V))
             at = torch.log_softmax(logits[i, len(p) - 1:len(p) + len(c) - 1].float(), -1)
             values, top = at.topk(min(k, at.size(-1)), -1)

@@ -4,8 +4,9 @@ at that step, training stops and the process exits with status 128 + the signal'
 from that checkpoint (`--resume_from_checkpoint latest`) and loses no step.
 
 All ranks must save at the same step: the handler sets accelerate's trigger (`Accelerator.set_trigger`) and each
-step end `Accelerator.check_trigger` tells every rank whether any rank got the signal. A second SIGTERM while the checkpoint is being written is ignored; SIGKILL (slurm's after its grace
-time, `KillWait`) is not, so the grace time must cover a step plus a save.
+step end `Accelerator.check_trigger` tells every rank whether any rank got the signal. A second SIGTERM while the
+checkpoint is being written is ignored; SIGKILL (slurm's after its grace time, `KillWait`) is not, so the grace time
+must cover a step plus a save.
 """
 
 import signal

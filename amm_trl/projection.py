@@ -112,9 +112,9 @@ def teacher_of(chunk: dict[str, Tensor], projection: Projection,
 
 def token_pass(terms: list[Term], projection: Projection, step: Step):
     """(fn, params) for `chunked.chunked_token_loss` over the token inputs `student_hidden`, `target_ids`, optionally
-    `teacher_hidden` or the `TOP_K_INPUTS`, and the terms' `inputs`: `fn(chunk, params)` returns (sum of weight * loss over the terms, {each
-    term's loss under its name, the common metrics, the terms' own metrics}). No terms: loss 0 and the common metrics
-    (rollout log-probs)."""
+    `teacher_hidden` or the `TOP_K_INPUTS`, and the terms' `inputs`: `fn(chunk, params)` returns (sum of weight * loss
+    over the terms, {each term's loss under its name, the common metrics, the terms' own metrics}). No terms: loss 0
+    and the common metrics (rollout log-probs)."""
     own = {f"term{i}.{name}": p for i, term in enumerate(terms) for name, p in term.params.items()}
 
     def fn(chunk: dict[str, Tensor], params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

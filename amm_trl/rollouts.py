@@ -259,7 +259,7 @@ def prompts_too_long(lengths: list[int], where: str, limit: int | None, why: str
     if not cut_allowed:
         raise ValueError(
             f"{len(too_long)} of {len(lengths)} prompts of {where} are longer than {limit} tokens ({why}); the "
-            f"longest has {max(too_long)}. Nothing can run past that limit. Set max_prompt_length (prompts are then cut "
-            f"from the left, with a warning), lower max_completion_length, or filter them.")
+            f"longest has {max(too_long)}. Nothing can run past that limit. Set max_prompt_length (prompts are then "
+            f"cut from the left, with a warning), lower max_completion_length, or filter them.")
     return (f"{len(too_long)} of {len(lengths)} prompts of {where} are longer than {why} tokens (longest "
             f"{max(too_long)}) and are cut from the left to {limit} tokens.")

@@ -63,10 +63,11 @@ def _score_answer():
 def gsm_symbolic(prediction: str, reference: str, row: dict) -> float:
     """Accuracy scorer for reasoning-gym ``gsm_symbolic`` rows: 1.0 if the final answer is right, else 0.0.
 
-    The final answer is extracted with ``extract_final_answer`` (after the last ``####``, else ``\\boxed{}``, else after "answer is",
-    else the last number) and normalized (commas, ``$``, trailing ``.0`` / ``.``), then scored by reasoning-gym's own
-    ``score_answer`` against the entry stored in ``row["entry"]`` (JSON, as the ``gsm-symbolic-*`` assets write it).
-    Without an ``entry`` column the row's ``answer``, or else the reference's own final answer, is the oracle.
+    The final answer is extracted with ``extract_final_answer`` (after the last ``####``, else ``\\boxed{}``, else
+    after "answer is", else the last number) and normalized (commas, ``$``, trailing ``.0`` / ``.``), then scored by
+    reasoning-gym's own ``score_answer`` against the entry stored in ``row["entry"]`` (JSON, as the ``gsm-symbolic-*``
+    assets write it). Without an ``entry`` column the row's ``answer``, or else the reference's own final answer, is
+    the oracle.
 
     reasoning-gym gives 0.01 for a wrong number (and 0.0 for none); this scorer maps every score below 1 to 0.0, so
     the mean over a dataset (``summary.json`` "score") is the accuracy. Signs are compared here, because

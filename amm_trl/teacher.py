@@ -147,9 +147,9 @@ class ServedTeacher:
                              f"hidden states ({exc}). Start it as a pooling server: `vllm serve TEACHER --runner "
                              f"pooling --pooler-config '{POOLER_CONFIG}'`.") from exc
         if h.dim() != 2 or (hidden_size is not None and h.size(-1) != hidden_size):
-            raise ValueError(f"teacher_server_output 'hidden_states': the server at {self.base_url} returns vectors of "
-                             f"shape {tuple(h.shape)} per sequence, not one {hidden_size}-wide hidden state per token: "
-                             f"start it with --pooler-config '{POOLER_CONFIG}' and serve the teacher named by "
+            raise ValueError(f"teacher_server_output 'hidden_states': the server at {self.base_url} returns vectors "
+                             f"of shape {tuple(h.shape)} per sequence, not one {hidden_size}-wide hidden state per "
+                             f"token: start it with --pooler-config '{POOLER_CONFIG}' and serve the teacher named by "
                              f"teacher_model_name_or_path.")
 
     def check(self) -> None:
@@ -159,8 +159,8 @@ class ServedTeacher:
         except Exception as exc:
             if "logprobs" in str(exc).lower():
                 raise ValueError(f"The teacher server at {self.base_url} refuses {self.k} log-probs per token "
-                                 f"(teacher_top_k={self.k}): restart it with `--max-logprobs {self.k}` (vLLM's default "
-                                 f"is 20), or lower teacher_top_k. The server said: {exc}") from exc
+                                 f"(teacher_top_k={self.k}): restart it with `--max-logprobs {self.k}` (vLLM's "
+                                 f"default is 20), or lower teacher_top_k. The server said: {exc}") from exc
             raise self._stopped(exc) from exc
         covered = torch.logsumexp(torch.tensor(out["logprobs"][0][0], dtype=torch.float64), 0).item()
         if covered > 1e-3:
@@ -240,7 +240,8 @@ def bound_requests(session, timeout: float) -> None:
 
 
 def check_cached_dataset(dataset, off_policy_column: str) -> None:
-    """A dataset (or a dict of them) for `teacher_placement: cache` holds `amm-trl generate --teacher_top_k` columns."""
+    """A dataset (or a dict of them) for `teacher_placement: cache` holds `amm-trl generate --teacher_top_k`
+    columns."""
     if isinstance(dataset, dict):
         for part in dataset.values():
             check_cached_dataset(part, off_policy_column)

@@ -24,8 +24,8 @@ overridden:
   Q-heads and the objective's state (the rules in `checkpoints.py` and `guards.py`); `ObjectiveCallback` feeds the
   objective's state the evaluation loss. Patches of TRL, transformers and vLLM: `patches.py`, nowhere else.
 
-One training step reads through this file, `rollouts.py`, `projection.py`, `objectives/base.py` (with `teachers.py`), the objective's
-module (AMM's with `qhead.py`) and `chunked.py`.
+One training step reads through this file, `rollouts.py`, `projection.py`, `objectives/base.py` (with `teachers.py`),
+the objective's module (AMM's with `qhead.py`) and `chunked.py`.
 """
 
 from __future__ import annotations
@@ -379,17 +379,18 @@ class AMMTrainer(DistillationTrainer):
         for x, prompt in zip(inputs, _rows(output["prompt_ids"], output["prompt_mask"]), strict=True):
             if list(x["prompt_ids"]) != prompt:
                 raise ValueError(
-                    f"teacher_placement 'cache': the cached prompt_ids of the row with prompt {str(x['prompt'])[:80]!r} "
-                    f"({len(x['prompt_ids'])} tokens) differ from the prompt this trainer renders ({len(prompt)} "
-                    f"tokens; a different tokenizer or chat template, or max_prompt_length cut it): regenerate the "
-                    f"cache with the student's tokenizer (`amm-trl generate --teacher_top_k`), or raise "
-                    f"max_prompt_length.")
+                    f"teacher_placement 'cache': the cached prompt_ids of the row with prompt "
+                    f"{str(x['prompt'])[:80]!r} ({len(x['prompt_ids'])} tokens) differ from the prompt this trainer "
+                    f"renders ({len(prompt)} tokens; a different tokenizer or chat template, or max_prompt_length cut "
+                    f"it): regenerate the cache with the student's tokenizer (`amm-trl generate --teacher_top_k`), or "
+                    f"raise max_prompt_length.")
         return [list(x["completion_ids"])[:self.max_completion_length] for x in inputs]
 
     def _cached_top_k(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> dict[str, torch.Tensor]:
         kind = KINDS["off"]
         rows = [top_k_of(x) for x in inputs]  # either codec of `amm-trl generate --teacher_top_k_codec`
-        top_k = pad_top_k([r["ids"] for r in rows], [r["log_probs"] for r in rows], [r["token_log_prob"] for r in rows],
+        top_k = pad_top_k([r["ids"] for r in rows], [r["log_probs"] for r in rows],
+                          [r["token_log_prob"] for r in rows],
                           output[kind.ids].size(1), self.args.teacher_top_k, self.vocab_size, output[kind.ids].device)
         return {kind.prefix + name: value for name, value in top_k.items()}
 

@@ -92,7 +92,8 @@ class CPUWeightSync:
         os.replace(path + ".tmp", path)
         client = self.vllm_client
         response = client.session.post(f"{client.base_url}/collective_rpc", timeout=self.server_timeout,
-                                       json={"method": "reload_weights", "kwargs": {"weights_path": self._weights_dir}})
+                                       json={"method": "reload_weights",
+                                             "kwargs": {"weights_path": self._weights_dir}})
         if response.status_code != 200:
             hint = " Start the server with VLLM_SERVER_DEV_MODE=1." if response.status_code == 404 else ""
             raise RuntimeError(f"The vLLM server at {client.base_url} did not reload the weights saved in "

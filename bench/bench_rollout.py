@@ -14,8 +14,8 @@ is vLLM's tokens/s over HF's, for each HF batch size and for the best one.
 Prints one line `RESULT {...}`.
 
 On a CPU machine vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): bf16 in a separate engine process
-can die with SIGILL in vLLM's CPU attention (seen on a 2-core AMD EPYC). Its KV cache takes `VLLM_CPU_KVCACHE_SPACE` GiB (1 unless
-set, `_common.py`).
+can die with SIGILL in vLLM's CPU attention (seen on a 2-core AMD EPYC). Its KV cache takes `VLLM_CPU_KVCACHE_SPACE`
+GiB (1 unless set, `_common.py`).
 """
 
 import argparse
@@ -98,7 +98,8 @@ def run_vllm(a, prompts):
         dt = time.perf_counter() - t
         lengths.update(len(o.outputs[0].token_ids) for o in outs)
         passes.append((sum(len(o.outputs[0].token_ids) for o in outs), dt))
-    result = {"engine": "vllm", "dtype": a.dtype, "eager": a.vllm_eager, "gpu_memory_utilization": a.vllm_gpu_memory_utilization,
+    result = {"engine": "vllm", "dtype": a.dtype, "eager": a.vllm_eager,
+              "gpu_memory_utilization": a.vllm_gpu_memory_utilization,
               "attention_backend": a.attention_backend, "init_s": round(init_s, 1),
               "output_lengths": sorted(lengths), **summarize(passes)}
     try:  # release the engine before HF runs (best effort; the HF pass needs a few GiB only)
@@ -113,7 +114,8 @@ def run_vllm(a, prompts):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
-                    help="student folder or `asset:NAME` (amm-trl assets); default: build the benchmark's 0.95B student")
+                    help="student folder or `asset:NAME` (amm-trl assets); default: build the benchmark's "
+                         "0.95B student")
     ap.add_argument("--dtype", default=None, help="both engines; default bfloat16 on a GPU, float32 on CPU")
     ap.add_argument("--models-dir", default="/tmp/amm-bench/models")
     ap.add_argument("--tiny", action="store_true", help="smoke run: tiny model, few prompts")

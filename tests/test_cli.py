@@ -22,7 +22,8 @@ def test_every_recipe_parses_into_config_objects(name):
 
     # GPU recipes (bf16) only build on a CPU machine with use_cpu, which changes nothing else that is checked here.
     cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    script, args, model = parse_train_args(["--config", recipe_path(name), "--output_dir", "/tmp/amm-recipe-test", *cpu])
+    script, args, model = parse_train_args(["--config", recipe_path(name), "--output_dir", "/tmp/amm-recipe-test",
+                                            *cpu])
     assert isinstance(script, TrainScriptArguments) and isinstance(args, AMMConfig) and isinstance(model, ModelConfig)
     assert model.model_name_or_path and script.dataset_name
     # Every recipe is named after its objective (`<setup>_<objective>.yaml`); the plain quickstart runs AMM.
@@ -134,7 +135,8 @@ def test_summary_prints_tv_on_both_kinds_and_rouge_before_and_after(tmp_path, ti
     assert (tmp_path / "out" / "summary_eval" / "end" / "predictions.jsonl").exists()
     # exact TV on fixed held-out data: start = the initial student on the teacher's greedy answers, as computed here
     line = next(l for l in printed.splitlines()
-                if l.startswith("amm-trl: exact TV(teacher, student) on the teacher's greedy answers to the 5 held-out"))
+                if l.startswith("amm-trl: exact TV(teacher, student) on the teacher's greedy answers to the 5 "
+                                "held-out"))
     held_out = [float(x) for x in line.split(": start ", 1)[1].split(",")[0].split(" -> end ")]
     prompts, answers = _teacher_greedy(tiny, 5, 4)
     assert held_out == pytest.approx([_tv_loop(tiny["student"], tiny["teacher"], prompts, answers),

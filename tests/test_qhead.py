@@ -48,7 +48,8 @@ def test_user_optimizer_would_leave_heads_without_group(tiny, tiny_dataset, tmp_
                                          r"optimizers=\(None, None\)"):
         AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=make_config(tmp_path),
                    train_dataset=tiny_dataset, optimizers=(optimizer, None))
-    plain = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=make_config(tmp_path, objective="fkl"),
+    plain = AMMTrainer(model=tiny["student"], teacher_model=tiny["teacher"],
+                       args=make_config(tmp_path, objective="fkl"),
                        train_dataset=tiny_dataset, optimizers=(torch.optim.SGD(student.parameters(), lr=0.1), None))
     assert plain.q_heads is None  # objectives without heads keep accepting a user optimizer
 

@@ -268,7 +268,8 @@ def test_vllm_server_template_single_node_split(cluster, tmp_path, serve):
     recipe.write_text(f"output_dir: {out}\nmax_steps: 2\nsave_steps: 2\nmodel_name_or_path: /models/student\n"
                       "teacher_model_name_or_path: /models/teacher\nteacher_top_k: 32\n")
     port = free_port()
-    env = _job_env(RECIPE=str(recipe), SERVE=serve, LAUNCHER="torchrun", USE_CPU=1, NUM_GPUS=2, TRAIN_MODULE="slurm_cluster",
+    env = _job_env(RECIPE=str(recipe), SERVE=serve, LAUNCHER="torchrun", USE_CPU=1, NUM_GPUS=2,
+                   TRAIN_MODULE="slurm_cluster",
                    TRAIN_COMMAND="standin-train train", PYTHONPATH=os.path.join(REPO, "tests"), VLLM_PORT=port,
                    VLLM_COMMAND="python -m slurm_cluster standin-vllm --port $VLLM_PORT --model $VLLM_MODEL")
     job = cluster.sbatch(os.path.join(TEMPLATES, "vllm_server.sbatch"), env=env, cwd=str(tmp_path),

@@ -1,7 +1,6 @@
 """One AMM training step, traced as it runs, passes through the project files of the reading path the trainer's
-docstring names: the trainer's hooks, rollouts, the projection to logits, the objective interface and the teacher's distribution, the
-AMM objective
-with its Q-heads and shared math, and the chunked loss."""
+docstring names: the trainer's hooks, rollouts, the projection to logits, the objective interface and the teacher's
+distribution, the AMM objective with its Q-heads and shared math, and the chunked loss."""
 
 import os
 import sys
@@ -47,7 +46,8 @@ def test_one_amm_step_reads_through_the_documented_project_files(tiny, tiny_data
         sys.setprofile(None)
     files = {f for f, _ in trace.calls}
     assert files == {"trainer.py", "rollouts.py", "projection.py", os.path.join("objectives", "base.py"),
-                     os.path.join("objectives", "teachers.py"), os.path.join("objectives", "amm.py"), os.path.join("objectives", "functional.py"), "qhead.py",
+                     os.path.join("objectives", "teachers.py"), os.path.join("objectives", "amm.py"),
+                     os.path.join("objectives", "functional.py"), "qhead.py",
                      "chunked.py"}, sorted(trace.calls)
     # the step did what an AMM step does: rollouts and teacher answers, the critic, the chunked loss, the guard
     for call in [("trainer.py", "training_step"), ("trainer.py", "_get_grad_norm"),

@@ -156,7 +156,8 @@ def test_generate_with_vllm_writes_the_top_k_of_its_own_sampling_engine(assets, 
     proc = subprocess.run([sys.executable, "-m", "amm_trl.cli", "generate", "--model_name_or_path", assets["teacher"],
                            "--dataset_name", assets["data"], "--output_file", str(out), "--max_new_tokens", "6",
                            "--teacher_top_k", "8", "--use_vllm", "true", "--max_samples", "6", "--temperature",
-                           "0.7", "--dtype", "float32"], cwd=str(tmp_path), env=worker_env(), capture_output=True, text=True, timeout=400)
+                           "0.7", "--dtype", "float32"], cwd=str(tmp_path), env=worker_env(), capture_output=True,
+                          text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"], dtype=torch.float32).eval()
     rows = pq.read_table(out).to_pylist()
@@ -208,7 +209,8 @@ def test_amm_trains_against_the_served_teacher(assets, teacher_server, tmp_path,
 
 def test_a_top_k_beyond_the_servers_max_logprobs_is_refused_at_start_up(assets, teacher_server, tmp_path):
     rc, log = run_train(tmp_path, ["--config", recipe(tmp_path, assets, teacher_server["url"], teacher_top_k=80)])
-    assert rc != 0 and "refuses 80 log-probs per token (teacher_top_k=80): restart it with `--max-logprobs 80`" in log, \
+    assert rc != 0 and ("refuses 80 log-probs per token (teacher_top_k=80): restart it with `--max-logprobs 80`"
+                        in log), \
         log[-4000:]
     assert not (tmp_path / "out" / "checkpoint-1").exists()
 

@@ -174,7 +174,8 @@ def test_select_reuse_evaluates_the_chosen_selection_run_and_equals_training_it_
     for key in ("score", "score_sampled", "quality", "coverage"):
         assert fresh[key] == reused[key], key
     assert fresh["quality"] < 0 and fresh["coverage"] < 0  # real numbers, not a shared default
-    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time", "memory/peak_rss_gib")
+    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time",
+              "memory/peak_rss_gib")
 
     def trained(text):  # the training's own numbers: losses, the curve, the student's statistics
         return [{k: v for k, v in e.items() if k not in timing} for e in json.loads(text)]
@@ -334,7 +335,8 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
     assert pilot["common"]["learning_rate"] == 3.0e-5 and pilot["common"]["max_steps"] == 40
     budget = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b_budget.yaml"))
     assert [r["name"] for r in budget["runs"]] == ["fkl"] and budget["select"] is None
-    assert (budget["common"]["learning_rate"], budget["common"]["max_steps"], budget["curve_every"]) == (3.0e-4, 160, 20)
+    assert (budget["common"]["learning_rate"], budget["common"]["max_steps"],
+            budget["curve_every"]) == (3.0e-4, 160, 20)
     assert budget["assets_dir"] == tier_b["assets_dir"]  # the same committed teacher answers
     longer = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b_120.yaml"))  # the flattening budget
     assert [r["name"] for r in longer["runs"]] == [r["name"] for r in methods] and longer["runs"] == methods
@@ -379,8 +381,9 @@ def test_a_fresh_checkout_rebuilds_the_assets_and_refuses_different_ones(tmp_pat
     with open(manifest_path, "w") as f:
         json.dump(recorded, f)
     shutil.rmtree(paths["teacher"])
-    with pytest.raises(ValueError, match=r"The assets rebuilt in .* differ from those .*manifest.json records \(digest "
-                                         r"[0-9a-f]{12} vs 000000000000\): this machine computes other models"):
+    with pytest.raises(ValueError, match=r"The assets rebuilt in .* differ from those .*manifest.json records "
+                                         r"\(digest [0-9a-f]{12} vs 000000000000\): this machine computes "
+                                         r"other models"):
         assets.build(out, TOY_TASK)
 
 
@@ -461,7 +464,8 @@ def tier_b_like_suite(tmp_path) -> str:
         report_block = yaml.safe_load(f)["report"]
     suite = {"output_dir": str(out), "assets_dir": str(tmp_path / "assets"), "teacher": "t", "initial_student": "s",
              "seeds": [0, 1, 2, 3, 4], "common": {},
-             "select": {"learning_rates": [3.0e-5, 1.0e-4], "seeds": [0], "metric": "tv_teacher_greedy", "mode": "min"},
+             "select": {"learning_rates": [3.0e-5, 1.0e-4], "seeds": [0], "metric": "tv_teacher_greedy",
+                        "mode": "min"},
              "runs": [{"name": "sft", "recipe": "r"}, {"name": "fkl", "recipe": "r"}, {"name": "amm", "recipe": "r"},
                       {"name": "amm_k8", "recipe": "r", "group": "ablation", "tune_as": "amm", "seeds": [0]}],
              "report": report_block}

@@ -168,7 +168,8 @@ def dense_top_k(trainer, inputs, k=None):
         log_pt = torch.log_softmax(logits / trainer.temperature, -1)
         values, top = log_pt.topk(k or log_pt.size(-1), -1)
         token = log_pt.gather(-1, inputs[ids_key][..., None]).squeeze(-1) * inputs[mask_key]
-        extra.update({prefix + TOP_K_INPUTS[0]: top, prefix + TOP_K_INPUTS[1]: values, prefix + TOP_K_INPUTS[2]: token})
+        extra.update({prefix + TOP_K_INPUTS[0]: top, prefix + TOP_K_INPUTS[1]: values,
+                      prefix + TOP_K_INPUTS[2]: token})
     return extra
 
 

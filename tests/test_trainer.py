@@ -301,7 +301,8 @@ def test_vocab_mismatch_is_refused(tmp_path, tiny_dataset, tiny):
 
     teacher = build_model(48, hidden=16, layers=1)  # fewer rows than the 64-token tokenizer: not a shared vocab
     with pytest.raises(ValueError, match="vocab_size 64 and the teacher 48"):
-        AMMTrainer(model=tiny["student"], teacher_model=teacher, args=make_config(tmp_path, teacher_model_init_kwargs=None),
+        AMMTrainer(model=tiny["student"], teacher_model=teacher,
+                   args=make_config(tmp_path, teacher_model_init_kwargs=None),
                    train_dataset=tiny_dataset)
 
 

@@ -73,7 +73,8 @@ def run_worker(tmp_path, assets, *flags, ranks=1, timeout=400):
         os.killpg(proc.pid, signal.SIGKILL)
         log, _ = proc.communicate()
         pytest.fail(f"worker {flags} did not finish within {timeout}s:\n{log[-6000:]}")
-    assert proc.returncode == 0 and os.path.exists(out), f"worker {flags} failed (rc {proc.returncode}):\n{log[-8000:]}"
+    assert proc.returncode == 0 and os.path.exists(out), \
+        f"worker {flags} failed (rc {proc.returncode}):\n{log[-8000:]}"
     with open(out) as f:
         report = json.load(f)
     print(f"\n[{' '.join(flags)} ranks={ranks}] {time.perf_counter() - start:.0f}s: {json.dumps(report)[:2000]}")
@@ -235,7 +236,8 @@ def run_bench(tmp_path, script, *flags, timeout=400, env=None):
            str(tmp_path / "models"), "--json", str(out), *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=env or worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
-    assert proc.returncode == 0 and out.exists(), f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{proc.stdout[-6000:]}"
+    assert proc.returncode == 0 and out.exists(), \
+        f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{proc.stdout[-6000:]}"
     return json.loads(out.read_text())
 
 

@@ -37,7 +37,8 @@ def informed_prior(student_logits: Tensor, teacher_logits: Tensor, alpha: float)
 
 
 def log_ratio_prior(log_ps: Tensor, log_pt: Tensor, alpha: float) -> Tensor:
-    """alpha * (log p_T - log p_S) from log-probabilities, each floored at the dtype's `tiny` (:func:`informed_prior`)."""
+    """alpha * (log p_T - log p_S) from log-probabilities, each floored at the dtype's `tiny`
+    (:func:`informed_prior`)."""
     floor = math.log(torch.finfo(log_pt.dtype).tiny)
     return float(alpha) * (log_pt.detach().clamp_min(floor) - log_ps.detach().clamp_min(floor))
 

@@ -3,11 +3,11 @@
     python bench/quality/report.py bench/quality/alpaca.yaml [--metric rougeL]
 
 Prints a markdown table (mean and sample std over seeds, n = seeds finished; besides the eval scores: the mean answer
-length in words, and exact TV / rollout length averaged over the last 3 logged training steps) and writes, into the suite's output
-folder, `results.json` (every run's result) and PNG curves: `curves_<metric>.png` per logged training metric
-(d_on/d_off = the head-estimated AMM distances `amm_gap/on|off`, exact total variation `tv/on|off`, the teacher's
-log-probability of the student's rollouts `logp_teacher/on` (MiniLLM's reward), `minillm/reward`, `loss`), one line per
-method, averaged over seeds (running mean of 4 steps: each step sees a different batch).
+length in words, and exact TV / rollout length averaged over the last 3 logged training steps) and writes, into the
+suite's output folder, `results.json` (every run's result) and PNG curves: `curves_<metric>.png` per logged training
+metric (d_on/d_off = the head-estimated AMM distances `amm_gap/on|off`, exact total variation `tv/on|off`, the
+teacher's log-probability of the student's rollouts `logp_teacher/on` (MiniLLM's reward), `minillm/reward`, `loss`),
+one line per method, averaged over seeds (running mean of 4 steps: each step sees a different batch).
 """
 
 import argparse

@@ -180,7 +180,8 @@ def _by_seed(by_seed: dict, metric: str, q: Quantity) -> dict:
 
 def separation(refs: dict, tests: dict, config: ReportConfig = TIER_A) -> tuple[str, dict]:
     """Per metric: do teacher, SFT and FKL lie outside each other's 95% intervals?"""
-    verdicts, lines = {}, ["| metric | teacher | sft | fkl | fkl - sft (paired) | verdict |", "|---|---|---|---|---|---|"]
+    verdicts, lines = {}, ["| metric | teacher | sft | fkl | fkl - sft (paired) | verdict |",
+                           "|---|---|---|---|---|---|"]
     if "teacher" not in refs or "sft" not in tests or "fkl" not in tests:
         return "separation check: needs the teacher, sft and fkl results", {}
     for metric, q in config.metrics.items():
@@ -225,7 +226,8 @@ def paired_table(tests: dict, candidate: str, config: ReportConfig = TIER_A) -> 
             d, h, n = paired_difference(ours, theirs)
             sign = "" if math.isnan(h) or abs(d) <= h else (" (>0)" if d > 0 else " (<0)")
             cells.append(f"{d:+.{q.digits}f} ± {h:.{q.digits}f}{sign}")
-        ours = {s: better * r[config.primary] for s, r in tests[candidate].items() if r.get(config.primary) is not None}
+        ours = {s: better * r[config.primary] for s, r in tests[candidate].items()
+                if r.get(config.primary) is not None}
         theirs = {s: better * r[config.primary] for s, r in by_seed.items() if r.get(config.primary) is not None}
         if set(ours) & set(theirs):
             test = sign_test(ours, theirs)

@@ -91,7 +91,8 @@ class FixedAnswersTV:
 
         from amm_trl.objectives import total_variation
 
-        vocab = min(len(AutoTokenizer.from_pretrained(self.teacher_path)), model.get_output_embeddings().weight.size(0),
+        vocab = min(len(AutoTokenizer.from_pretrained(self.teacher_path)),
+                    model.get_output_embeddings().weight.size(0),
                     self._teacher()[0].size(-1))
         was_training, device = model.training, next(model.parameters()).device
         model.eval()
