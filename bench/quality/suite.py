@@ -346,10 +346,11 @@ def execute(suite: dict, run: dict, keep_models: bool) -> dict:
 
 
 def _kept_for_test(suite: dict, run: dict) -> bool:
-    """Whether a selection run keeps its weights for its method's test run on the same seed (`select.reuse`)."""
+    """Whether a selection run keeps its weights for its method's test run on the same seed (`select.reuse`; whatever
+    `--seeds` a worker runs with: the test run that deletes them may run in another)."""
     select = suite.get("select") or {}
     return bool(select.get("reuse")) and run["group"] == "select" and run.get("select_group") == "method" and \
-        run["seed"] in suite["seeds"] and select.get("curves", True)
+        select.get("curves", True)
 
 
 def _reuses(suite: dict, run: dict) -> bool:
