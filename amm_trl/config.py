@@ -245,6 +245,11 @@ class AMMConfig(DistillationConfig):
             shows every loss only its top-k + tail, as a server or cache at that k would: what a k keeps of the
             quality, measured before paying for the server (the rounding of served or cached log-probs aside).
             `0`: the full distribution.
+        teacher_top_k_taken_bucket (`bool`, *optional*, defaults to `False`):
+            With a top-k teacher (`server`, `cache` or `teacher_local_top_k`), the token taken at each position (the
+            student's sample on a rollout, the answer's token off-policy) gets a bucket of its own when it is outside
+            the teacher's top-k, from its log-prob that every server and cache returns: k + 2 buckets there instead
+            of k + 1, a finer partition and so divergences closer to the full ones.
 
         > Memory
 
@@ -340,6 +345,9 @@ class AMMConfig(DistillationConfig):
     teacher_local_top_k: int = field(default=0, metadata={
         "help": "> 0: the losses see only the top-k + tail of a teacher whose full distribution is here (local, or "
                 "served hidden states), as a server or cache at that k would give it; 0: the full distribution."})
+    teacher_top_k_taken_bucket: bool = field(default=False, metadata={
+        "help": "A top-k teacher gives the taken token (a rollout's sample, an answer's token) a bucket of its own when "
+                "it is outside the top-k."})
 
     # Parameters that control prompts and memory
     max_prompt_length: int | None = field(default=None, metadata={
@@ -404,6 +412,10 @@ class AMMConfig(DistillationConfig):
         if self.teacher_local_top_k and not exact:
             fail("teacher_local_top_k", self.teacher_local_top_k, f"teacher_placement {self.teacher_placement!r} "
                  f"already gives a top-k teacher: set its k with teacher_top_k.")
+        if self.teacher_top_k_taken_bucket and exact and not self.teacher_local_top_k:
+            fail("teacher_top_k_taken_bucket", self.teacher_top_k_taken_bucket, "the teacher's full distribution is "
+                 "here, with no top-k to refine: set teacher_local_top_k, or use teacher_placement 'server' (top_k) "
+                 "or 'cache'.")
         if self.teacher_local_top_k and self._objective.info.trl_loss:
             fail("teacher_local_top_k", self.teacher_local_top_k, f"objective {self.objective!r} runs TRL's loss on "
                  f"the full logits: use 'gkd' with lmbda 1.0 (the same loss).")

@@ -60,11 +60,12 @@ class Projection:
     """The output layers, read by name from the parameters the chunked engine passes (`params`)."""
 
     def __init__(self, student_head: nn.Module, teacher_head: nn.Module | None, vocab: int, temperature: float,
-                 student_transform, teacher_transform=None, teacher_top_k: int = 0):
+                 student_transform, teacher_transform=None, teacher_top_k: int = 0, taken_bucket: bool = False):
         self.student = _head_params("student", student_head)
         self.teacher = _head_params("teacher", teacher_head)
         self.vocab, self.temperature = vocab, temperature
         self.teacher_top_k = teacher_top_k  # > 0: the losses see the teacher's top-k + tail (`teacher_local_top_k`)
+        self.taken_bucket = taken_bucket  # a top-k teacher gives the taken token a bucket (`teacher_top_k_taken_bucket`)
         self.transforms = {"student": student_transform, "teacher": teacher_transform}
 
     @property
@@ -99,14 +100,17 @@ def common_metrics(student_logits: Tensor, teacher: DenseTeacher | TopKTeacher |
 def teacher_of(chunk: dict[str, Tensor], projection: Projection,
                params: dict[str, Tensor]) -> DenseTeacher | TopKTeacher | None:
     """The teacher's distribution of a chunk: projected from its hidden states (a teacher in this process; its top-k
-    view with `projection.teacher_top_k`), from the top-k token inputs (served or cached), or None."""
+    view with `projection.teacher_top_k`), from the top-k token inputs (served or cached), or None. A top-k teacher
+    gives the taken token a bucket of its own with `projection.taken_bucket`."""
     if "teacher_hidden" in chunk:
         logits = projection.logits("teacher", chunk["teacher_hidden"], params)
         if projection.teacher_top_k:
-            return TopKTeacher.of_logits(logits, chunk["target_ids"], projection.teacher_top_k)
+            return TopKTeacher.of_logits(logits, chunk["target_ids"], projection.teacher_top_k,
+                                         taken=projection.taken_bucket)
         return DenseTeacher(logits)
     if TOP_K_INPUTS[0] in chunk:
-        return TopKTeacher(*(chunk[key] for key in TOP_K_INPUTS))
+        return TopKTeacher(*(chunk[key] for key in TOP_K_INPUTS),
+                           taken_ids=chunk["target_ids"] if projection.taken_bucket else None)
     return None
 
 

@@ -503,7 +503,8 @@ class AMMTrainer(DistillationTrainer):
             t_head = (self._teacher_head if self._teacher_head is not None
                       else self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings())
         return Projection(student.get_output_embeddings(), t_head, self.vocab_size, self.temperature,
-                          *self._transforms, teacher_top_k=self.args.teacher_local_top_k)
+                          *self._transforms, teacher_top_k=self.args.teacher_local_top_k,
+                          taken_bucket=self.args.teacher_top_k_taken_bucket)
 
     def _compute_loss(self, unwrapped_student: PreTrainedModel, inputs: dict[str, Any],
                       num_items_in_batch: Any) -> Any:

@@ -81,6 +81,64 @@ def test_with_small_k_each_divergence_is_the_exact_divergence_of_the_bucketed_di
         assert (DIVERGENCES[name](*pair) <= DIVERGENCES[name](z_s, z_t) + 1e-12).all(), name
 
 
+def _bucketed_with_taken(z_s, z_t, k, taken):
+    """(p_S, p_T) on the buckets: the teacher's top-k tokens, the taken token when it is outside them (else an empty
+    bucket, probability 0 on both sides), then the rest; written from the probabilities, row by row."""
+    p_s, p_t = torch.softmax(z_s, -1), torch.softmax(z_t, -1)
+    rows_s, rows_t = [], []
+    for i in range(len(p_s)):
+        ids = p_t[i].topk(k).indices.tolist()
+        extra = [] if taken[i].item() in ids else [taken[i].item()]
+        rest = [a for a in range(p_s.size(-1)) if a not in ids + extra]
+        rows_s.append(torch.stack([*p_s[i, ids], p_s[i, extra].sum(), p_s[i, rest].sum()]))
+        rows_t.append(torch.stack([*p_t[i, ids], p_t[i, extra].sum(), p_t[i, rest].sum()]))
+    return torch.stack(rows_s), torch.stack(rows_t)
+
+
+def _divergence_of_probabilities(name, p_s, p_t):
+    """The divergences of DIVERGENCES on probability vectors (0 log 0 = 0: an empty bucket adds nothing)."""
+    def kl(p, q):
+        return torch.where(p > 0, p * (p / q).log(), torch.zeros_like(p)).sum(-1)
+
+    return {"fkl": lambda: kl(p_t, p_s), "rkl": lambda: kl(p_s, p_t), "tvd": lambda: 0.5 * (p_s - p_t).abs().sum(-1),
+            "skl": lambda: kl(p_t, 0.1 * p_t + 0.9 * p_s), "srkl": lambda: kl(p_s, 0.9 * p_t + 0.1 * p_s),
+            "jsd": lambda: 0.3 * kl(p_t, 0.3 * p_t + 0.7 * p_s) + 0.7 * kl(p_s, 0.3 * p_t + 0.7 * p_s)}[name]()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_the_taken_tokens_own_bucket_gives_the_exact_divergence_on_the_finer_partition(name, k):
+    """`taken_ids`: a taken token outside the top-k gets its own bucket (k + 2 buckets), one inside leaves the k + 1
+    pair unchanged; each divergence and its student gradient equal the hand-written ones on that partition, lie
+    between the k + 1 coarse-graining and the full divergence, and k = V is still the dense pair."""
+    z_s, z_t = _logits(n=8, vocab=11, seed=10 + k)
+    top = torch.softmax(z_t, -1).topk(k, -1).indices
+    taken = torch.tensor([5, 0, 7, 2, 9, 1, 4, 10])
+    taken[0] = top[0, 0]  # one row whose taken token is the teacher's most likely: no extra bucket there
+    log_pt = torch.log_softmax(z_t, -1)
+    values, ids = log_pt.topk(k, -1)
+    teacher = TopKTeacher(ids, values, log_pt.gather(-1, taken[:, None]).squeeze(-1), taken_ids=taken)
+    fn = DIVERGENCES[name]
+    z = z_s.clone().requires_grad_(True)
+    got = fn(*teacher.pair(z))
+    assert teacher.pair(z_s)[0].shape == (8, k + 2)
+    z_ref = z_s.clone().requires_grad_(True)
+    want = _divergence_of_probabilities(name, *_bucketed_with_taken(z_ref, z_t, k, taken))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-9, atol=1e-12)
+    coarse = fn(*top_k_of(z_t, k).pair(z_s))
+    assert got[0].item() == pytest.approx(coarse[0].item(), rel=1e-12, abs=1e-14)  # taken inside: unchanged
+    assert (got >= coarse - 1e-12).all() and (got <= fn(z_s, z_t) + 1e-12).all()  # data processing, both ways
+    assert (got[1:] > coarse[1:] + 1e-9).any()  # and finer where it has an extra bucket
+    full = TopKTeacher(*log_pt.topk(11, -1)[::-1], log_pt.gather(-1, taken[:, None]).squeeze(-1), taken_ids=taken)
+    torch.testing.assert_close(fn(*full.pair(z_s)), fn(*DenseTeacher(z_t).pair(z_s)), rtol=1e-12, atol=1e-14)
+    # the coverage metrics stay the top-k's
+    for key, value in teacher.metrics(z_s).items():
+        torch.testing.assert_close(value, top_k_of(z_t, k).metrics(z_s)[key], msg=key)
+
+
 def test_tail_log_prob_and_empty_slots():
     log_probs = torch.tensor([[math.log(0.5), math.log(0.25), -math.inf], [math.log(0.6), math.log(0.4), -math.inf]],
                              dtype=torch.float64)
@@ -222,16 +280,22 @@ def test_with_k_equal_to_the_vocabulary_every_objective_matches_the_local_teache
 
 
 @CHUNKS
+@pytest.mark.parametrize("taken", [False, True], ids=["k+1", "taken_bucket"])
 @pytest.mark.parametrize("name", ["fkl", "rkl", "amm"])
-def test_a_local_teachers_top_k_view_is_what_a_server_at_that_k_gives(tiny, tiny_dataset, tmp_path, name, chunk):
+def test_a_local_teachers_top_k_view_is_what_a_server_at_that_k_gives(tiny, tiny_dataset, tmp_path, name, taken,
+                                                                       chunk):
     """`teacher_local_top_k: k` on the local teacher: the same loss, gradients and coverage metrics as the top-k keys
-    a server returns at k (here built from the same teacher, so no rounding), and not the dense loss."""
+    a server returns at k (here built from the same teacher, so no rounding), and not the dense loss; with
+    `teacher_top_k_taken_bucket` the same on k + 2 buckets on both paths, and not the k + 1 loss."""
     k = 5
     trainer = make_trainer(tiny, tiny_dataset, tmp_path, loss_chunk_tokens=chunk, objective=name,
-                           teacher_local_top_k=k)
+                           teacher_local_top_k=k, teacher_top_k_taken_bucket=taken)
     inputs, loss_and_grads = _batch_and_probe(trainer, tiny_dataset, chunk)
 
     local_loss, local_grads, local_metrics = loss_and_grads(inputs)
+    trainer.args.teacher_top_k_taken_bucket = not taken
+    other_loss, _, _ = loss_and_grads(inputs)
+    trainer.args.teacher_top_k_taken_bucket = taken
     trainer.args.teacher_local_top_k = 0
     dense_loss, _, _ = loss_and_grads(inputs)
     served = {**inputs, **dense_top_k(trainer, inputs, k)}
@@ -239,6 +303,7 @@ def test_a_local_teachers_top_k_view_is_what_a_server_at_that_k_gives(tiny, tiny
     served_loss, served_grads, served_metrics = loss_and_grads(served)
     assert local_loss == pytest.approx(served_loss, rel=1e-5, abs=1e-7)
     assert abs(local_loss - dense_loss) > 1e-4 * abs(dense_loss)  # k = 5 of 64 tokens is not the full teacher
+    assert abs(local_loss - other_loss) > 1e-4 * abs(dense_loss)  # the taken bucket reaches the loss
     for got, want in zip(local_grads, served_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-6)
     masses = [key for key in local_metrics if key.startswith("teacher_mass/")]
@@ -251,7 +316,9 @@ def test_a_local_teachers_top_k_view_is_what_a_server_at_that_k_gives(tiny, tiny
     ({"teacher_local_top_k": -1}, r"teacher_local_top_k=-1 is invalid: use an integer >= 0"),
     ({"teacher_local_top_k": 8, "teacher_placement": "server", "teacher_server_base_url": "http://t:8000"},
      "already gives a top-k teacher: set its k with teacher_top_k"),
-    ({"teacher_local_top_k": 8, "objective": "jsd"}, "runs TRL's loss on the full logits")])
+    ({"teacher_local_top_k": 8, "objective": "jsd"}, "runs TRL's loss on the full logits"),
+    ({"teacher_top_k_taken_bucket": True}, r"teacher_top_k_taken_bucket=True is invalid: the teacher's full "
+                                           r"distribution is here, with no top-k to refine: set teacher_local_top_k")])
 def test_a_local_top_k_view_where_it_cannot_apply_is_refused_by_field(overrides, message):
     from amm_trl.config import AMMConfig
 

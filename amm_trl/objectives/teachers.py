@@ -63,21 +63,33 @@ class TopKTeacher:
 
     The student's tail is a log-sum-exp over its own logits outside the top-k (exact, differentiable); when the top-k
     covers the whole vocabulary both tails are empty (-inf), so with k = V the pair is the dense one.
+
+    With `taken_ids` (the token taken at each position: the student's sample on a rollout, the answer's token
+    off-policy), a taken token outside the top-k gets a bucket of its own, from `token_log_prob` (every server and
+    cache returns it): k + 2 buckets there, a finer partition, so each divergence moves closer to the full one. Where
+    the taken token is in the top-k the extra slot is empty and the pair is the k + 1 one.
     """
 
     @classmethod
-    def of_logits(cls, logits: Tensor, target_ids: Tensor, k: int) -> "TopKTeacher":
+    def of_logits(cls, logits: Tensor, target_ids: Tensor, k: int, taken: bool = False) -> "TopKTeacher":
         """The top-k view of a full distribution (n, V) (no gradient): what a server or cache at this k gives of
-        it, without their rounding."""
+        it, without their rounding (`taken`: with the taken token's bucket)."""
         with torch.no_grad():
             log_pt = torch.log_softmax(logits, -1)
             values, ids = log_pt.topk(min(k, log_pt.size(-1)), -1)
-            return cls(ids, values, log_pt.gather(-1, target_ids[:, None]).squeeze(-1))
+            return cls(ids, values, log_pt.gather(-1, target_ids[:, None]).squeeze(-1),
+                       taken_ids=target_ids if taken else None)
 
-    def __init__(self, ids: Tensor, log_probs: Tensor, token_log_prob: Tensor):
+    def __init__(self, ids: Tensor, log_probs: Tensor, token_log_prob: Tensor, taken_ids: Tensor | None = None):
         if ids.shape != log_probs.shape or ids.dim() != 2 or token_log_prob.shape != ids.shape[:1]:
             raise ValueError(f"top-k teacher: ids {tuple(ids.shape)}, log_probs {tuple(log_probs.shape)} and "
                              f"token_log_prob {tuple(token_log_prob.shape)} must be (n, k), (n, k) and (n,)")
+        self.k = ids.size(-1)  # the top-k slots (the coverage metrics read these alone)
+        if taken_ids is not None:
+            known = ((ids == taken_ids[:, None]) & torch.isfinite(log_probs)).any(-1)
+            extra = torch.where(known, torch.full_like(token_log_prob, -math.inf), token_log_prob)
+            ids = torch.cat([ids, taken_ids[:, None].to(ids.dtype)], -1)
+            log_probs = torch.cat([log_probs, extra[:, None].to(log_probs.dtype)], -1)
         self.filled = torch.isfinite(log_probs)
         self.ids = torch.where(self.filled, ids.long(), torch.zeros_like(ids, dtype=torch.long))
         self.log_probs, self.token_log_prob = log_probs, token_log_prob
@@ -126,9 +138,9 @@ class TopKTeacher:
         `overlap_ratio`: the share of the teacher's top-k among the student's k most likely tokens."""
         with torch.no_grad():
             top_s, _, _ = self._student(student_logits)
-            k = self.ids.size(-1)
+            k, ids, filled = self.k, self.ids[:, :self.k], self.filled[:, :self.k]  # the top-k (no taken bucket)
             student_top = student_logits.topk(min(k, student_logits.size(-1)), -1).indices
-            shared = (self.ids[:, :, None] == student_top[:, None, :]).any(-1) & self.filled
-            return {"teacher_mass": torch.logsumexp(self.log_probs.float(), -1).exp(),
-                    "student_mass": torch.logsumexp(top_s.float(), -1).exp(),
-                    "overlap_ratio": shared.sum(-1).float() / self.filled.sum(-1).clamp_min(1).float()}
+            shared = (ids[:, :, None] == student_top[:, None, :]).any(-1) & filled
+            return {"teacher_mass": torch.logsumexp(self.log_probs[:, :k].float(), -1).exp(),
+                    "student_mass": torch.logsumexp(top_s[:, :k].float(), -1).exp(),
+                    "overlap_ratio": shared.sum(-1).float() / filled.sum(-1).clamp_min(1).float()}
