@@ -325,7 +325,8 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
     assert all(len(suite_module.candidates(tier_b, r)) == 3 for r in methods)  # the learning-rate grid
     ablations = {r["name"]: r for r in tier_b["runs"] if r.get("group") == "ablation"}  # the top-k table
     assert {name: (r["tune_as"], r["args"]["teacher_local_top_k"]) for name, r in ablations.items()} == {
-        f"{m}_k{k}": (m, k) for m in ("fkl", "amm") for k in (8, 32, 128)}
+        **{f"{m}_k{k}": (m, k) for m in ("fkl", "amm") for k in (8, 32, 128)}, "amm_k8_taken": ("amm", 8)}
+    assert [n for n, r in ablations.items() if r["args"].get("teacher_top_k_taken_bucket")] == ["amm_k8_taken"]
     assert ablations["amm_k8"]["args"]["per_device_train_batch_size"] == 4
     both = {r["name"] for r in methods if r.get("args", {}).get("per_device_train_batch_size") == 4}
     assert both == {"minillm", "composite", "amm"} and tier_b["common"]["per_device_train_batch_size"] == 8
@@ -549,11 +550,13 @@ def test_k_table_pairs_each_top_k_run_with_its_dense_run_on_the_same_seeds(tmp_p
             {"name": "fkl_k8", "recipe": "r", "group": "ablation", "tune_as": "fkl",
              "args": {"teacher_local_top_k": 8}},
             {"name": "fkl_k32", "recipe": "r", "group": "ablation", "tune_as": "fkl", "seeds": [0],
-             "args": {"teacher_local_top_k": 32}}]
+             "args": {"teacher_local_top_k": 32}},
+            {"name": "fkl_k8_taken", "recipe": "r", "group": "ablation", "tune_as": "fkl", "seeds": [0],
+             "args": {"teacher_local_top_k": 8, "teacher_top_k_taken_bucket": True}}]
     suite = {"output_dir": str(tmp_path), "seeds": [0, 1, 2], "common": {}, "teacher": "t", "initial_student": "s",
              "runs": runs, "report": {"metrics": {"tv": ["TV", 1.0, 3, "min"]}}}
     values = {("fkl", 0): 0.40, ("fkl", 1): 0.42, ("fkl", 2): 0.44, ("other", 0): 0.9,
-              ("fkl_k8", 0): 0.41, ("fkl_k8", 1): 0.44, ("fkl_k32", 0): 0.45}
+              ("fkl_k8", 0): 0.41, ("fkl_k8", 1): 0.44, ("fkl_k32", 0): 0.45, ("fkl_k8_taken", 0): 0.405}
     for run in suite_module.planned_runs(suite):
         if (run["name"], run["seed"]) in values:
             out = suite_module.run_dir(suite, run)
@@ -567,4 +570,5 @@ def test_k_table_pairs_each_top_k_run_with_its_dense_run_on_the_same_seeds(tmp_p
     # differences 0.01 and 0.02: mean 0.015, half-width t_{0.975,1} * 0.00707 / sqrt(2) = 12.706 * 0.005 = 0.064
     assert lines[2:] == ["| fkl | dense | 3 | 1 | - | - | 0.420 |",
                          "| fkl | top-32 + tail | 1 | 0.850 | 0.500 | 0.250 | 0.450 (+0.050) |",
-                         "| fkl | top-8 + tail | 2 | 0.850 | 0.500 | 0.250 | 0.425 (+0.015 ± 0.064) |"]
+                         "| fkl | top-8 + tail | 2 | 0.850 | 0.500 | 0.250 | 0.425 (+0.015 ± 0.064) |",
+                         "| fkl | top-8 + taken + tail | 1 | 0.850 | 0.500 | 0.250 | 0.405 (+0.005) |"]

@@ -3,8 +3,9 @@
 
     python bench/tier_b/k_table.py bench/tier_b/tier_b.yaml
 
-One row per method and k: the training log's teacher mass the top-k covers, the student's mass on it and their overlap
-(means over the logged steps, both data kinds), the test metrics of the suite's `report:` block (mean over seeds), and
+One row per method and k (and with `teacher_top_k_taken_bucket`, the taken token's own bucket): the training log's
+teacher mass the top-k covers, the student's mass on it and their overlap (means over the logged steps, both data
+kinds), the test metrics of the suite's `report:` block (mean over seeds), and
 for each metric the paired difference to the dense run on the same seeds (mean ± 95% t half-width; the mean alone for
 one seed).
 """
@@ -44,16 +45,18 @@ def rows(suite: dict) -> list[dict]:
         if run["group"] not in ("method", "ablation"):
             continue
         k = int(run.get("args", {}).get("teacher_local_top_k", 0))
+        taken = bool(run.get("args", {}).get("teacher_top_k_taken_bucket", False))
         method = run.get("tune_as", run["name"]) if k else run["name"]
         result = _read(os.path.join(run_dir(suite, run), "result.json"))
         if result is None:
             continue
-        row = runs.setdefault((method, k), {"method": method, "k": k, "results": {}, "mass": []})
+        row = runs.setdefault((method, k, taken), {"method": method, "k": k, "taken": taken, "results": {},
+                                                   "mass": []})
         row["results"][run["seed"]] = result
         row["mass"].append(log_means(run_dir(suite, run)))
-    varied = {m for m, k in runs if k}
-    keep = [r for (m, k), r in runs.items() if m in varied]
-    return sorted(keep, key=lambda r: (r["method"], r["k"] != 0, -r["k"]))
+    varied = {m for m, k, _ in runs if k}
+    keep = [r for (m, k, _), r in runs.items() if m in varied]
+    return sorted(keep, key=lambda r: (r["method"], r["k"] != 0, -r["k"], r["taken"]))
 
 
 def table(suite: dict) -> str:
@@ -66,7 +69,8 @@ def table(suite: dict) -> str:
     for row in rows(suite):
         if row["k"] == 0:
             dense[row["method"]] = row
-        cells = [row["method"], "dense" if row["k"] == 0 else f"top-{row['k']} + tail", str(len(row["results"]))]
+        label = "dense" if row["k"] == 0 else f"top-{row['k']}" + (" + taken" if row["taken"] else "") + " + tail"
+        cells = [row["method"], label, str(len(row["results"]))]
         for key in MASS_KEYS:
             values = [m[key] for m in row["mass"] if key in m]
             if row["k"] == 0:  # the dense teacher: all of its mass, no top-k to be on
