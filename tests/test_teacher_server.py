@@ -71,8 +71,9 @@ def pooling_server(assets, tmp_path_factory):
     stop_server(proc)
 
 
-def served_and_local(assets, tmp_path, monkeypatch, served_fields, **common):
-    """An AMMTrainer on the served teacher, one on the local teacher (same student), and one batch of the first."""
+def served_and_local(assets, tmp_path, monkeypatch, served_fields, local_fields=None, **common):
+    """An AMMTrainer on the served teacher, one on the local teacher (same student; `local_fields` its own), and one
+    batch of the first."""
     from datasets import load_dataset
 
     from amm_trl import AMMTrainer
@@ -86,7 +87,7 @@ def served_and_local(assets, tmp_path, monkeypatch, served_fields, **common):
                                                                   **served_fields, **common), train_dataset=dataset)
     assert served.teacher_model is None and served.served_teacher is not None
     local = AMMTrainer(model=assets["student"], teacher_model=assets["teacher"],
-                       args=make_config(tmp_path / "local", **common), train_dataset=dataset)
+                       args=make_config(tmp_path / "local", **(local_fields or {}), **common), train_dataset=dataset)
     local.model.load_state_dict(served.model.state_dict())
     torch.manual_seed(0)
     return served, local, fixed_batch(served, dataset)
@@ -144,6 +145,20 @@ def test_served_top_k_with_k_equal_to_the_vocabulary_gives_the_local_teachers_lo
     check_same_loss_and_gradients(served, local, inputs)
     metrics = {k: v[-1] for k, v in served._metrics["train"].items()}
     assert metrics["teacher_mass/on"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_served_top_5_with_the_taken_bucket_gives_the_local_teachers_top_5_view(
+        assets, teacher_server, tmp_path, monkeypatch):
+    """A real server's top-5 and the taken tokens' log-probs (`teacher_top_k_taken_bucket`): the loss and gradients of
+    the local teacher's top-5 + taken + tail view, on rollouts (the student's samples) and the dataset's answers."""
+    served, local, inputs = served_and_local(
+        assets, tmp_path, monkeypatch, dict(teacher_server_base_url=teacher_server["url"], teacher_top_k=5),
+        local_fields=dict(teacher_local_top_k=5), teacher_top_k_taken_bucket=True)
+    assert inputs["teacher_topk_ids"].shape[-1] == 5
+    taken = inputs["completion_ids"][..., None]
+    outside = ~(inputs["teacher_topk_ids"] == taken).any(-1) & inputs["completion_mask"].bool()
+    assert outside.any()  # some sampled tokens are outside the teacher's top-5: their buckets are in play
+    check_same_loss_and_gradients(served, local, inputs)
 
 
 def test_generate_with_vllm_writes_the_top_k_of_its_own_sampling_engine(assets, tmp_path):
