@@ -15,7 +15,7 @@ OBJECTIVE_NAMES = tuple(OBJECTIVES)
 DISTILLM_LOSSES = ("skl", "srkl")
 OFF_POLICY_SOURCES = ("auto", "dataset", "teacher", "none")
 Q_HEAD_TYPES = ("linear", "low_rank")
-Q_HEAD_FEATURES = ("student", "teacher")
+Q_HEAD_FEATURES = ("student", "teacher", "both")
 AMM_ANCHORS = ("fkl", "ce")
 PG_BASELINES = ("mean", "none")
 TEACHER_PLACEMENTS = ("local", "server", "cache")
@@ -97,7 +97,7 @@ class AMMConfig(DistillationConfig):
             starts at zero (~2 hidden^2 parameters instead of hidden * vocab).
         q_head_features (`str`, *optional*, defaults to `"student"`):
             Features the head reads, detached: the student's (`"student"`) or the teacher's (`"teacher"`) last hidden
-            state.
+            state, or both side by side (`"both"`: [h_S, h_T], so a linear head is W_S h_S + W_T h_T + b).
         q_head_warmup_steps (`int`, *optional*, defaults to `0`):
             Optimizer steps at the start during which only the Q-heads learn (the student's gradient from the moment
             gap is masked), so the student first meets an informed adversary rather than a near-zero one.
@@ -443,8 +443,8 @@ class AMMConfig(DistillationConfig):
         if unit.info.trl_loss:
             fail("objective", self.objective, f"it runs TRL's loss, which calls a teacher model in the training "
                  f"process; with {where} there is none: use 'gkd' with lmbda 1.0 (the same loss).")
-        if unit.adversary is not None and self.q_head_features == "teacher" and not hidden:
-            fail("q_head_features", "teacher",
+        if unit.adversary is not None and self.q_head_features != "student" and not hidden:
+            fail("q_head_features", self.q_head_features,
                  f"with {where} the trainer has no teacher hidden states: use 'student'.")
         if self.temperature != 1.0 and not hidden:
             fail("temperature", self.temperature, f"with {where} the teacher's log-probs are at temperature 1 (vLLM's "

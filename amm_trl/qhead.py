@@ -98,7 +98,8 @@ def build_q_heads(args, student: nn.Module, teacher_hidden_size: int, vocab_size
     """
     text_config = student.config.get_text_config()
     student_hidden = text_config.hidden_size
-    features = student_hidden if args.q_head_features == "student" else teacher_hidden_size
+    features = {"student": student_hidden, "teacher": teacher_hidden_size,
+                "both": student_hidden + teacher_hidden_size}[args.q_head_features]
     param = next(p for p in student.parameters() if p.is_floating_point())
 
     def make():

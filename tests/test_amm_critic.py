@@ -248,3 +248,46 @@ def test_amm_on_rollouts_alone_with_a_zero_critic_gives_the_student_reverse_kls_
     for n, g in grads["rkl"].items():
         torch.testing.assert_close(grads["amm"][n], g, rtol=1e-4, atol=1e-7)
     assert any(p.grad.abs().sum() > 0 for p in amm.q_heads.parameters())
+
+
+@CHUNKS
+def test_a_head_reading_both_models_is_the_sum_of_a_student_head_and_a_teacher_head(tiny, tiny_dataset, tmp_path,
+                                                                                    chunk):
+    """`q_head_features: both`: the linear head reads [h_S, h_T], so g = W_S h_S + W_T h_T + b. With W_T = 0 it is the
+    student-features head W_S, with W_S = 0 the teacher-features head W_T: same loss, same student gradient, and the
+    head's gradient on each half is that head's own (so both halves are read, in this order), in chunks of 3 too."""
+    made = {features: make_trainer(tiny, tiny_dataset, tmp_path / features, q_head_features=features,
+                                   loss_chunk_tokens=chunk) for features in ("both", "student", "teacher")}
+    width_s, width_t = made["student"].q_heads.on.weight.shape[1], made["teacher"].q_heads.on.weight.shape[1]
+    assert width_s != width_t and made["both"].q_heads.on.weight.shape[1] == width_s + width_t
+    inputs = fixed_batch(made["both"], tiny_dataset)
+    check_chunks(made["both"], inputs, chunk)
+
+    def loss_and_grads(trainer):
+        trainer.model.train()
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(0)
+    for single, (lo, hi) in (("student", (0, width_s)), ("teacher", (width_s, width_s + width_t))):
+        for kind in ("on", "off"):
+            head, both = made[single].q_heads.head(kind), made["both"].q_heads.head(kind)
+            head.weight.data.normal_(0, 0.5)
+            head.bias.data.normal_(0, 0.5)
+            both.weight.data.zero_()
+            both.weight.data[:, lo:hi] = head.weight.data
+            both.bias.data.copy_(head.bias.data)
+        loss_both, grads_both = loss_and_grads(made["both"])
+        loss_single, grads_single = loss_and_grads(made[single])
+        torch.testing.assert_close(loss_both, loss_single, rtol=1e-5, atol=1e-7)
+        assert grads_both.keys() == grads_single.keys()
+        for n, g in grads_single.items():
+            if "amm_q_heads" in n and n.endswith(".weight"):
+                torch.testing.assert_close(grads_both[n][:, lo:hi], g, rtol=1e-4, atol=1e-7)
+                other = torch.cat([grads_both[n][:, :lo], grads_both[n][:, hi:]], dim=1)
+                assert other.abs().sum() > 0  # the other model's features reach the head too
+            else:
+                torch.testing.assert_close(grads_both[n], g, rtol=1e-4, atol=1e-7)
+    assert not torch.isclose(loss_both, loss_and_grads(made["student"])[0])  # the heads differ: so do the losses

@@ -29,6 +29,8 @@ BASE = dict(output_dir="/tmp/amm-placement", use_cpu=True, bf16=False, report_to
      r"minillm_teacher_mix=0.2 is invalid: teacher-mixed sampling needs the teacher's full next-token distribution"),
     (dict(objective="amm", q_head_features="teacher", teacher_placement="server",
           teacher_server_base_url="http://t:8000"), r"q_head_features='teacher' is invalid: .* no teacher hidden"),
+    (dict(objective="amm", q_head_features="both", teacher_placement="server",
+          teacher_server_base_url="http://t:8000"), r"q_head_features='both' is invalid: .* no teacher hidden"),
     (dict(objective="fkl", teacher_placement="cache", temperature=0.7),
      r"temperature=0.7 is invalid: .* log-probs are at temperature 1"),
     (dict(objective="rkl", teacher_placement="cache"), r"teacher_placement='cache' is invalid: objective 'rkl' trains "

@@ -198,7 +198,10 @@ class QCritic:
         return critic_values(scores, self.args.q_bound, prior)
 
     def _scores(self, kind: str, tokens: Tokens) -> Tensor:
-        hidden = tokens.student_hidden if self.args.q_head_features == "student" else tokens.teacher_hidden
+        features = self.args.q_head_features
+        hidden = tokens.student_hidden if features == "student" else tokens.teacher_hidden
+        if features == "both":  # [h_S, h_T], the order `build_q_heads` sizes the head for
+            hidden = torch.cat([tokens.student_hidden, hidden.to(tokens.student_hidden.dtype)], dim=-1)
         return self.heads.head(kind).scores(hidden.detach(), tokens.params, tokens.student_embedding)
 
 
