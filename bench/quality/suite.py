@@ -345,21 +345,24 @@ def execute(suite: dict, run: dict, keep_models: bool) -> dict:
     return record
 
 
+def _reuse(suite: dict) -> dict | None:
+    """The suite's `select` block where it reuses selection runs as test runs (`select.reuse`, with the curves'
+    callbacks in both, which touch neither the RNG nor the weights); else None."""
+    select = suite.get("select") or {}
+    return select if select.get("reuse") and select.get("curves", True) else None
+
+
 def _kept_for_test(suite: dict, run: dict) -> bool:
     """Whether a selection run keeps its weights for its method's test run on the same seed (`select.reuse`; whatever
     `--seeds` a worker runs with: the test run that deletes them may run in another)."""
-    select = suite.get("select") or {}
-    return bool(select.get("reuse")) and run["group"] == "select" and run.get("select_group") == "method" and \
-        select.get("curves", True)
+    return _reuse(suite) is not None and run["group"] == "select" and run.get("select_group") == "method"
 
 
 def _reuses(suite: dict, run: dict) -> bool:
     """Whether `run` is a method's test run on a selection seed under `select.reuse`: the chosen selection run trained
-    exactly it (same args, learning rate, seed and data; both with the curves' callbacks, which touch neither the RNG
-    nor the weights)."""
-    select = suite.get("select") or {}
-    return bool(select.get("reuse")) and run["group"] == "method" and "tune_as" not in run and \
-        run["seed"] in select["seeds"] and select.get("curves", True)
+    exactly it (same args, learning rate, seed and data)."""
+    select = _reuse(suite)
+    return select is not None and run["group"] == "method" and "tune_as" not in run and run["seed"] in select["seeds"]
 
 
 def _reusable_selection_run(suite: dict, run: dict) -> str | None:
