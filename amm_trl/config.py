@@ -249,7 +249,8 @@ class AMMConfig(DistillationConfig):
             With a top-k teacher (`server`, `cache` or `teacher_local_top_k`), the token taken at each position (the
             student's sample on a rollout, the answer's token off-policy) gets a bucket of its own when it is outside
             the teacher's top-k, from its log-prob that every server and cache returns: k + 2 buckets there instead
-            of k + 1, a finer partition and so divergences closer to the full ones.
+            of k + 1, a finer partition and so divergences closer to the full ones (the logged `tv` too). On a
+            rollout the partition depends on the student's sample.
 
         > Memory
 

@@ -251,13 +251,15 @@ def test_amm_on_rollouts_alone_with_a_zero_critic_gives_the_student_reverse_kls_
 
 
 @CHUNKS
+@pytest.mark.parametrize("objective", ["amm", "pbkd"])  # PbKD's reward pass reads the head too
 def test_a_head_reading_both_models_is_the_sum_of_a_student_head_and_a_teacher_head(tiny, tiny_dataset, tmp_path,
-                                                                                    chunk):
+                                                                                    chunk, objective):
     """`q_head_features: both`: the linear head reads [h_S, h_T], so g = W_S h_S + W_T h_T + b. With W_T = 0 it is the
     student-features head W_S, with W_S = 0 the teacher-features head W_T: same loss, same student gradient, and the
     head's gradient on each half is that head's own (so both halves are read, in this order), in chunks of 3 too."""
     made = {features: make_trainer(tiny, tiny_dataset, tmp_path / features, q_head_features=features,
-                                   loss_chunk_tokens=chunk) for features in ("both", "student", "teacher")}
+                                   loss_chunk_tokens=chunk, objective=objective)
+            for features in ("both", "student", "teacher")}
     width_s, width_t = made["student"].q_heads.on.weight.shape[1], made["teacher"].q_heads.on.weight.shape[1]
     assert width_s != width_t and made["both"].q_heads.on.weight.shape[1] == width_s + width_t
     inputs = fixed_batch(made["both"], tiny_dataset)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 
 import pytest
@@ -151,14 +152,24 @@ def test_select_reuse_evaluates_the_chosen_selection_run_and_equals_training_it_
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(suite))
     out = tmp_path / "tier_a"
     capsys.readouterr()
+    suite_module.main([path, "--only", "start", "select"])  # the selection alone: only the chosen student is kept
+    assert capsys.readouterr().out.count("amm-trl train") == 1 + 2  # the shared start and the two selection runs
+    chosen = suite_module.selection(suite_module.load_suite(path), "fkl")["candidate"]
+    kept = {p.parent.parent.name for p in (out / "select" / "fkl").glob("*/seed0/*.safetensors")}
+    assert chosen is not None and kept == {chosen}
+    subprocess.run(["git", "init", "-q", str(out)], check=True)  # the runs folder's own .gitignore, written at start
+    ignored = subprocess.run(["git", "-C", str(out), "check-ignore", "--no-index", *[
+        str(p.relative_to(out)) for p in (out / "select" / "fkl" / chosen / "seed0").iterdir()]],
+        capture_output=True, text=True).stdout.split()
+    assert {os.path.basename(p) for p in ignored} >= {"config.json", "model.safetensors"}
+    assert not {"result.json", "train_log.json"} & {os.path.basename(p) for p in ignored}
     suite_module.main([path])
-    printed = capsys.readouterr().out
-    assert printed.count("amm-trl train") == 1 + 2  # the shared start and the two selection runs, not the test run
+    assert capsys.readouterr().out.count("amm-trl train") == 0  # the test run trains nothing
     reused = json.loads((out / "fkl" / "seed0" / "result.json").read_text())
-    chosen = f"lr{reused['learning_rate']:g}"
-    assert reused["trained_in"] == f"select/fkl/{chosen}/seed0"
+    assert chosen == f"lr{reused['learning_rate']:g}" and reused["trained_in"] == f"select/fkl/{chosen}/seed0"
     trial = json.loads((out / "select" / "fkl" / chosen / "seed0" / "result.json").read_text())
     assert reused["train_seconds"] == trial["train_seconds"] and reused["train_argv"] == trial["train_argv"]
+    assert (reused["train_commit"], reused["train_cpu"]) == (trial["commit"], trial["cpu"])
     log = (out / "fkl" / "seed0" / "train_log.json").read_text()
     assert log == (out / "select" / "fkl" / chosen / "seed0" / "train_log.json").read_text()
     assert not list((out / "select" / "fkl").glob("*/seed0/*.safetensors"))  # deleted once the test run is done
@@ -210,6 +221,9 @@ def test_trials_make_candidates_with_an_equal_budget_and_the_best_one_is_used(tm
     with pytest.raises(ValueError, match=r"select.budget=5: these runs have another number of candidates: "
                                          r"\{'a': 6, 'b': 6\}"):
         suite_module.check_budget({**suite, "select": {**suite["select"], "budget": 5}})
+    with pytest.raises(ValueError, match=r"select.reuse: true needs select.curves: true .* set curves: true or "
+                                         r"drop reuse"):
+        suite_module.check_budget({**suite, "select": {**suite["select"], "reuse": True, "curves": False}})
     plan = [r for r in suite_module.planned_runs(suite) if r["group"] == "select" and r["name"] == "b"]
     assert [(r["candidate"], r["args"]) for r in plan][2] == ("t1-lr0.001", {"beta": 0.5})
     assert suite_module.selection(suite, "b")["candidate"] is None  # nothing ran yet

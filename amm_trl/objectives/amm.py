@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..qhead import QHeads, build_q_heads
+from ..qhead import QHeads, build_q_heads, head_features
 from .base import Data, Info, LossContext, Metrics, Objective, Part, Term, Tokens, invalid
 from .functional import (as_dtype, compute_dtype, cross_entropy, kl, length_normalize, pair_log_probs, reward_to_go,
                          token_log_probs)
@@ -198,11 +198,8 @@ class QCritic:
         return critic_values(scores, self.args.q_bound, prior)
 
     def _scores(self, kind: str, tokens: Tokens) -> Tensor:
-        features = self.args.q_head_features
-        hidden = tokens.student_hidden if features == "student" else tokens.teacher_hidden
-        if features == "both":  # [h_S, h_T], the order `build_q_heads` sizes the head for
-            hidden = torch.cat([tokens.student_hidden, hidden.to(tokens.student_hidden.dtype)], dim=-1)
-        return self.heads.head(kind).scores(hidden.detach(), tokens.params, tokens.student_embedding)
+        hidden = head_features(self.args.q_head_features, tokens.student_hidden, tokens.teacher_hidden)
+        return self.heads.head(kind).scores(hidden, tokens.params, tokens.student_embedding)
 
 
 class AMM(Objective):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..qhead import head_features
 from .amm import AMM, critic_values
 from .base import Data, Info, LossContext, Metrics, Part, Tokens, invalid
 from .functional import as_dtype, compute_dtype
@@ -80,7 +81,7 @@ class PbKD(AMM):
     def _reward_surrogate(self, part: Part, row_weights: Tensor, ctx: LossContext) -> Tensor:
         """sum over the part's tokens of row_weight * q(s_t)[y_t], through the chunked engine (gradient: head only)."""
         valid = part.valid
-        hidden = part.student_hidden if self.args.q_head_features == "student" else part.teacher_hidden
+        hidden = head_features(self.args.q_head_features, part.student_hidden, part.teacher_hidden)
         head, projection = self.adversary.heads.head(part.kind), ctx.projection
 
         def fn(chunk, params):
@@ -92,7 +93,7 @@ class PbKD(AMM):
 
         weights = row_weights[:, None].expand(valid.shape)[valid]
         params = {**projection.student, **{f"head.{n}": p for n, p in head.named_parameters()}}
-        token_inputs = {"features": hidden.detach()[valid], "target_ids": part.completion_ids[valid]}
+        token_inputs = {"features": hidden[valid], "target_ids": part.completion_ids[valid]}
         surrogate, _ = ctx.chunked(token_inputs, weights, fn, params)
         return surrogate
 

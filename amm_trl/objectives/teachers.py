@@ -4,7 +4,8 @@ process) or its top-k log-probs plus a tail bucket (a teacher served by vLLM, or
 Every loss reads a teacher through `pair(student_logits)`: the student's and the teacher's distributions over one
 support, as logits (any additive constant per row; the losses take `log_softmax` of them). For a dense teacher the
 support is the vocabulary. For a top-k teacher it is k + 1 buckets: each of the teacher's k tokens, and the tail (every
-other token); both distributions are coarse-grained onto them, so a divergence of the pair is the exact divergence of
+other token), plus the taken token's own bucket where it is outside the top-k (`taken_ids`: k + 2 slots, the extra one
+empty elsewhere); both distributions are coarse-grained onto them, so a divergence of the pair is the exact divergence of
 the bucketed distributions (a lower bound of the full one, equal to it when the top-k covers the vocabulary).
 Torch only.
 """
@@ -67,7 +68,10 @@ class TopKTeacher:
     With `taken_ids` (the token taken at each position: the student's sample on a rollout, the answer's token
     off-policy), a taken token outside the top-k gets a bucket of its own, from `token_log_prob` (every server and
     cache returns it): k + 2 buckets there, a finer partition, so each divergence moves closer to the full one. Where
-    the taken token is in the top-k the extra slot is empty and the pair is the k + 1 one.
+    the taken token is in the top-k the extra slot is empty and the pair is the k + 1 one. On a rollout the taken
+    token is the student's own sample, so the partition depends on the sample: each per-token loss is the exact
+    divergence of that sample's partition, and its gradient leaves out the sampling's score term (as every per-token
+    loss on rollouts does). The logged `tv` is over the same buckets, so it reads higher (closer to the full TV).
     """
 
     @classmethod
@@ -108,7 +112,7 @@ class TopKTeacher:
         return top, torch.where(empty.squeeze(-1), torch.full_like(tail, -math.inf), tail), outside
 
     def pair(self, student_logits: Tensor) -> tuple[Tensor, Tensor]:
-        """(student, teacher) log-probs over the k + 1 buckets, (n, k + 1)."""
+        """(student, teacher) log-probs over the buckets: (n, k + 1), or (n, k + 2) with the taken token's slot."""
         top_s, tail_s, _ = self._student(student_logits)
         log_pt = as_dtype(self.log_probs, top_s.dtype)
         # no token, no mass; a tail whose tokens the student holds keeps at least `tiny` of the teacher's mass: served
@@ -118,8 +122,8 @@ class TopKTeacher:
         return torch.cat([top_s, tail_s[:, None]], -1), torch.cat([log_pt, tail_t[:, None]], -1)
 
     def coarsen(self, values: Tensor, student_logits: Tensor) -> Tensor:
-        """Per-token values over the vocabulary (n, V) (a critic's scores) on the k + 1 buckets: the value of each
-        top-k token, and for the tail their mean under the student's distribution inside the tail (detached), 0 for
+        """Per-token values over the vocabulary (n, V) (a critic's scores) on the buckets of `pair`: the value of each
+        top-k (and taken) token, and for the tail their mean under the student's distribution inside the tail (detached), 0 for
         an empty tail. Empty slots get 0."""
         _, tail_s, outside = self._student(student_logits.detach())
         top = torch.where(self.filled, values.gather(-1, self.ids), torch.zeros_like(self.log_probs,

@@ -150,8 +150,14 @@ def candidates(suite: dict, run: dict) -> list[tuple[str, float, dict]]:
 
 
 def check_budget(suite: dict) -> None:
-    """`select.budget`: every tuned run has exactly that many candidates."""
-    budget = (suite.get("select") or {}).get("budget")
+    """`select.budget`: every tuned run has exactly that many candidates. `select.reuse` needs the selection runs'
+    curves: a test run records them, so only a selection run with the same callbacks trained the same run."""
+    select = suite.get("select") or {}
+    if select.get("reuse") and not select.get("curves", True):
+        raise ValueError("select.reuse: true needs select.curves: true (a test run records its validation curve, so "
+                         "only a selection run with the curves' callbacks is the same run); set curves: true or "
+                         "drop reuse.")
+    budget = select.get("budget")
     if budget is None:
         return
     wrong = {r["name"]: len(candidates(suite, r)) for r in suite["runs"] if "tune_as" not in r
@@ -323,6 +329,7 @@ def execute(suite: dict, run: dict, keep_models: bool) -> dict:
         with open(os.path.join(reused, "result.json")) as f:
             trial = json.load(f)
         record.update(train_seconds=trial.get("train_seconds"), train_argv=trial.get("train_argv"),
+                      train_commit=trial.get("commit"), train_cpu=trial.get("cpu"),
                       trained_in=os.path.relpath(reused, suite["output_dir"]))
         os.makedirs(out, exist_ok=True)
         shutil.copyfile(os.path.join(reused, "train_log.json"), os.path.join(out, "train_log.json"))
@@ -337,6 +344,8 @@ def execute(suite: dict, run: dict, keep_models: bool) -> dict:
         for path in glob.glob(os.path.join(out, "*.safetensors")):
             os.remove(path)
     _write_json(os.path.join(out, "result.json"), record)
+    if _kept_for_test(suite, run) and not keep_models:
+        _drop_unchosen(suite, run)
     if "recipe" in run and not keep_models and _reuses(suite, run):
         for cid, _, _ in candidates(suite, run):  # this seed's test run is done: its selection weights are not needed
             trial = run_dir(suite, {"name": run["name"], "group": "select", "seed": run["seed"], "candidate": cid})
@@ -363,6 +372,23 @@ def _reuses(suite: dict, run: dict) -> bool:
     exactly it (same args, learning rate, seed and data)."""
     select = _reuse(suite)
     return select is not None and run["group"] == "method" and "tune_as" not in run and run["seed"] in select["seeds"]
+
+
+def _drop_unchosen(suite: dict, run: dict) -> None:
+    """Once a method's selection is complete, only the chosen candidate's weights on a seed its test runs use are
+    still needed (`select.reuse`): the others are deleted, so the selection does not hold every candidate's student
+    until the test runs."""
+    chosen = selection(suite, run["name"])["candidate"]
+    if chosen is None:
+        return
+    tested = run.get("seeds", suite["seeds"])
+    for cid, _, _ in candidates(suite, run):
+        for seed in suite["select"]["seeds"]:
+            if cid == chosen and seed in tested:
+                continue
+            trial = run_dir(suite, {"name": run["name"], "group": "select", "seed": seed, "candidate": cid})
+            for path in glob.glob(os.path.join(trial, "*.safetensors")):
+                os.remove(path)
 
 
 def _reusable_selection_run(suite: dict, run: dict) -> str | None:
@@ -455,6 +481,26 @@ def work(suite: dict, only, keep_models: bool, dry_run: bool = False) -> None:
             time.sleep(2)
 
 
+RECORDS_ONLY = """# Only the per-run records are committed: models, predictions, assets and claim files stay local.
+*
+!*/
+!result.json
+!train_log.json
+!.gitignore
+!manifest.json
+"""
+
+
+def _records_only(output_dir: str) -> None:
+    """A new runs folder gets a .gitignore that keeps the per-run records (commit them as runs land) and leaves the
+    students' weights, predictions and claim files out; a folder's own .gitignore is left as it is."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, ".gitignore")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(RECORDS_ONLY)
+
+
 def _worker(suite_path: str, seeds, only, keep_models: bool) -> None:
     import torch
 
@@ -480,6 +526,8 @@ def main(argv=None):
     a = parser.parse_args(argv)
     suite = prepare(_with_seeds(load_suite(a.suite), a.seeds))  # builds the prepared assets once, before any worker
     check_budget(suite)
+    if not a.dry_run:
+        _records_only(suite["output_dir"])
     if a.workers <= 1 or a.dry_run:
         work(suite, a.only, a.keep_models, a.dry_run)
         return
