@@ -195,6 +195,32 @@ def test_select_reuse_evaluates_the_chosen_selection_run_and_equals_training_it_
     assert any("train_loss" in e for e in trained(log))
 
 
+def test_a_runs_measure_args_reach_its_measures_and_a_sharper_sampler_is_scored_beside(tmp_path):
+    """`measure_args: {sample_temperatures: [...]}` on an ablation: its result has `score_sampled_t<T>` per
+    temperature, where T = 1 repeats `score_sampled` exactly (same sampler seed); the ablation (`tune_as`, no change)
+    trains the same student as its method, so every other score equals the method's; selection runs and the method
+    itself get no extra keys."""
+    import suite as suite_module
+
+    path = toy_suite(tmp_path)
+    suite = yaml.safe_load(open(path).read())
+    suite["runs"] = [{"name": "fkl", "recipe": "quickstart_fkl"},
+                     {"name": "fkl_sharp", "recipe": "quickstart_fkl", "tune_as": "fkl",
+                      "measure_args": {"sample_temperatures": [0.3, 1.0]}}]
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(suite))
+    suite_module.main([path])
+    out = tmp_path / "tier_a"
+    fkl = json.loads((out / "fkl" / "seed0" / "result.json").read_text())
+    sharp = json.loads((out / "fkl_sharp" / "seed0" / "result.json").read_text())
+    for key in ("score", "score_sampled", "quality", "coverage", "learning_rate"):
+        assert sharp[key] == fkl[key], key
+    assert sharp["score_sampled_t1"] == sharp["score_sampled"]
+    assert 0.0 <= sharp["score_sampled_t0.3"] <= 1.0
+    assert not [k for k in fkl if k.startswith("score_sampled_t")]
+    for trial in (out / "select" / "fkl").glob("*/seed0/result.json"):
+        assert not [k for k in json.loads(trial.read_text()) if k.startswith("score_sampled_t")]
+
+
 def test_sign_test_hand_computed():
     from bench.tier_a.stats import sign_test
 

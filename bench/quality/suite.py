@@ -33,7 +33,8 @@ Optional suite keys (used by bench/tier_a/tier_a.yaml):
 - an eval block's `generate: false` skips `amm-trl eval` (no generation, no metric) and `only: [names]` tells the
   measures hook which of its scores to compute (e.g. a selection scored by one cheap measure);
 - `measures: module:function`: extra scores `function(model_path, suite, out, seed, eval_settings) -> dict` merged
-  into every result (e.g. log-probabilities under the teacher).
+  into every result (e.g. log-probabilities under the teacher); a run's own `measure_args: {...}` reach that hook
+  only, in `eval_settings` (e.g. Tier A's `sample_temperatures`), not the selection runs' evaluation.
 - `callbacks: [module:function, ...]`: factories `function(suite) -> TrainerCallback` added to every training run
   (e.g. a validation score every k steps, written into the training log).
 - `gpu_args: {...}`: training arguments that replace the recipes' where CUDA is available (the packaged quickstart
@@ -261,7 +262,8 @@ def start_model(suite: dict) -> str:
     return run_dir(suite, {"name": "start", "seed": None})
 
 
-def eval_one(suite: dict, model: str, out: str, seed: int, settings: dict | None = None) -> dict:
+def eval_one(suite: dict, model: str, out: str, seed: int, settings: dict | None = None,
+             measure_args: dict | None = None) -> dict:
     from amm_trl.evaluation import EvalArguments, evaluate
 
     settings = dict(settings or suite["eval"])
@@ -277,7 +279,7 @@ def eval_one(suite: dict, model: str, out: str, seed: int, settings: dict | None
         summary.pop("settings", None)
     if suite.get("measures"):
         summary.update(_function(suite["measures"])(_resolve(model), suite, out, seed or 0,
-                                                    {**settings, "only": only}))
+                                                    {**settings, "only": only, **(measure_args or {})}))
     return {**summary, "eval_seconds": time.perf_counter() - start}
 
 
@@ -339,7 +341,8 @@ def execute(suite: dict, run: dict, keep_models: bool) -> dict:
         model = out
     else:
         model = run["model"]
-    record.update(eval_one(suite, model, out, run["seed"], settings))
+    record.update(eval_one(suite, model, out, run["seed"], settings,
+                           run.get("measure_args") if run["group"] != "select" else None))
     if "recipe" in run and not keep_models and run["name"] != "start" and not _kept_for_test(suite, run):
         for path in glob.glob(os.path.join(out, "*.safetensors")):
             os.remove(path)

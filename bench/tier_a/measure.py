@@ -4,7 +4,8 @@
   end-of-sequence token counts): how plausible what the student says is to the teacher (reverse-KL-like).
 - coverage: the student's mean token log-probability of the teacher's samples (the `teacher` column): how much of
   the teacher's distribution the student covers (forward-KL-like; -coverage is the teacher-sample cross-entropy).
-- score_sampled: task accuracy of the student's temperature-1 samples (greedy accuracy is `score`).
+- score_sampled: task accuracy of the student's temperature-1 samples (greedy accuracy is `score`);
+  `score_sampled_t<T>` the same at each of the settings' `sample_temperatures` (a run's `measure_args`).
 Means are over all tokens of all answers (token-weighted).
 """
 
@@ -62,8 +63,15 @@ def measure(model_path: str, suite: dict, out: str, seed: int, settings: dict) -
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     q_sum, q_n = token_log_probs(teacher, prompt_ids, samples, tokenizer.pad_token_id)
     c_sum, c_n = token_log_probs(student, prompt_ids, teacher_answers, tokenizer.pad_token_id)
-    return {"quality": q_sum / q_n, "coverage": c_sum / c_n,
-            "score_sampled": sum(is_correct(t, p) for t, p in zip(texts, prompts)) / len(rows)}
+    result = {"quality": q_sum / q_n, "coverage": c_sum / c_n,
+              "score_sampled": sum(is_correct(t, p) for t, p in zip(texts, prompts)) / len(rows)}
+    for temperature in settings.get("sample_temperatures", []):  # a sharper sampler: is an edge only sharpness?
+        samples = generate_token_ids(model_path, render_prompts(tokenizer, prompts), settings["max_new_tokens"],
+                                     temperature=temperature, batch_size=500, dtype="float32", seed=1000 + seed,
+                                     progress=False)
+        texts = tokenizer.batch_decode(samples, skip_special_tokens=True)
+        result[f"score_sampled_t{temperature:g}"] = sum(is_correct(t, p) for t, p in zip(texts, prompts)) / len(rows)
+    return result
 
 
 class EveryKSteps(TrainerCallback):
