@@ -347,8 +347,8 @@ class AMMConfig(DistillationConfig):
         "help": "> 0: the losses see only the top-k + tail of a teacher whose full distribution is here (local, or "
                 "served hidden states), as a server or cache at that k would give it; 0: the full distribution."})
     teacher_top_k_taken_bucket: bool = field(default=False, metadata={
-        "help": "A top-k teacher gives the taken token (a rollout's sample, an answer's token) a bucket of its own when "
-                "it is outside the top-k."})
+        "help": "A top-k teacher gives the taken token (a rollout's sample, an answer's token) a bucket of its own "
+                "when it is outside the top-k."})
 
     # Parameters that control prompts and memory
     max_prompt_length: int | None = field(default=None, metadata={

@@ -4,9 +4,10 @@ process) or its top-k log-probs plus a tail bucket (a teacher served by vLLM, or
 Every loss reads a teacher through `pair(student_logits)`: the student's and the teacher's distributions over one
 support, as logits (any additive constant per row; the losses take `log_softmax` of them). For a dense teacher the
 support is the vocabulary. For a top-k teacher it is k + 1 buckets: each of the teacher's k tokens, and the tail (every
-other token), plus the taken token's own bucket where it is outside the top-k (`taken_ids`: k + 2 slots, the extra one
-empty elsewhere); both distributions are coarse-grained onto them, so a divergence of the pair is the exact divergence of
-the bucketed distributions (a lower bound of the full one, equal to it when the top-k covers the vocabulary).
+other token), plus the taken token's own bucket where it is outside the top-k (`taken_ids`: k + 2 slots, the extra
+one empty elsewhere); both distributions are coarse-grained onto them, so a divergence of the pair is the exact
+divergence of the bucketed distributions (a lower bound of the full one, equal to it when the top-k covers the
+vocabulary).
 Torch only.
 """
 
@@ -123,8 +124,8 @@ class TopKTeacher:
 
     def coarsen(self, values: Tensor, student_logits: Tensor) -> Tensor:
         """Per-token values over the vocabulary (n, V) (a critic's scores) on the buckets of `pair`: the value of each
-        top-k (and taken) token, and for the tail their mean under the student's distribution inside the tail (detached), 0 for
-        an empty tail. Empty slots get 0."""
+        top-k (and taken) token, and for the tail their mean under the student's distribution inside the tail
+        (detached), 0 for an empty tail. Empty slots get 0."""
         _, tail_s, outside = self._student(student_logits.detach())
         top = torch.where(self.filled, values.gather(-1, self.ids), torch.zeros_like(self.log_probs,
                                                                                    dtype=values.dtype))
