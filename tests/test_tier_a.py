@@ -310,6 +310,15 @@ def test_report_flags_a_curve_still_rising_and_prints_the_sign_test():
              "rkl": {s: dict(scores) for s in range(10)}}
     table = report.paired_table(tests, "amm")
     assert "| 10-0-0, p=0.00195 |" in table and "Bonferroni over them asks p < 0.05" in table
+    # the candidate's primary metric against another metric of a baseline (e.g. a sharper sampler's accuracy)
+    for s in range(10):
+        tests["rkl"][s]["score_sampled_t0.7"] = 0.65 if s < 8 else 0.55
+    table = report.against_table(tests, "amm", ["score_sampled_t0.7"])
+    diffs = [100 * (0.6 + 0.01 * s) - (65.0 if s < 8 else 55.0) for s in range(10)]
+    mean = sum(diffs) / 10
+    half = 2.2621571628 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / 9 / 10)
+    assert f"| rkl score_sampled_t0.7 | {mean:+.1f} ± {half:.1f} (n=10) | 4-5-1, p=1 |" in table  # seed 5 level
+    assert table.count("\n") == 2  # amm has no such metric of its own to pair with
 
 
 def test_a_variant_suite_merges_into_its_base_and_drops_changes_or_adds_runs(tmp_path):
@@ -382,7 +391,8 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
     longer = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b_120.yaml"))  # the flattening budget
     assert [r["name"] for r in longer["runs"]] == [r["name"] for r in methods] and longer["runs"] == methods
     assert longer["common"] == {**tier_b["common"], "max_steps": 120} and longer["curve_every"] == 30
-    assert longer["select"] == {**tier_b["select"], "curves": True, "reuse": True}
+    assert longer["select"] == {**tier_b["select"], "curves": True, "reuse": True,
+                                "learning_rates": [3.0e-5, 1.0e-4, 3.0e-4]}  # one step down at 120 steps
     assert (longer["output_dir"], longer["assets_dir"]) == ("docs/results/tier_b_120/runs", tier_b["assets_dir"])
 
 

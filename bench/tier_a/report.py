@@ -242,6 +242,26 @@ def paired_table(tests: dict, candidate: str, config: ReportConfig = TIER_A) -> 
     return "\n".join(lines)
 
 
+def against_table(tests: dict, candidate: str, against: list[str], config: ReportConfig = TIER_A) -> str:
+    """The candidate's primary metric against another metric of each baseline that has it, paired by seed (e.g. AMM's
+    temperature-1 sampled accuracy against reverse KL's at T = 0.85: `--against score_sampled_t0.85`), mean ± 95%
+    half-width and the exact sign test; both shown on the primary metric's scale."""
+    q = config.metrics[config.primary]
+    better = 1.0 if q.direction == "max" else -1.0
+    ours = _by_seed(tests.get(candidate, {}), config.primary, q)
+    lines = [f"| {candidate} {q.label} − baseline's | difference | sign test |", "|---|---|---|"]
+    for metric in against:
+        for name, by_seed in tests.items():
+            theirs = _by_seed(by_seed, metric, q)
+            if name == candidate or not set(ours) & set(theirs):
+                continue
+            d, h, n = paired_difference(ours, theirs)
+            test = sign_test({s: better * v for s, v in ours.items()}, {s: better * v for s, v in theirs.items()})
+            lines.append(f"| {name} {metric} | {d:+.{q.digits}f} ± {h:.{q.digits}f} (n={n}) | "
+                         f"{test['wins']}-{test['losses']}-{test['ties']}, p={test['p']:.3g} |")
+    return "\n".join(lines)
+
+
 def flattening_table(tests: dict, config: ReportConfig = TIER_A) -> str:
     """Whether each method's validation curve has flattened: the change of its first curve (Tier A: sampled accuracy)
     over the last quarter of training (last point minus the point at 3/4 of the steps, x the curve's scale), mean ±
@@ -413,6 +433,8 @@ def main(argv=None):
     parser.add_argument("--candidate", default="amm", help="method whose paired differences are shown")
     parser.add_argument("--export", help="folder for per-seed JSON, report.md and the PNG curves")
     parser.add_argument("--no_plots", action="store_true")
+    parser.add_argument("--against", nargs="*", default=[], help="other metrics of the baselines to pair the "
+                        "candidate's primary metric with (e.g. score_sampled_t0.85)")
     a = parser.parse_args(argv)
     suite = load_suite(a.suite)
     config = report_config(suite)
@@ -426,6 +448,8 @@ def main(argv=None):
     curve = next(iter(config.curves.values()))
     parts += [f"## Paired differences ({a.candidate} − baseline, same seed; mean ± 95% t half-width)",
               paired_table(tests, a.candidate, config),
+              *([f"## {a.candidate}'s {config.metrics[config.primary].label} against other metrics of the baselines",
+                 against_table(tests, a.candidate, a.against, config)] if a.against else []),
               f"## Have the curves flattened? (validation {curve.label}, last quarter of training)",
               flattening_table(tests, config)]
     machines = machine_counts(refs, tests, selects)
