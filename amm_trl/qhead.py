@@ -19,13 +19,6 @@ def is_head_parameter(name: str) -> bool:
     return name.startswith(HEADS_ATTRIBUTE + ".")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the critic's learned part: Q-heads g_phi(s, .) in R^V (raw scores; `critic_values` makes them the critic f)
-# ----------------------------------------------------------------------------------------------------------
-# A head reads detached hidden states (so it cannot shape the student's features) and returns one value per
-# vocabulary entry, which makes E_{a~p}[f(s, a)] = <p, f(s, .)> exact for a white-box teacher. Heads are never called
-# through `nn.Module.__call__` during the loss: the loss reads their parameters directly inside the vocabulary-chunked
-# autograd function (`chunked.py`), which gathers them under ZeRO-3 like TRL gathers `lm_head`.
 def head_features(features: str, student_hidden: Tensor, teacher_hidden: Tensor | None) -> Tensor:
     """What a head reads (`q_head_features`), detached: the student's hidden states, the teacher's, or both side by
     side ([h_S, h_T], the order `build_q_heads` sizes the head for)."""
@@ -36,6 +29,13 @@ def head_features(features: str, student_hidden: Tensor, teacher_hidden: Tensor 
     return torch.cat([student_hidden.detach(), teacher_hidden.detach().to(student_hidden.dtype)], dim=-1)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the critic's learned part: Q-heads g_phi(s, .) in R^V (raw scores; `critic_values` makes them the critic f)
+# ----------------------------------------------------------------------------------------------------------
+# A head reads detached hidden states (so it cannot shape the student's features) and returns one value per
+# vocabulary entry, which makes E_{a~p}[f(s, a)] = <p, f(s, .)> exact for a white-box teacher. Heads are never called
+# through `nn.Module.__call__` during the loss: the loss reads their parameters directly inside the vocabulary-chunked
+# autograd function (`chunked.py`), which gathers them under ZeRO-3 like TRL gathers `lm_head`.
 class LinearQHead(nn.Module):
     """g(s, .) = W h + b, W: (vocab, features). Zero-initialized, so the learned part of the critic starts at 0."""
 

@@ -243,13 +243,13 @@ def test_trials_make_candidates_with_an_equal_budget_and_the_best_one_is_used(tm
     assert [c[0] for c in suite_module.candidates(suite, runs[1])] == [
         "t0-lr0.001", "t0-lr0.003", "t1-lr0.001", "t1-lr0.003", "t2-lr0.001", "t2-lr0.003"]
     assert suite_module.candidates(suite, runs[0])[2] == ("t2-lr3", 3, {})
-    suite_module.check_budget(suite)
+    suite_module.check_select(suite)
     with pytest.raises(ValueError, match=r"select.budget=5: these runs have another number of candidates: "
                                          r"\{'a': 6, 'b': 6\}"):
-        suite_module.check_budget({**suite, "select": {**suite["select"], "budget": 5}})
+        suite_module.check_select({**suite, "select": {**suite["select"], "budget": 5}})
     with pytest.raises(ValueError, match=r"select.reuse: true needs select.curves: true .* set curves: true or "
                                          r"drop reuse"):
-        suite_module.check_budget({**suite, "select": {**suite["select"], "reuse": True, "curves": False}})
+        suite_module.check_select({**suite, "select": {**suite["select"], "reuse": True, "curves": False}})
     plan = [r for r in suite_module.planned_runs(suite) if r["group"] == "select" and r["name"] == "b"]
     assert [(r["candidate"], r["args"]) for r in plan][2] == ("t1-lr0.001", {"beta": 0.5})
     assert suite_module.selection(suite, "b")["candidate"] is None  # nothing ran yet
@@ -331,7 +331,7 @@ def test_a_variant_suite_merges_into_its_base_and_drops_changes_or_adds_runs(tmp
     assert longer["output_dir"] == "docs/results/tier_a_fair_800/runs" and longer["curve_every"] == 80
     assert [r["name"] for r in longer["runs"]] == [r["name"] for r in base["runs"] if r["name"] != "amm_paper"]
     assert longer["select"] == base["select"] and longer["start"] == base["start"]
-    suite_module.check_budget(longer)
+    suite_module.check_select(longer)
     (tmp_path / "v.yaml").write_text("base: " + os.path.join(ROOT, "bench", "tier_a", "tier_a_fair.yaml") +
                                      "\nruns: {gkd: {args: {beta: 0.3}}}\n")
     gkd = next(r for r in suite_module.load_suite(str(tmp_path / "v.yaml"))["runs"] if r["name"] == "gkd")
@@ -349,7 +349,7 @@ def test_a_variant_suite_merges_into_its_base_and_drops_changes_or_adds_runs(tmp
     added = algo["runs"][2]
     assert added["recipe"] == "quickstart" and added["args"] == {"amm_beta": 0.0, "per_device_train_batch_size": 16}
     assert algo["common"]["max_steps"] == 800 and algo["output_dir"] == "docs/results/tier_a_algo/runs"
-    suite_module.check_budget(algo)
+    suite_module.check_select(algo)
 
 
 def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_path):

@@ -150,9 +150,10 @@ def candidates(suite: dict, run: dict) -> list[tuple[str, float, dict]]:
     return out
 
 
-def check_budget(suite: dict) -> None:
-    """`select.budget`: every tuned run has exactly that many candidates. `select.reuse` needs the selection runs'
-    curves: a test run records them, so only a selection run with the same callbacks trained the same run."""
+def check_select(suite: dict) -> None:
+    """The `select` block before any run: `select.budget`, every tuned run has exactly that many candidates;
+    `select.reuse` needs the selection runs' curves (a test run records them, so only a selection run with the same
+    callbacks trained the same run)."""
     select = suite.get("select") or {}
     if select.get("reuse") and not select.get("curves", True):
         raise ValueError("select.reuse: true needs select.curves: true (a test run records its validation curve, so "
@@ -344,24 +345,22 @@ def execute(suite: dict, run: dict, keep_models: bool) -> dict:
     record.update(eval_one(suite, model, out, run["seed"], settings,
                            run.get("measure_args") if run["group"] != "select" else None))
     if "recipe" in run and not keep_models and run["name"] != "start" and not _kept_for_test(suite, run):
-        for path in glob.glob(os.path.join(out, "*.safetensors")):
-            os.remove(path)
+        _delete_weights(out)
     _write_json(os.path.join(out, "result.json"), record)
     if _kept_for_test(suite, run) and not keep_models:
         _drop_unchosen(suite, run)
     if "recipe" in run and not keep_models and _reuses(suite, run):
         for cid, _, _ in candidates(suite, run):  # this seed's test run is done: its selection weights are not needed
-            trial = run_dir(suite, {"name": run["name"], "group": "select", "seed": run["seed"], "candidate": cid})
-            for path in glob.glob(os.path.join(trial, "*.safetensors")):
-                os.remove(path)
+            _delete_weights(run_dir(suite, {"name": run["name"], "group": "select", "seed": run["seed"],
+                                            "candidate": cid}))
     return record
 
 
 def _reuse(suite: dict) -> dict | None:
-    """The suite's `select` block where it reuses selection runs as test runs (`select.reuse`, with the curves'
-    callbacks in both, which touch neither the RNG nor the weights); else None."""
+    """The suite's `select` block where it reuses selection runs as test runs (`select.reuse`; `check_select` refuses
+    it without the curves' callbacks, which touch neither the RNG nor the weights); else None."""
     select = suite.get("select") or {}
-    return select if select.get("reuse") and select.get("curves", True) else None
+    return select if select.get("reuse") else None
 
 
 def _kept_for_test(suite: dict, run: dict) -> bool:
@@ -387,11 +386,15 @@ def _drop_unchosen(suite: dict, run: dict) -> None:
     tested = run.get("seeds", suite["seeds"])
     for cid, _, _ in candidates(suite, run):
         for seed in suite["select"]["seeds"]:
-            if cid == chosen and seed in tested:
-                continue
-            trial = run_dir(suite, {"name": run["name"], "group": "select", "seed": seed, "candidate": cid})
-            for path in glob.glob(os.path.join(trial, "*.safetensors")):
-                os.remove(path)
+            if cid != chosen or seed not in tested:
+                _delete_weights(run_dir(suite, {"name": run["name"], "group": "select", "seed": seed,
+                                                "candidate": cid}))
+
+
+def _delete_weights(folder: str) -> None:
+    """Deletes a run's trained weights (its records stay)."""
+    for path in glob.glob(os.path.join(folder, "*.safetensors")):
+        os.remove(path)
 
 
 def _reusable_selection_run(suite: dict, run: dict) -> str | None:
@@ -528,7 +531,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the plan (one thread each)")
     a = parser.parse_args(argv)
     suite = prepare(_with_seeds(load_suite(a.suite), a.seeds))  # builds the prepared assets once, before any worker
-    check_budget(suite)
+    check_select(suite)
     if not a.dry_run:
         _records_only(suite["output_dir"])
     if a.workers <= 1 or a.dry_run:

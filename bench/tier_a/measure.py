@@ -54,23 +54,25 @@ def measure(model_path: str, suite: dict, out: str, seed: int, settings: dict) -
     rows = [dict(r) for r in load_prompt_dataset(settings["dataset_name"])]
     prompts = [r["prompt"] for r in rows]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    samples = generate_token_ids(model_path, render_prompts(tokenizer, prompts), settings["max_new_tokens"],
-                                 temperature=1.0, batch_size=500, dtype="float32", seed=1000 + seed, progress=False)
-    texts = tokenizer.batch_decode(samples, skip_special_tokens=True)
+    rendered = render_prompts(tokenizer, prompts)
+
+    def sample(temperature: float) -> tuple[list, float]:
+        """The student's samples at `temperature` (the same sampler seed at every temperature) and their accuracy."""
+        ids = generate_token_ids(model_path, rendered, settings["max_new_tokens"], temperature=temperature,
+                                 batch_size=500, dtype="float32", seed=1000 + seed, progress=False)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return ids, sum(is_correct(t, p) for t, p in zip(texts, prompts)) / len(rows)
+
+    samples, accuracy = sample(1.0)
     student, teacher = _load(model_path), _load(suite["teacher"])
     eos = tokenizer.eos_token_id
     teacher_answers = [tokenizer(r["teacher"])["input_ids"] + [eos] for r in rows]
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     q_sum, q_n = token_log_probs(teacher, prompt_ids, samples, tokenizer.pad_token_id)
     c_sum, c_n = token_log_probs(student, prompt_ids, teacher_answers, tokenizer.pad_token_id)
-    result = {"quality": q_sum / q_n, "coverage": c_sum / c_n,
-              "score_sampled": sum(is_correct(t, p) for t, p in zip(texts, prompts)) / len(rows)}
+    result = {"quality": q_sum / q_n, "coverage": c_sum / c_n, "score_sampled": accuracy}
     for temperature in settings.get("sample_temperatures", []):  # a sharper sampler: is an edge only sharpness?
-        samples = generate_token_ids(model_path, render_prompts(tokenizer, prompts), settings["max_new_tokens"],
-                                     temperature=temperature, batch_size=500, dtype="float32", seed=1000 + seed,
-                                     progress=False)
-        texts = tokenizer.batch_decode(samples, skip_special_tokens=True)
-        result[f"score_sampled_t{temperature:g}"] = sum(is_correct(t, p) for t, p in zip(texts, prompts)) / len(rows)
+        result[f"score_sampled_t{temperature:g}"] = sample(temperature)[1]
     return result
 
 
