@@ -429,6 +429,7 @@ def test_a_fresh_checkout_rebuilds_the_assets_and_refuses_different_ones(tmp_pat
     shutil.rmtree(paths["teacher"])  # a fresh checkout: results and manifest, no models
     assert assets.build(out, TOY_TASK) == paths and assets.digest(paths) == recorded["digest"]
     recorded["digest"] = "0" * 64
+    del recorded["content_digest"]  # a manifest written before the content digest: bytes are compared
     with open(manifest_path, "w") as f:
         json.dump(recorded, f)
     shutil.rmtree(paths["teacher"])
@@ -437,6 +438,51 @@ def test_a_fresh_checkout_rebuilds_the_assets_and_refuses_different_ones(tmp_pat
                                          r"other models"):
         assets.build(out, TOY_TASK)
 
+
+def test_a_rebuild_that_differs_only_in_the_transformers_version_stamp_is_accepted(tmp_path):
+    """A fresh machine installs another transformers release, whose `save_pretrained` writes its own version into
+    config.json: the manifest's content digest ignores that stamp (the same weights and data), and a manifest written
+    before the content digest (byte digest only) still refuses a rebuild whose bytes differ; a weight that changes is
+    refused under either."""
+    import shutil
+
+    from bench.tier_a import assets
+
+    out = str(tmp_path / "assets")
+    paths = assets.build(out, TOY_TASK)
+    manifest_path = os.path.join(out, "manifest.json")
+    recorded = json.loads(open(manifest_path).read())
+    assert recorded["content_digest"] == assets.digest(paths, stamps=False) != recorded["digest"]
+    config = os.path.join(paths["teacher"], "config.json")
+    stamped = json.loads(open(config).read())
+    stamped["transformers_version"] = "0.0.1"  # what another release would write
+    with open(config, "w") as f:
+        json.dump(stamped, f, indent=2)
+    assert assets.digest(paths) != recorded["digest"]
+    assert assets.digest(paths, stamps=False) == recorded["content_digest"]
+    assert assets.build(out, TOY_TASK) == paths  # accepted as it is
+    legacy = {k: v for k, v in recorded.items() if k != "content_digest"}
+    with open(manifest_path, "w") as f:
+        json.dump(legacy, f)
+    with pytest.raises(ValueError, match=r"The assets in .* differ from the digest .*manifest.json records"):
+        assets.build(out, TOY_TASK)
+    with open(manifest_path, "w") as f:
+        json.dump(recorded, f)
+    weights = os.path.join(paths["teacher"], "model.safetensors")
+    data = bytearray(open(weights, "rb").read())
+    data[-1] ^= 1  # one bit of one weight
+    open(weights, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=r"The assets in .* differ from the digest .*manifest.json records"):
+        assets.build(out, TOY_TASK)
+    shutil.rmtree(paths["teacher"])  # rebuilt with the recorded weights: the same content, accepted
+    assert assets.build(out, TOY_TASK) == paths and assets.digest(paths, stamps=False) == recorded["content_digest"]
+    recorded["content_digest"] = "0" * 64
+    with open(manifest_path, "w") as f:
+        json.dump(recorded, f)
+    shutil.rmtree(paths["teacher"])
+    with pytest.raises(ValueError, match=r"The assets rebuilt in .* differ from those .*manifest.json records "
+                                         r"\(content_digest [0-9a-f]{12} vs 000000000000\)"):
+        assets.build(out, TOY_TASK)
 
 def test_selection_runs_train_without_curves_when_asked_and_step_zero_is_measured_once(tmp_path, monkeypatch):
     """`select.curves: false` passes no callbacks to selection runs (test runs keep them); Tier B's validation curve

@@ -34,8 +34,10 @@ def _teacher_samples(model_dir: str, rows: list[dict], max_new_tokens: int, seed
     return decode_completions(tokenizer, ids)
 
 
-def digest(paths: dict) -> str:
-    """sha256 over the bytes of every asset file (folders: every file in them, by relative name)."""
+def digest(paths: dict, stamps: bool = True) -> str:
+    """sha256 over the bytes of every asset file (folders: every file in them, by relative name). `stamps=False`: the
+    content digest, where a JSON file is hashed without the `transformers_version` that `save_pretrained` writes into
+    `config.json` and `generation_config.json` (the same weights and data saved by another transformers release)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -45,8 +47,23 @@ def digest(paths: dict) -> str:
         for file in files:
             h.update(os.path.relpath(file, os.path.dirname(path)).encode())
             with open(file, "rb") as f:
-                h.update(f.read())
+                data = f.read()
+            if not stamps and file.endswith(".json"):
+                parsed = json.loads(data)
+                if isinstance(parsed, dict) and "transformers_version" in parsed:
+                    parsed.pop("transformers_version")
+                    data = json.dumps(parsed, sort_keys=True).encode()
+            h.update(data)
     return h.hexdigest()
+
+
+def _same_assets(recorded: dict, paths: dict) -> bool:
+    """Whether the files in `paths` are the ones `recorded` (a manifest) describes: its `content_digest` where it has
+    one (version stamps aside), else its byte `digest` (manifests written before the content digest); a manifest with
+    neither accepts any files."""
+    if recorded.get("content_digest"):
+        return recorded["content_digest"] == digest(paths, stamps=False)
+    return recorded.get("digest") in (None, digest(paths))
 
 
 def cached_build(out: str, cfg: dict, paths: dict, make, name: str) -> dict:
@@ -64,7 +81,7 @@ def cached_build(out: str, cfg: dict, paths: dict, make, name: str) -> dict:
             raise ValueError(f"{manifest_path} was built with other settings {recorded['settings']}; delete {out} "
                              f"to rebuild it with {cfg}.")
         if all(os.path.exists(p) for p in paths.values()):
-            if recorded.get("digest") not in (None, digest(paths)):  # e.g. committed assets changed by hand
+            if not _same_assets(recorded, paths):  # e.g. committed assets changed by hand
                 raise ValueError(f"The assets in {out} differ from the digest {manifest_path} records: restore them "
                                  f"(git checkout {out}) or delete {out} and rerun the suite from scratch.")
             return paths
@@ -78,11 +95,12 @@ def cached_build(out: str, cfg: dict, paths: dict, make, name: str) -> dict:
         manifest = {"settings": cfg, **make(cfg, paths), "build_seconds": time.perf_counter() - start}
     finally:
         torch.set_num_threads(threads)
-    manifest["digest"] = digest(paths)
+    manifest["digest"], manifest["content_digest"] = digest(paths), digest(paths, stamps=False)
     if recorded is not None:
-        if recorded.get("digest") not in (None, manifest["digest"]):
-            raise ValueError(f"The assets rebuilt in {out} differ from those {manifest_path} records (digest "
-                             f"{manifest['digest'][:12]} vs {recorded['digest'][:12]}): this machine computes other "
+        if not _same_assets(recorded, paths):
+            key = "content_digest" if recorded.get("content_digest") else "digest"
+            raise ValueError(f"The assets rebuilt in {out} differ from those {manifest_path} records ({key} "
+                             f"{manifest[key][:12]} vs {recorded[key][:12]}): this machine computes other "
                              f"models or data (another CPU kind or library version), so the suite's finished runs "
                              f"would not compare with new ones. Finish the suite where it started, or rerun it all.")
         return paths
