@@ -1,6 +1,7 @@
 """Tier A benchmark: the task's checker and splits, the statistics against hand-computed values, and the whole
 instrument end to end at a toy size (suite -> per-seed results -> report JSON / table), including resumption."""
 
+import glob
 import json
 import math
 import os
@@ -350,6 +351,66 @@ def test_a_variant_suite_merges_into_its_base_and_drops_changes_or_adds_runs(tmp
     assert added["recipe"] == "quickstart" and added["args"] == {"amm_beta": 0.0, "per_device_train_batch_size": 16}
     assert algo["common"]["max_steps"] == 800 and algo["output_dir"] == "docs/results/tier_a_algo/runs"
     suite_module.check_select(algo)
+
+
+def test_a_best_rate_at_the_grids_edge_adds_the_next_rate_beyond_it_for_every_method(tmp_path, monkeypatch):
+    """`select.beyond_edges`: a method whose best rate is the grid's highest (lowest) trains the next `above` (`below`)
+    rate too, again while the best stays at the edge, and its test runs wait for that; a method whose optimum lies
+    inside the grid gets nothing more. The suite plans again after every run, so one worker does it all in order."""
+    import suite as suite_module
+    from bench.tier_a import report
+
+    runs = [{"name": n, "recipe": "r"} for n in ("top", "bottom", "inside")]
+    suite = {"output_dir": str(tmp_path), "seeds": [0, 1], "common": {}, "teacher": "t", "initial_student": "s",
+             "runs": runs, "select": {"learning_rates": [1.0, 2.0, 3.0], "seeds": [0], "metric": "tv", "mode": "min",
+                                      "beyond_edges": {"above": [10.0, 30.0], "below": [0.1]}}}
+    tv = {"top": {1.0: 0.5, 2.0: 0.4, 3.0: 0.3, 10.0: 0.35, 30.0: 0.1},  # 10 loses: 30 is never tried
+          "bottom": {0.1: 0.1, 1.0: 0.3, 2.0: 0.4, 3.0: 0.5},  # 0.1 wins and `below` has nothing more
+          "inside": {1.0: 0.5, 2.0: 0.2, 3.0: 0.4}}
+    order = []
+
+    def fake_execute(suite, run, keep_models):
+        if run["group"] == "reference":  # the teacher's and initial student's rows
+            record = {"tv": 1.0, "learning_rate": None}
+        elif run["group"] == "select":
+            record = {"tv": tv[run["name"]][run["learning_rate"]], "learning_rate": run["learning_rate"]}
+        else:
+            assert suite_module.selection(suite, run["name"])["learning_rate"] is not None  # waited for the edge
+            record = {"tv": 0.0, "learning_rate": suite_module.selection(suite, run["name"])["learning_rate"]}
+        order.append((run["name"], run["group"], run.get("learning_rate", record["learning_rate"]), run["seed"]))
+        suite_module._write_json(os.path.join(suite_module.run_dir(suite, run), "result.json"),
+                                 {"name": run["name"], "group": run["group"], "seed": run["seed"], **record})
+        return record
+
+    monkeypatch.setattr(suite_module, "execute", fake_execute)
+    suite_module.check_select(suite)
+    assert [c[1] for c in suite_module.candidates(suite, runs[0])] == [1.0, 2.0, 3.0]  # nothing ran yet
+    suite_module.work(suite, None, keep_models=False)
+    assert [n for n, g, _, _ in order[:2]] == ["teacher", "initial_student"]
+    selected = [(n, lr) for n, g, lr, _ in order if g == "select"]
+    assert selected == ([("top", lr) for lr in (1.0, 2.0, 3.0, 10.0)] + [("bottom", lr) for lr in (1.0, 2.0, 3.0, 0.1)]
+                        + [("inside", lr) for lr in (1.0, 2.0, 3.0)])  # each edge rate right after its method's grid
+    assert [(n, lr, seed) for n, g, lr, seed in order if g == "method"] == [
+        ("top", 3.0, 0), ("bottom", 0.1, 0), ("inside", 2.0, 0), ("top", 3.0, 1), ("bottom", 0.1, 1),
+        ("inside", 2.0, 1)]
+    assert [c[0] for c in suite_module.candidates(suite, runs[0])] == ["lr1", "lr2", "lr3", "lr10"]
+    assert [c[1] for c in suite_module.candidates(suite, runs[1])] == [0.1, 1.0, 2.0, 3.0]
+    assert len(suite_module.candidates(suite, runs[2])) == 3
+    assert all(len(suite_module.candidates(suite, r, edges=False)) == 3 for r in runs)
+    suite_module.check_select({**suite, "select": {**suite["select"], "budget": 3}})  # edge rates aside
+
+    selects = {r["name"]: [json.load(open(p)) for p in sorted(glob.glob(os.path.join(
+        str(tmp_path), "select", r["name"], "*", "seed0", "result.json")))] for r in runs}
+    table = report.selection_table(suite, selects, report.report_config(
+        {"report": {"metrics": {"tv": ["exact TV", 1.0, 2, "min"]}}}))
+    assert table.splitlines()[0] == "| method | lr 0.1 | lr 1 | lr 2 | lr 3 | lr 10 | chosen |"
+    assert table.splitlines()[2:] == ["| top | - | 0.50 | 0.40 | 0.30 | 0.35 | 3 |",
+                                      "| bottom | 0.10 | 0.30 | 0.40 | 0.50 | - | 0.1 |",
+                                      "| inside | - | 0.50 | 0.20 | 0.40 | - | 2 |"]
+    for edges in ({"above": [2.0]}, {"above": [30.0, 10.0]}, {"below": [0.1, 0.5]}, {"abov": [10.0]}):
+        with pytest.raises(ValueError, match=r"select.beyond_edges=.*: `above` lists rates above the grid "
+                                             r"\[1.0, 2.0, 3.0\], ascending, and `below` rates below it, descending"):
+            suite_module.check_select({**suite, "select": {**suite["select"], "beyond_edges": edges}})
 
 
 def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_path):

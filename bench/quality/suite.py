@@ -20,15 +20,17 @@ Optional suite keys (used by bench/tier_a/tier_a.yaml):
 - `select: {learning_rates: [...], seeds: [...], eval: {...}, metric: score}`: fair tuning. Every method first trains
   once per candidate and selection seed and is scored on `select.eval` (a validation split); its test runs then use
   the candidate with the best mean `metric` (highest; lowest with `mode: min`; the first in order on a tie), recorded
-  in `result.json`. A candidate is
-  a learning rate of the grid, or, for a run with `trials: [{args}, ...]` (its design budget over its own knobs), a
-  trial's args with each learning rate of the grid (or with the trial's own `learning_rate`). `select.budget: N`
-  requires every tuned run to have exactly N candidates (equal tuning for every method), else the suite refuses to
-  start; `select.curves: false` trains the selection runs without the `callbacks` (they are scored at their end
-  only). A run with `tune_as: <name>` (an ablation: one change to that run) gets no selection of its own and trains
-  with the candidate chosen for `<name>`. `select.reuse: true`: a method's test run on a selection seed is the chosen
-  selection run itself (same args, learning rate, seed and data), so the selection runs keep their weights until
-  that test run has evaluated the chosen one's on the test split (then all of that seed's are deleted); where the
+  in `result.json`. A candidate is a learning rate of the grid, or, for a run with `trials: [{args}, ...]` (its design
+  budget over its own knobs), a trial's args with each learning rate of the grid (or with the trial's own
+  `learning_rate`). `select.beyond_edges: {above: [...], below: [...]}` (runs without trials): a method whose best rate
+  is the grid's highest gets the next `above` rate as one more candidate, and so on while its best stays at the top
+  (`below` at the bottom); the rule is the same for every method, and its test runs wait for it. `select.budget: N`
+  requires every tuned run to have exactly N candidates (equal tuning for every method; edge rates aside), else the
+  suite refuses to start; `select.curves: false` trains the selection runs without the `callbacks` (they are scored at
+  their end only). A run with `tune_as: <name>` (an ablation: one change to that run) gets no selection of its own and
+  trains with the candidate chosen for `<name>`. `select.reuse: true`: a method's test run on a selection seed is the
+  chosen selection run itself (same args, learning rate, seed and data), so the selection runs keep their weights
+  until that test run has evaluated the chosen one's on the test split (then all of that seed's are deleted); where the
   weights are gone (e.g. a fresh machine) the test run trains as usual.
 - an eval block's `generate: false` skips `amm-trl eval` (no generation, no metric) and `only: [names]` tells the
   measures hook which of its scores to compute (e.g. a selection scored by one cheap measure);
@@ -137,17 +139,56 @@ def _resolve(name: str) -> str:
     return name
 
 
-def candidates(suite: dict, run: dict) -> list[tuple[str, float, dict]]:
-    """(id, learning rate, extra args) of each selection candidate of `run` (see the module docstring)."""
+def candidates(suite: dict, run: dict, edges: bool = True) -> list[tuple[str, float, dict]]:
+    """(id, learning rate, extra args) of each selection candidate of `run` (see the module docstring). `edges=False`:
+    the grid alone, without the rates `select.beyond_edges` adds once a method's best rate is at the grid's edge."""
     grid = suite["select"]["learning_rates"]
     if not run.get("trials"):
-        return [(f"lr{lr:g}", lr, {}) for lr in grid]
+        return [(f"lr{lr:g}", lr, {}) for lr in (_edge_grid(suite, run["name"]) if edges else grid)]
     out = []
     for i, trial in enumerate(run["trials"]):
         trial = dict(trial)
         lrs = [trial.pop("learning_rate")] if "learning_rate" in trial else grid
         out += [(f"t{i}-lr{lr:g}", lr, trial) for lr in lrs]
     return out
+
+
+def _edge_grid(suite: dict, name: str) -> list[float]:
+    """A method's learning rates: the grid, and while its best finished rate is the highest (lowest) one, the next
+    rate of `select.beyond_edges.above` (`.below`): the same rule for every method, so that each one's optimum can lie
+    inside the rates it tried."""
+    select = suite["select"]
+    rates = list(select["learning_rates"])
+    edges = select.get("beyond_edges") or {}
+    above, below = list(edges.get("above", [])), list(edges.get("below", []))
+    while above or below:
+        best = _best(suite, name, [(f"lr{lr:g}", lr, {}) for lr in rates])[1]
+        if best == len(rates) - 1 and above:
+            rates.append(above.pop(0))
+        elif best == 0 and below:
+            rates.insert(0, below.pop(0))
+        else:
+            break
+    return rates
+
+
+def _best(suite: dict, name: str, options: list) -> tuple[dict, int | None]:
+    """The selection scores of `name`'s candidates `options` ({id: [metric per finished seed]}) and the index of the
+    best one: the best mean `metric` (lowest with `mode: min`; the first in order on a tie), None until all ran."""
+    select = suite["select"]
+    scores: dict[str, list[float]] = {}
+    for cid, _, _ in options:
+        for seed in select["seeds"]:
+            path = os.path.join(run_dir(suite, {"name": name, "group": "select", "seed": seed, "candidate": cid}),
+                                "result.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    scores.setdefault(cid, []).append(json.load(f)[select.get("metric", "score")])
+    complete = all(len(scores.get(cid, [])) == len(select["seeds"]) for cid, _, _ in options)
+    sign = -1.0 if select.get("mode", "max") == "min" else 1.0  # `mode: min` for a metric where lower is better
+    means = {cid: sign * sum(v) / len(v) for cid, v in scores.items()}
+    best = max(range(len(options)), key=lambda i: (means[options[i][0]], -i)) if complete else None
+    return scores, best
 
 
 def check_select(suite: dict) -> None:
@@ -159,11 +200,19 @@ def check_select(suite: dict) -> None:
         raise ValueError("select.reuse: true needs select.curves: true (a test run records its validation curve, so "
                          "only a selection run with the curves' callbacks is the same run); set curves: true or "
                          "drop reuse.")
+    edges = select.get("beyond_edges") or {}
+    grid = select.get("learning_rates") or []
+    above, below = list(edges.get("above", [])), list(edges.get("below", []))
+    if set(edges) - {"above", "below"} or grid and (above and (above[0] <= max(grid) or above != sorted(set(above)))
+                                                    or below and (below[0] >= min(grid) or below != sorted(
+                                                        set(below), reverse=True))):
+        raise ValueError(f"select.beyond_edges={edges}: `above` lists rates above the grid {grid}, ascending, and "
+                         f"`below` rates below it, descending (the order they are tried in).")
     budget = select.get("budget")
     if budget is None:
         return
-    wrong = {r["name"]: len(candidates(suite, r)) for r in suite["runs"] if "tune_as" not in r
-             and len(candidates(suite, r)) != budget}
+    wrong = {r["name"]: len(candidates(suite, r, edges=False)) for r in suite["runs"] if "tune_as" not in r
+             and len(candidates(suite, r, edges=False)) != budget}
     if wrong:
         raise ValueError(f"select.budget={budget}: these runs have another number of candidates: {wrong}.")
 
@@ -201,21 +250,9 @@ def run_dir(suite: dict, run: dict) -> str:
 def selection(suite: dict, name: str) -> dict:
     """The selection runs of one method: {candidate: [metric per finished seed]}, and the chosen candidate's learning
     rate and extra args (None until all ran)."""
-    select = suite["select"]
     run = next(r for r in suite["runs"] if r["name"] == name)
     options = candidates(suite, run)
-    scores: dict[str, list[float]] = {}
-    for cid, lr, extra in options:
-        for seed in select["seeds"]:
-            path = os.path.join(run_dir(suite, {"name": name, "group": "select", "seed": seed, "candidate": cid}),
-                                "result.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    scores.setdefault(cid, []).append(json.load(f)[select.get("metric", "score")])
-    complete = all(len(scores.get(cid, [])) == len(select["seeds"]) for cid, _, _ in options)
-    sign = -1.0 if select.get("mode", "max") == "min" else 1.0  # `mode: min` for a metric where lower is better
-    means = {cid: sign * sum(v) / len(v) for cid, v in scores.items()}
-    best = max(range(len(options)), key=lambda i: (means[options[i][0]], -i)) if complete else None
+    scores, best = _best(suite, name, options)
     legacy = not run.get("trials")  # lr-only selection: scores keyed by the learning rate, as before
     keyed = {(cid[2:] if legacy else cid): v for cid, v in scores.items()}
     return {"scores": keyed, "learning_rate": options[best][1] if best is not None else None,
@@ -457,8 +494,8 @@ def work(suite: dict, only, keep_models: bool, dry_run: bool = False) -> None:
     import torch
 
     torch.set_flush_denormal(True)  # as `amm-trl train` does on CPU (evaluation runs in this process too)
-    plan = [r for r in planned_runs(suite) if not only or r["name"] in only or r["group"] in only]
-    while True:
+    while True:  # planned again at every scan: a selection whose best rate is at the grid's edge adds one
+        plan = [r for r in planned_runs(suite) if not only or r["name"] in only or r["group"] in only]
         waiting = False
         for run in plan:
             out = run_dir(suite, run)

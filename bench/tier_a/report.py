@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "quality"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from suite import load_suite, planned_runs, run_dir, selection  # noqa: E402
+from suite import candidates, load_suite, planned_runs, run_dir, selection  # noqa: E402
 
 from bench.tier_a.stats import disjoint, mean_ci, paired_difference, sign_test  # noqa: E402
 
@@ -296,7 +296,8 @@ def selection_table(suite: dict, selects: dict, config: ReportConfig = TIER_A) -
     if any(r.get("trials") for r in suite["runs"]):
         return trials_table(suite, selects, config)
     metric, q = _select_quantity(suite, config)
-    grid = suite["select"]["learning_rates"]
+    grid = sorted({lr for r in suite["runs"] if r["name"] in selects  # the grid and any rate beyond its edges
+                   for _, lr, _ in candidates(suite, r)} | set(suite["select"]["learning_rates"]))
     lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |", "|---" * (len(grid) + 2) + "|"]
     for name, rows in selects.items():
         chosen = selection(suite, name)["learning_rate"]
