@@ -360,13 +360,14 @@ def test_a_best_rate_at_the_grids_edge_adds_the_next_rate_beyond_it_for_every_me
     import suite as suite_module
     from bench.tier_a import report
 
-    runs = [{"name": n, "recipe": "r"} for n in ("top", "bottom", "inside")]
+    runs = [{"name": n, "recipe": "r"} for n in ("top", "bottom", "inside", "tie")]
     suite = {"output_dir": str(tmp_path), "seeds": [0, 1], "common": {}, "teacher": "t", "initial_student": "s",
              "runs": runs, "select": {"learning_rates": [1.0, 2.0, 3.0], "seeds": [0], "metric": "tv", "mode": "min",
                                       "beyond_edges": {"above": [10.0, 30.0], "below": [0.1]}}}
     tv = {"top": {1.0: 0.5, 2.0: 0.4, 3.0: 0.3, 10.0: 0.35, 30.0: 0.1},  # 10 loses: 30 is never tried
           "bottom": {0.1: 0.1, 1.0: 0.3, 2.0: 0.4, 3.0: 0.5},  # 0.1 wins and `below` has nothing more
-          "inside": {1.0: 0.5, 2.0: 0.2, 3.0: 0.4}}
+          "inside": {1.0: 0.5, 2.0: 0.2, 3.0: 0.4},
+          "tie": {1.0: 0.5, 2.0: 0.2, 3.0: 0.2}}  # the top edge ties an inside rate: nothing more, the first wins
     order = []
 
     def fake_execute(suite, run, keep_models):
@@ -389,13 +390,12 @@ def test_a_best_rate_at_the_grids_edge_adds_the_next_rate_beyond_it_for_every_me
     assert [n for n, g, _, _ in order[:2]] == ["teacher", "initial_student"]
     selected = [(n, lr) for n, g, lr, _ in order if g == "select"]
     assert selected == ([("top", lr) for lr in (1.0, 2.0, 3.0, 10.0)] + [("bottom", lr) for lr in (1.0, 2.0, 3.0, 0.1)]
-                        + [("inside", lr) for lr in (1.0, 2.0, 3.0)])  # each edge rate right after its method's grid
-    assert [(n, lr, seed) for n, g, lr, seed in order if g == "method"] == [
-        ("top", 3.0, 0), ("bottom", 0.1, 0), ("inside", 2.0, 0), ("top", 3.0, 1), ("bottom", 0.1, 1),
-        ("inside", 2.0, 1)]
+                        + [(n, lr) for n in ("inside", "tie") for lr in (1.0, 2.0, 3.0)])  # edge rates right after
+    assert [(n, lr, seed) for n, g, lr, seed in order if g == "method"] == [  # their method's grid
+        (n, lr, seed) for seed in (0, 1) for n, lr in (("top", 3.0), ("bottom", 0.1), ("inside", 2.0), ("tie", 2.0))]
     assert [c[0] for c in suite_module.candidates(suite, runs[0])] == ["lr1", "lr2", "lr3", "lr10"]
     assert [c[1] for c in suite_module.candidates(suite, runs[1])] == [0.1, 1.0, 2.0, 3.0]
-    assert len(suite_module.candidates(suite, runs[2])) == 3
+    assert len(suite_module.candidates(suite, runs[2])) == len(suite_module.candidates(suite, runs[3])) == 3
     assert all(len(suite_module.candidates(suite, r, edges=False)) == 3 for r in runs)
     suite_module.check_select({**suite, "select": {**suite["select"], "budget": 3}})  # edge rates aside
 
@@ -406,11 +406,25 @@ def test_a_best_rate_at_the_grids_edge_adds_the_next_rate_beyond_it_for_every_me
     assert table.splitlines()[0] == "| method | lr 0.1 | lr 1 | lr 2 | lr 3 | lr 10 | chosen |"
     assert table.splitlines()[2:] == ["| top | - | 0.50 | 0.40 | 0.30 | 0.35 | 3 |",
                                       "| bottom | 0.10 | 0.30 | 0.40 | 0.50 | - | 0.1 |",
-                                      "| inside | - | 0.50 | 0.20 | 0.40 | - | 2 |"]
-    for edges in ({"above": [2.0]}, {"above": [30.0, 10.0]}, {"below": [0.1, 0.5]}, {"abov": [10.0]}):
+                                      "| inside | - | 0.50 | 0.20 | 0.40 | - | 2 |",
+                                      "| tie | - | 0.50 | 0.20 | 0.20 | - | 2 |"]
+    for edges in ({"above": [2.0]}, {"above": [30.0, 10.0]}, {"below": [0.1, 0.5]}, {"abov": [10.0]},
+                  {"above": 10.0}, {"above": ["1e-3"]}, {"above": [10.0, 10.0000001]}):
         with pytest.raises(ValueError, match=r"select.beyond_edges=.*: `above` lists rates above the grid "
                                              r"\[1.0, 2.0, 3.0\], ascending, and `below` rates below it, descending"):
             suite_module.check_select({**suite, "select": {**suite["select"], "beyond_edges": edges}})
+    with pytest.raises(ValueError, match=r"the grid itself ascending"):  # an edge is the highest rate, not the last
+        suite_module.check_select({**suite, "select": {**suite["select"], "learning_rates": [3.0, 2.0, 1.0]}})
+    for grid in ([], ["1e-4", 3.0e-4], None):
+        with pytest.raises(ValueError, match=r"select.learning_rates=.*: a non-empty list of numbers \(write "
+                                             r"1.0e-4, not 1e-4: YAML reads the latter as a string\)"):
+            suite_module.check_select({**suite, "select": {**suite["select"], "learning_rates": grid}})
+    # a test run called before its method's selection has finished refuses to train at the recipe's own rate
+    os.remove(os.path.join(str(tmp_path), "select", "top", "lr10", "seed0", "result.json"))  # the edge rate pending
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match=r"top seed 2: the learning-rate selection of top has not finished; run "
+                                           r"its selection runs first"):
+        suite_module.execute(suite, {"name": "top", "recipe": "r", "group": "method", "seed": 2}, keep_models=False)
 
 
 def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_path):
@@ -453,7 +467,9 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
     assert [r["name"] for r in longer["runs"]] == [r["name"] for r in methods] and longer["runs"] == methods
     assert longer["common"] == {**tier_b["common"], "max_steps": 120} and longer["curve_every"] == 30
     assert longer["select"] == {**tier_b["select"], "curves": True, "reuse": True,
-                                "learning_rates": [3.0e-5, 1.0e-4, 3.0e-4]}  # one step down at 120 steps
+                                "learning_rates": [3.0e-5, 1.0e-4, 3.0e-4],  # one step down at 120 steps
+                                "beyond_edges": {"above": [1.0e-3], "below": [1.0e-5]}}
+    suite_module.check_select(longer)
     assert (longer["output_dir"], longer["assets_dir"]) == ("docs/results/tier_b_120/runs", tier_b["assets_dir"])
 
 

@@ -144,7 +144,7 @@ def candidates(suite: dict, run: dict, edges: bool = True) -> list[tuple[str, fl
     the grid alone, without the rates `select.beyond_edges` adds once a method's best rate is at the grid's edge."""
     grid = suite["select"]["learning_rates"]
     if not run.get("trials"):
-        return [(f"lr{lr:g}", lr, {}) for lr in (_edge_grid(suite, run["name"]) if edges else grid)]
+        return _edge_select(suite, run["name"])[0] if edges else _lr_options(grid)
     out = []
     for i, trial in enumerate(run["trials"]):
         trial = dict(trial)
@@ -153,28 +153,36 @@ def candidates(suite: dict, run: dict, edges: bool = True) -> list[tuple[str, fl
     return out
 
 
-def _edge_grid(suite: dict, name: str) -> list[float]:
-    """A method's learning rates: the grid, and while its best finished rate is the highest (lowest) one, the next
-    rate of `select.beyond_edges.above` (`.below`): the same rule for every method, so that each one's optimum can lie
-    inside the rates it tried."""
+def _lr_options(rates: list[float]) -> list[tuple[str, float, dict]]:
+    return [(f"lr{lr:g}", lr, {}) for lr in rates]
+
+
+def _edge_select(suite: dict, name: str) -> tuple[list, dict, int | None]:
+    """A method's learning-rate candidates, their scores and the best one's index (see `_best`): the grid, and while
+    its best finished rate is strictly better than the rest and the highest (lowest) one, the next rate of
+    `select.beyond_edges.above` (`.below`), the same rule for every method, so that each optimum can lie inside the
+    rates its method tried (a tie at an edge adds nothing). Options, scores and choice come from one reading of the
+    result files, so a run that another worker finishes meanwhile cannot make an edge look chosen."""
     select = suite["select"]
     rates = list(select["learning_rates"])
     edges = select.get("beyond_edges") or {}
     above, below = list(edges.get("above", [])), list(edges.get("below", []))
-    while above or below:
-        best = _best(suite, name, [(f"lr{lr:g}", lr, {}) for lr in rates])[1]
-        if best == len(rates) - 1 and above:
+    while True:
+        options = _lr_options(rates)
+        scores, best, means = _best(suite, name, options)
+        alone = best is not None and sum(means[cid] == means[options[best][0]] for cid, _, _ in options) == 1
+        if alone and best == len(rates) - 1 and above:
             rates.append(above.pop(0))
-        elif best == 0 and below:
+        elif alone and best == 0 and below:
             rates.insert(0, below.pop(0))
         else:
-            break
-    return rates
+            return options, scores, best
 
 
-def _best(suite: dict, name: str, options: list) -> tuple[dict, int | None]:
-    """The selection scores of `name`'s candidates `options` ({id: [metric per finished seed]}) and the index of the
-    best one: the best mean `metric` (lowest with `mode: min`; the first in order on a tie), None until all ran."""
+def _best(suite: dict, name: str, options: list) -> tuple[dict, int | None, dict]:
+    """The selection scores of `name`'s candidates `options` ({id: [metric per finished seed]}), the index of the best
+    one (the best mean `metric`, lowest with `mode: min`; the first in order on a tie; None until all ran) and the
+    means ({id: mean}, negated under `mode: min`)."""
     select = suite["select"]
     scores: dict[str, list[float]] = {}
     for cid, _, _ in options:
@@ -188,7 +196,7 @@ def _best(suite: dict, name: str, options: list) -> tuple[dict, int | None]:
     sign = -1.0 if select.get("mode", "max") == "min" else 1.0  # `mode: min` for a metric where lower is better
     means = {cid: sign * sum(v) / len(v) for cid, v in scores.items()}
     best = max(range(len(options)), key=lambda i: (means[options[i][0]], -i)) if complete else None
-    return scores, best
+    return scores, best, means
 
 
 def check_select(suite: dict) -> None:
@@ -200,14 +208,22 @@ def check_select(suite: dict) -> None:
         raise ValueError("select.reuse: true needs select.curves: true (a test run records its validation curve, so "
                          "only a selection run with the curves' callbacks is the same run); set curves: true or "
                          "drop reuse.")
-    edges = select.get("beyond_edges") or {}
-    grid = select.get("learning_rates") or []
-    above, below = list(edges.get("above", [])), list(edges.get("below", []))
-    if set(edges) - {"above", "below"} or grid and (above and (above[0] <= max(grid) or above != sorted(set(above)))
-                                                    or below and (below[0] >= min(grid) or below != sorted(
-                                                        set(below), reverse=True))):
-        raise ValueError(f"select.beyond_edges={edges}: `above` lists rates above the grid {grid}, ascending, and "
-                         f"`below` rates below it, descending (the order they are tried in).")
+    grid = select.get("learning_rates")
+    if select and (not isinstance(grid, list) or not grid or not all(_is_rate(lr) for lr in grid)):
+        raise ValueError(f"select.learning_rates={grid!r}: a non-empty list of numbers (write 1.0e-4, not 1e-4: YAML "
+                         f"reads the latter as a string).")
+    edges = select.get("beyond_edges")
+    if edges is not None:
+        above, below = (edges.get("above", []), edges.get("below", [])) if isinstance(edges, dict) else (None, None)
+        rates = [*grid, *(above if isinstance(above, list) else []), *(below if isinstance(below, list) else [])]
+        if (not isinstance(edges, dict) or set(edges) - {"above", "below"} or not isinstance(above, list)
+                or not isinstance(below, list) or not all(_is_rate(lr) for lr in rates) or grid != sorted(set(grid))
+                or above != sorted(set(above)) or above and above[0] <= grid[-1]
+                or below != sorted(set(below), reverse=True) or below and below[0] >= grid[0]
+                or len({f"{lr:g}" for lr in rates}) != len(rates)):
+            raise ValueError(f"select.beyond_edges={edges}: `above` lists rates above the grid {grid}, ascending, and "
+                             f"`below` rates below it, descending (the order they are tried in), all numbers distinct "
+                             f"to 6 digits; the grid itself ascending.")
     budget = select.get("budget")
     if budget is None:
         return
@@ -215,6 +231,10 @@ def check_select(suite: dict) -> None:
              and len(candidates(suite, r, edges=False)) != budget}
     if wrong:
         raise ValueError(f"select.budget={budget}: these runs have another number of candidates: {wrong}.")
+
+
+def _is_rate(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def planned_runs(suite: dict) -> list[dict]:
@@ -251,11 +271,13 @@ def selection(suite: dict, name: str) -> dict:
     """The selection runs of one method: {candidate: [metric per finished seed]}, and the chosen candidate's learning
     rate and extra args (None until all ran)."""
     run = next(r for r in suite["runs"] if r["name"] == name)
-    options = candidates(suite, run)
-    scores, best = _best(suite, name, options)
-    legacy = not run.get("trials")  # lr-only selection: scores keyed by the learning rate, as before
-    keyed = {(cid[2:] if legacy else cid): v for cid, v in scores.items()}
-    return {"scores": keyed, "learning_rate": options[best][1] if best is not None else None,
+    if run.get("trials"):
+        options = candidates(suite, run)
+        scores, best, _ = _best(suite, name, options)
+    else:  # lr-only selection: scores keyed by the learning rate, as before
+        options, scores, best = _edge_select(suite, name)
+        scores = {cid[2:]: v for cid, v in scores.items()}
+    return {"scores": scores, "learning_rate": options[best][1] if best is not None else None,
             "candidate": options[best][0] if best is not None else None,
             "trial_args": options[best][2] if best is not None else None}
 
@@ -355,6 +377,9 @@ def execute(suite: dict, run: dict, keep_models: bool) -> dict:
     elif suite.get("select") and run["group"] != "reference":
         chosen = selection(suite, run.get("tune_as", run["name"]))
         learning_rate = chosen["learning_rate"]
+        if learning_rate is None:  # `work` waits for the selection; a direct call must not train at a recipe's rate
+            raise RuntimeError(f"{run['name']} seed {run['seed']}: the learning-rate selection of "
+                               f"{run.get('tune_as', run['name'])} has not finished; run its selection runs first.")
         record.update(learning_rate=learning_rate, selection=chosen["scores"], candidate=chosen["candidate"],
                       trial_args=chosen["trial_args"])
         if chosen["trial_args"]:  # the chosen trial's knobs, under the run's own args (an ablation's change wins)
