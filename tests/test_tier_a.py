@@ -353,6 +353,27 @@ def test_a_variant_suite_merges_into_its_base_and_drops_changes_or_adds_runs(tmp
     suite_module.check_select(algo)
 
 
+def test_under_reuse_a_methods_selection_seed_test_run_follows_its_selection(tmp_path):
+    """`select.reuse`: the test run on a selection seed only evaluates the chosen selection run's weights, so it is
+    planned right after that method's selection runs (a suite stopped later would lose the weights and train it
+    again); the other seeds and the ablations keep their order."""
+    import suite as suite_module
+
+    runs = [{"name": "a", "recipe": "r"}, {"name": "b", "recipe": "r", "seeds": [1]},
+            {"name": "a_abl", "recipe": "r", "tune_as": "a", "group": "ablation"}]
+    suite = {"output_dir": str(tmp_path), "seeds": [0, 1], "common": {}, "teacher": "t", "initial_student": "s",
+             "runs": runs, "select": {"learning_rates": [1.0, 2.0], "seeds": [0], "reuse": True}}
+    tags = [(r["name"], r["group"], r["seed"], r.get("candidate")) for r in suite_module.planned_runs(suite)]
+    assert tags == [("teacher", "reference", None, None), ("initial_student", "reference", None, None),
+                    ("a", "select", 0, "lr1"), ("a", "select", 0, "lr2"), ("a", "method", 0, None),
+                    ("b", "select", 0, "lr1"), ("b", "select", 0, "lr2"),  # b is not tested on seed 0
+                    ("a", "method", 1, None), ("b", "method", 1, None),
+                    ("a_abl", "ablation", 0, None), ("a_abl", "ablation", 1, None)]
+    suite["select"]["reuse"] = False
+    assert [(r["name"], r["seed"]) for r in suite_module.planned_runs(suite) if r["group"] == "method"] == [
+        ("a", 0), ("a", 1), ("b", 1)]
+
+
 def test_a_best_rate_at_the_grids_edge_adds_the_next_rate_beyond_it_for_every_method(tmp_path, monkeypatch):
     """`select.beyond_edges`: a method whose best rate is the grid's highest (lowest) trains the next `above` (`below`)
     rate too, again while the best stays at the edge, and its test runs wait for that; a method whose optimum lies

@@ -239,7 +239,9 @@ def _is_rate(value) -> bool:
 
 def planned_runs(suite: dict) -> list[dict]:
     """Eval-only reference rows first, then every method for seed 0, seed 1, ..., then the ablations the same way: a
-    suite cut short by the time budget still has complete rows for the seeds it reached."""
+    suite cut short by the time budget still has complete rows for the seeds it reached. Under `select.reuse` a
+    method's test runs on the selection seeds come right after its selection runs: they only evaluate the chosen run's
+    weights, which a suite that stops before them (a session's end, a fresh machine) loses and has to train again."""
     runs = [{"name": "teacher", "group": "reference", "model": suite["teacher"], "seed": None},
             {"name": "initial_student", "group": "reference", "model": suite["initial_student"], "seed": None}]
     if suite.get("start"):
@@ -253,10 +255,15 @@ def planned_runs(suite: dict) -> list[dict]:
                 for seed in select["seeds"]:
                     runs.append({**run, "args": {**run.get("args", {}), **extra}, "group": "select", "seed": seed,
                                  "select_group": run.get("group", "method"), "learning_rate": lr, "candidate": cid})
+            if _reuse(suite) and run.get("group", "method") == "method":
+                runs += [{**run, "group": "method", "seed": seed} for seed in select["seeds"]
+                         if seed in run.get("seeds", suite["seeds"])]
+    planned = {(r["name"], r["group"], r["seed"]) for r in runs}
     for group in ("method", "ablation"):  # the methods over all seeds first: they are the main table
         for seed in suite["seeds"]:
             runs += [{**run, "group": group, "seed": seed} for run in suite["runs"]
-                     if run.get("group", "method") == group and seed in run.get("seeds", suite["seeds"])]
+                     if run.get("group", "method") == group and seed in run.get("seeds", suite["seeds"])
+                     and (run["name"], group, seed) not in planned]
     return runs
 
 
