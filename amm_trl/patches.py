@@ -24,7 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from packaging.specifiers import SpecifierSet
 from transformers import LogitsProcessorList
 
-TESTED = {"trl": SpecifierSet(">=1.16,<1.17"), "transformers": SpecifierSet(">=5.17,<5.25"),
+TESTED = {"trl": SpecifierSet(">=1.16,<1.17"), "transformers": SpecifierSet(">=5.17,<5.26"),
           "vllm": SpecifierSet("==0.31.0")}  # the `vllm` extra's pin
 
 
