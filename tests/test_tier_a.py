@@ -582,6 +582,7 @@ def test_a_rebuild_that_differs_only_in_the_transformers_version_stamp_is_accept
                                          r"\(content_digest [0-9a-f]{12} vs 000000000000\)"):
         assets.build(out, TOY_TASK)
 
+
 def test_selection_runs_train_without_curves_when_asked_and_step_zero_is_measured_once(tmp_path, monkeypatch):
     """`select.curves: false` passes no callbacks to selection runs (test runs keep them); Tier B's validation curve
     measures the shared initial student at step 0 once per process and reuses that value."""

@@ -214,13 +214,13 @@ def check_select(suite: dict) -> None:
                          f"reads the latter as a string).")
     edges = select.get("beyond_edges")
     if edges is not None:
-        above, below = (edges.get("above", []), edges.get("below", [])) if isinstance(edges, dict) else (None, None)
-        rates = [*grid, *(above if isinstance(above, list) else []), *(below if isinstance(below, list) else [])]
-        if (not isinstance(edges, dict) or set(edges) - {"above", "below"} or not isinstance(above, list)
-                or not isinstance(below, list) or not all(_is_rate(lr) for lr in rates) or grid != sorted(set(grid))
-                or above != sorted(set(above)) or above and above[0] <= grid[-1]
-                or below != sorted(set(below), reverse=True) or below and below[0] >= grid[0]
-                or len({f"{lr:g}" for lr in rates}) != len(rates)):
+        valid = isinstance(edges, dict) and not set(edges) - {"above", "below"}
+        above, below = (edges.get("above", []), edges.get("below", [])) if valid else ([], [])
+        valid = valid and isinstance(above, list) and isinstance(below, list) and all(map(_is_rate, above + below))
+        rates = grid + above + below if valid else []
+        if not (valid and grid == sorted(set(grid)) and above == sorted(set(above))
+                and below == sorted(set(below), reverse=True) and (not above or above[0] > grid[-1])
+                and (not below or below[0] < grid[0]) and len({f"{lr:g}" for lr in rates}) == len(rates)):
             raise ValueError(f"select.beyond_edges={edges}: `above` lists rates above the grid {grid}, ascending, and "
                              f"`below` rates below it, descending (the order they are tried in), all numbers distinct "
                              f"to 6 digits; the grid itself ascending.")
