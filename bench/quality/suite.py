@@ -546,7 +546,7 @@ def work(suite: dict, only, keep_models: bool, dry_run: bool = False) -> None:
                 continue
             record = execute(suite, run, keep_models)
             os.remove(os.path.join(out, "claimed"))
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()
+            shown = {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in record.items()
                      if k not in ("train_argv", "selection")}
             print(f"suite: finished {tag}: {json.dumps(shown)}", flush=True)
             break  # re-scan from the top: runs that were waiting on this one may be ready now
