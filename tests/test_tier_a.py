@@ -263,11 +263,15 @@ def test_trials_make_candidates_with_an_equal_budget_and_the_best_one_is_used(tm
     assert chosen["scores"]["t1-lr0.003"] == [0.9]
 
 
-def test_fair_suite_end_to_end_at_toy_size(tmp_path):
+def test_fair_suite_end_to_end_at_toy_size(tmp_path, monkeypatch):
     """bench/tier_a/tier_a_fair.yaml at a toy size: each method's trials are its validation candidates, the test
-    run trains with the chosen trial's knobs and learning rate and records them and the commit; AMM's equal-token
-    batch (8 prompts: 8 rollouts + 8 teacher samples) reaches the trainer."""
+    run trains with the chosen trial's knobs and learning rate and records them and the commit its process loaded
+    (and the checkout's, where a commit landed since); AMM's equal-token batch (8 prompts: 8 rollouts + 8 teacher
+    samples) reaches the trainer."""
     import suite as suite_module
+
+    checkout = suite_module.code_version()
+    monkeypatch.setattr(suite_module, "LOADED_COMMIT", "0" * 40)  # as if a commit landed after the worker started
 
     with open(os.path.join(ROOT, "bench", "tier_a", "tier_a_fair.yaml")) as f:
         suite = yaml.safe_load(f)
@@ -293,7 +297,7 @@ def test_fair_suite_end_to_end_at_toy_size(tmp_path):
     assert argv[argv.index("--amm_beta") + 1] == str(result["trial_args"]["amm_beta"])
     assert argv[argv.index("--per_device_train_batch_size") + 1] == "4"
     assert argv[argv.index("--off_policy_column") + 1] == "teacher"
-    assert len(result["commit"]) >= 40
+    assert (result["commit"], result["checkout_commit"]) == ("0" * 40, checkout) and len(checkout) >= 40
     sft = json.loads((out / "sft" / "seed0" / "result.json").read_text())
     assert sft["candidate"] in ("t0-lr0.0001", "t1-lr0.0003") and sft["learning_rate"] in (1.0e-4, 3.0e-4)
 

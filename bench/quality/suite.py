@@ -358,8 +358,8 @@ def _write_json(path: str, obj) -> None:
 
 
 def code_version() -> str:
-    """The commit the run trains at (`+dirty` with uncommitted changes), so that a later change of the loss path
-    tells which runs to redo."""
+    """The checkout's commit (`+dirty` with uncommitted changes), so that a later change of the loss path tells
+    which runs to redo."""
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -373,10 +373,18 @@ def code_version() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+# The code a worker runs is what it imported at start: a commit made while it runs reaches its next runs only through
+# the files read per run (recipes, data), so a run records both where they differ.
+LOADED_COMMIT = code_version()
+
+
 def execute(suite: dict, run: dict, keep_models: bool) -> dict:
     out = run_dir(suite, run)
-    record = {"name": run["name"], "group": run["group"], "seed": run["seed"], "commit": code_version(),
+    record = {"name": run["name"], "group": run["group"], "seed": run["seed"], "commit": LOADED_COMMIT,
               "cpu": cpu_kind()}
+    checkout = code_version()
+    if checkout != LOADED_COMMIT:
+        record["checkout_commit"] = checkout  # the checkout at the run's start, newer than the code it runs
     learning_rate, settings = None, None
     if run["group"] == "select":
         learning_rate, settings = run["learning_rate"], suite["select"]["eval"]
