@@ -57,13 +57,17 @@ def digest(paths: dict, stamps: bool = True) -> str:
     return h.hexdigest()
 
 
+def _digest_key(recorded: dict) -> str:
+    """The digest a manifest is compared on: its `content_digest` where it has one (version stamps aside), else its
+    byte `digest` (manifests written before the content digest)."""
+    return "content_digest" if recorded.get("content_digest") else "digest"
+
+
 def _same_assets(recorded: dict, paths: dict) -> bool:
-    """Whether the files in `paths` are the ones `recorded` (a manifest) describes: its `content_digest` where it has
-    one (version stamps aside), else its byte `digest` (manifests written before the content digest); a manifest with
-    neither accepts any files."""
-    if recorded.get("content_digest"):
-        return recorded["content_digest"] == digest(paths, stamps=False)
-    return recorded.get("digest") in (None, digest(paths))
+    """Whether the files in `paths` are the ones `recorded` (a manifest) describes, on its :func:`_digest_key`; a
+    manifest with neither digest accepts any files."""
+    key = _digest_key(recorded)
+    return recorded.get(key) in (None, digest(paths, stamps=key == "digest"))
 
 
 def cached_build(out: str, cfg: dict, paths: dict, make, name: str) -> dict:
@@ -97,7 +101,7 @@ def cached_build(out: str, cfg: dict, paths: dict, make, name: str) -> dict:
         torch.set_num_threads(threads)
     manifest["digest"], manifest["content_digest"] = digest(paths), digest(paths, stamps=False)
     if recorded is not None:
-        key = "content_digest" if recorded.get("content_digest") else "digest"  # as `_same_assets` compares
+        key = _digest_key(recorded)
         if recorded.get(key) not in (None, manifest[key]):
             raise ValueError(f"The assets rebuilt in {out} differ from those {manifest_path} records ({key} "
                              f"{manifest[key][:12]} vs {recorded[key][:12]}): this machine computes other "
