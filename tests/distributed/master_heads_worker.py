@@ -113,3 +113,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():  # without it, gloo's threads sometimes abort the exit (SIGABRT)
+        dist.barrier()
+        dist.destroy_process_group()
