@@ -491,14 +491,20 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
     longer = suite_module.load_suite(os.path.join(ROOT, "bench", "tier_b", "tier_b_120.yaml"))  # the flattening budget
     longer_methods = [r for r in longer["runs"] if r.get("group", "method") == "method"]
     assert longer_methods == methods  # the same methods; the top-k ablations stay at 40 steps
-    # its own ablations: each is AMM on rollouts with one change, trained at the rate chosen for it (seed 0)
-    rollouts = next(r for r in methods if r["name"] == "amm_rollouts")
-    changes = {r["name"]: {k: v for k, v in r["args"].items() if rollouts["args"].get(k) != v}
-               for r in longer["runs"] if r.get("group") == "ablation"}
+    # its own ablations: each is an AMM-family method with one change, trained at the rate chosen for it (seed 0)
+    by_name = {r["name"]: r for r in methods}
+    ablations = [r for r in longer["runs"] if r.get("group") == "ablation"]
+    changes = {r["name"]: {k: v for k, v in r["args"].items() if by_name[r["tune_as"]]["args"].get(k) != v}
+               for r in ablations}
     assert changes == {"amm_rollouts_clip_apart": {"q_head_max_grad_norm": 1.0},
-                       "amm_rollouts_l2_student": {"q_head_l2_weight": "student"}}
-    assert all(r["tune_as"] == "amm_rollouts" and r["seeds"] == [0] and set(rollouts["args"]) <= set(r["args"])
-               for r in longer["runs"] if r.get("group") == "ablation")
+                       "amm_rollouts_l2_student": {"q_head_l2_weight": "student"},
+                       "composite_clip_apart": {"q_head_max_grad_norm": 1.0},
+                       "amm_clip_apart": {"q_head_max_grad_norm": 1.0}}
+    assert {r["name"]: r["tune_as"] for r in ablations} == {
+        "amm_rollouts_clip_apart": "amm_rollouts", "amm_rollouts_l2_student": "amm_rollouts",
+        "composite_clip_apart": "composite", "amm_clip_apart": "amm"}
+    assert all(r["seeds"] == [0] and r["recipe"] == by_name[r["tune_as"]]["recipe"]
+               and set(by_name[r["tune_as"]]["args"]) <= set(r["args"]) for r in ablations)
     assert longer["common"] == {**tier_b["common"], "max_steps": 120} and longer["curve_every"] == 30
     assert longer["select"] == {**tier_b["select"], "curves": True, "reuse": True,
                                 "learning_rates": [3.0e-5, 1.0e-4, 3.0e-4],  # one step down at 120 steps
