@@ -205,8 +205,8 @@ def separation(refs: dict, tests: dict, config: ReportConfig = TIER_A) -> tuple[
 
 
 def paired_table(tests: dict, candidate: str, config: ReportConfig = TIER_A) -> str:
-    """candidate - baseline per seed, mean ± 95% half-width; `>0` / `<0` (the arithmetic sign of the difference) where
-    the interval excludes zero; then the exact sign test on the primary metric (wins-losses-ties over the seeds,
+    """candidate - baseline per seed, mean ± 95% half-width (one common seed: the difference and `(n=1)`); `>0` /
+    `<0` (the arithmetic sign of the difference) where the interval excludes zero; then the exact sign test on the primary metric (wins-losses-ties over the seeds,
     two-sided p; a win is a seed where the candidate is better: higher, or lower for a `min` metric)."""
     if candidate not in tests:
         return f"no finished {candidate!r} runs"
@@ -224,7 +224,10 @@ def paired_table(tests: dict, candidate: str, config: ReportConfig = TIER_A) -> 
                 cells.append("-")
                 continue
             d, h, n = paired_difference(ours, theirs)
-            sign = "" if math.isnan(h) or abs(d) <= h else (" (>0)" if d > 0 else " (<0)")
+            if math.isnan(h):  # one common seed: a difference, no interval
+                cells.append(f"{d:+.{q.digits}f} (n={n})")
+                continue
+            sign = "" if abs(d) <= h else (" (>0)" if d > 0 else " (<0)")
             cells.append(f"{d:+.{q.digits}f} ± {h:.{q.digits}f}{sign}")
         ours = {s: better * r[config.primary] for s, r in tests[candidate].items()
                 if r.get(config.primary) is not None}
