@@ -206,8 +206,9 @@ def separation(refs: dict, tests: dict, config: ReportConfig = TIER_A) -> tuple[
 
 def paired_table(tests: dict, candidate: str, config: ReportConfig = TIER_A) -> str:
     """candidate - baseline per seed, mean ± 95% half-width (one common seed: the difference and `(n=1)`); `>0` /
-    `<0` (the arithmetic sign of the difference) where the interval excludes zero; then the exact sign test on the primary metric (wins-losses-ties over the seeds,
-    two-sided p; a win is a seed where the candidate is better: higher, or lower for a `min` metric)."""
+    `<0` (the arithmetic sign of the difference) where the interval excludes zero; then the exact sign test on the
+    primary metric (wins-losses-ties over the seeds, two-sided p; a win is a seed where the candidate is better:
+    higher, or lower for a `min` metric)."""
     if candidate not in tests:
         return f"no finished {candidate!r} runs"
     metrics, primary = config.metrics, config.metrics[config.primary]
