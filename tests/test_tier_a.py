@@ -787,3 +787,24 @@ def test_k_table_pairs_each_top_k_run_with_its_dense_run_on_the_same_seeds(tmp_p
                          "| fkl | top-32 + tail | 1 | 0.850 | 0.500 | 0.250 | 0.450 (+0.050) |",
                          "| fkl | top-8 + tail | 2 | 0.850 | 0.500 | 0.250 | 0.425 (+0.015 ± 0.064) |",
                          "| fkl | top-8 + taken + tail | 1 | 0.850 | 0.500 | 0.250 | 0.405 (+0.005) |"]
+
+
+def test_degenerate_counts_answers_whose_tail_repeats_few_characters(tmp_path, capsys):
+    """bench/tier_b/degenerate.py: an answer counts when its last 20 characters hold at most 3 distinct ones; a short
+    answer, or a tail of 4 distinct characters, does not; the runs are named <method>/seed<k>; no predictions below the
+    folder is an error naming it."""
+    from bench.tier_b import degenerate
+
+    answers = {"amm/seed0": ["1. 1000000000000000000000", "The capital is Paris." + " ok", "....", "abab" * 10],
+               "fkl/seed1": ["abcd" * 5, "x" * 19, "Fine answer, ended. aaaaaaaaaaaaaaaaaaaa"]}
+    for run, rows in answers.items():
+        (tmp_path / run / "eval").mkdir(parents=True)
+        (tmp_path / run / "eval" / "predictions.jsonl").write_text(
+            "".join(json.dumps({"prompt": "p", "prediction": a}) + "\n" for a in rows))
+    assert degenerate.is_degenerate("1. 1000000000000000000000") and not degenerate.is_degenerate("x" * 19)
+    assert not degenerate.is_degenerate("abcd" * 5) and degenerate.is_degenerate("abcd" * 5, distinct=4)
+    counts = degenerate.main([str(tmp_path)])
+    assert counts == {"amm/seed0": {"degenerate": 2, "answers": 4}, "fkl/seed1": {"degenerate": 1, "answers": 3}}
+    assert json.loads(capsys.readouterr().out) == counts
+    with pytest.raises(SystemExit, match="no <method>/seed<k>/eval/predictions.jsonl below it"):
+        degenerate.main([str(tmp_path / "amm")])
