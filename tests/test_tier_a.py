@@ -500,10 +500,11 @@ def test_selection_mode_min_picks_the_lowest_metric_and_tier_b_files_load(tmp_pa
                        "amm_rollouts_l2_student": {"q_head_l2_weight": "student"},
                        "composite_clip_apart": {"q_head_max_grad_norm": 1.0},
                        "amm_clip_apart": {"q_head_max_grad_norm": 1.0},
-                       "amm_critic_x1": {"q_head_learning_rate": 3.0e-4}}  # the rate chosen for amm: 3e-4
+                       "amm_critic_x1": {"q_head_learning_rate": 3.0e-4},  # the rate chosen for amm: 3e-4
+                       "amm_l2_student": {"q_head_l2_weight": "student"}}
     assert {r["name"]: r["tune_as"] for r in ablations} == {
         "amm_rollouts_clip_apart": "amm_rollouts", "amm_rollouts_l2_student": "amm_rollouts",
-        "composite_clip_apart": "composite", "amm_clip_apart": "amm", "amm_critic_x1": "amm"}
+        "composite_clip_apart": "composite", "amm_clip_apart": "amm", "amm_critic_x1": "amm", "amm_l2_student": "amm"}
     assert all(r["seeds"] == [0] and r["recipe"] == by_name[r["tune_as"]]["recipe"]
                and set(by_name[r["tune_as"]]["args"]) <= set(r["args"]) for r in ablations)
     assert longer["common"] == {**tier_b["common"], "max_steps": 120} and longer["curve_every"] == 30
