@@ -78,9 +78,11 @@ class AMMConfig(DistillationConfig):
             does.
         amm_anchor (`str`, *optional*, defaults to `"fkl"`):
             The anchor: `"fkl"` (forward KL(p_T || p_S)) or `"ce"` (cross-entropy of the completion's tokens).
-        q_head_lr_multiplier (`float`, *optional*, defaults to `5.0`):
+        q_head_lr_multiplier (`float`, *optional*, defaults to `1.0`):
             The Q-heads' learning rate is `learning_rate * q_head_lr_multiplier` (own optimizer parameter group, no
-            weight decay, same schedule).
+            weight decay, same schedule). 1: the critic at the student's rate won both Tier A selections that
+            searched the critic's rate (against x0.3, x3, x5 and x20, at 800 and 3200 steps) and its Tier B ablation
+            (against ~x3, one seed); docs/results.md.
         q_head_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             The Q-heads' own learning rate, replacing `learning_rate * q_head_lr_multiplier` (same schedule). LLM
             learning rates (1e-6 to 1e-5) leave a zero-initialized critic nearly still for many steps (in 16 Adam
@@ -279,7 +281,7 @@ class AMMConfig(DistillationConfig):
     amm_anchor_weight: float = field(default=0.5, metadata={
         "help": "Weight of a likelihood anchor on the off-policy completions (AMM / PbKD)."})
     amm_anchor: Literal[AMM_ANCHORS] = field(default="fkl", metadata={"help": "Anchor loss."})
-    q_head_lr_multiplier: float = field(default=5.0, metadata={"help": "Q-head lr = learning_rate * multiplier."})
+    q_head_lr_multiplier: float = field(default=1.0, metadata={"help": "Q-head lr = learning_rate * multiplier."})
     q_head_learning_rate: float | None = field(default=None, metadata={
         "help": "The Q-heads' own learning rate (replaces learning_rate * q_head_lr_multiplier)."})
     q_head_shared: bool = field(default=False, metadata={"help": "One Q-head for on- and off-policy distances."})

@@ -809,3 +809,48 @@ def test_degenerate_counts_answers_whose_tail_repeats_few_characters(tmp_path, c
     assert json.loads(capsys.readouterr().out) == counts
     with pytest.raises(SystemExit, match="no <method>/seed<k>/eval/predictions.jsonl below it"):
         degenerate.main([str(tmp_path / "amm")])
+
+
+# The recipes' `q_head_lr_multiplier` (quickstart, quickstart_pbkd) when every committed run trained (2026-11-23 to
+# 2026-12-05); AMMConfig's default and the AMM recipes have since moved to 1.
+RECIPE_CRITIC_RATE_THEN = 5.0
+COMMITTED_SUITES = sorted(p for p in glob.glob(os.path.join(ROOT, "bench", "*", "*.yaml"))
+                          if yaml.safe_load(open(p)).get("output_dir", "").startswith("docs/results/"))
+
+
+def _critic_rate(argv: list[str], recipe_rate: float) -> tuple[str, float]:
+    """The critic's rate an `amm-trl train` argv trains with: its own learning rate where set, else the multiplier of
+    the student's (the recipe's where no flag sets it)."""
+    flags = dict(zip(argv[2::2], argv[3::2]))
+    if "--q_head_learning_rate" in flags:
+        return "q_head_learning_rate", float(flags["--q_head_learning_rate"])
+    return "q_head_lr_multiplier", float(flags.get("--q_head_lr_multiplier", recipe_rate))
+
+
+@pytest.mark.parametrize("path", COMMITTED_SUITES, ids=os.path.basename)
+def test_rerunning_a_finished_suite_trains_each_committed_run_at_the_critic_rate_it_recorded(path):
+    """A suite reruns (a fresh machine, a lost run) with the critic rate its committed runs had, though the recipes'
+    rate moved: each AMM/PbKD run's argv planned now gives the rate its result.json's train_argv recorded."""
+    import suite as suite_module
+
+    os.chdir(ROOT)  # output_dir is relative to the repository
+    suite = suite_module.load_suite(path)
+    checked, critics = 0, 0
+    for run in suite_module.planned_runs(suite):
+        if run["group"] == "reference":
+            continue
+        recipe = yaml.safe_load(open(os.path.join(ROOT, "amm_trl", "recipes", f"{run['recipe']}.yaml")))
+        critics += recipe.get("objective") in ("amm", "pbkd")
+        out = suite_module.run_dir(suite, run)
+        if recipe.get("objective") not in ("amm", "pbkd") or not os.path.exists(os.path.join(out, "result.json")):
+            continue
+        with open(os.path.join(out, "result.json")) as f:
+            recorded = json.load(f).get("train_argv")
+        if not recorded:
+            continue
+        planned, learning_rate, _ = suite_module.as_trained(suite, run)
+        now = suite_module.train_argv(suite, planned, out, learning_rate)
+        assert now[:2] == recorded[:2], out
+        assert _critic_rate(now, recipe["q_head_lr_multiplier"]) == _critic_rate(recorded, RECIPE_CRITIC_RATE_THEN), out
+        checked += 1
+    assert checked > 0 or critics == 0  # a suite without AMM or PbKD (the Tier B pilots) has nothing to check

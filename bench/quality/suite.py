@@ -289,9 +289,9 @@ def selection(suite: dict, name: str) -> dict:
             "trial_args": options[best][2] if best is not None else None}
 
 
-def train_one(suite: dict, run: dict, out: str, learning_rate: float | None = None) -> dict:
-    from amm_trl import cli
-
+def train_argv(suite: dict, run: dict, out: str, learning_rate: float | None = None) -> list[str]:
+    """The `amm-trl train` arguments of one run: its recipe, then the suite's `common` args, the run's own (a chosen
+    trial's merged in by `as_trained`), its learning rate and seed."""
     overrides = dict(suite["common"]) if run["group"] != "reference" else {}
     overrides.update(run.get("args", {}))
     if run["group"] != "reference":
@@ -303,7 +303,13 @@ def train_one(suite: dict, run: dict, out: str, learning_rate: float | None = No
     if suite.get("gpu_args") and _cuda():
         overrides.update(suite["gpu_args"])  # the packaged recipes are sized for a CPU
     overrides.update(output_dir=out, save_strategy="no", report_to="none")
-    argv = ["--config", run["recipe"]] + _flags(overrides)
+    return ["--config", run["recipe"]] + _flags(overrides)
+
+
+def train_one(suite: dict, run: dict, out: str, learning_rate: float | None = None) -> dict:
+    from amm_trl import cli
+
+    argv = train_argv(suite, run, out, learning_rate)
     curves = run["group"] != "reference" and (run["group"] != "select" or suite["select"].get("curves", True))
     callbacks = [_function(spec)(suite) for spec in suite.get("callbacks", [])] if curves else []
     print(f"suite: amm-trl train {' '.join(argv)}", flush=True)
@@ -378,6 +384,25 @@ def code_version() -> str:
 LOADED_COMMIT = code_version()
 
 
+def as_trained(suite: dict, run: dict) -> tuple[dict, float | None, dict]:
+    """`run` as it trains, its learning rate (None: the recipe's) and what its record keeps of the choice: a selection
+    run's own rate; a test run's rate chosen on validation, the chosen trial's knobs merged into its args."""
+    if run["group"] == "select":
+        return run, run["learning_rate"], {"learning_rate": run["learning_rate"]}
+    if not suite.get("select") or run["group"] == "reference":
+        return run, None, {}
+    chosen = selection(suite, run.get("tune_as", run["name"]))
+    if chosen["learning_rate"] is None:  # `work` waits for the selection; a direct call must not train at the recipe's
+        raise RuntimeError(f"{run['name']} seed {run['seed']}: the learning-rate selection of "
+                           f"{run.get('tune_as', run['name'])} has not finished; run its selection runs first.")
+    choice = {"learning_rate": chosen["learning_rate"], "selection": chosen["scores"],
+              "candidate": chosen["candidate"], "trial_args": chosen["trial_args"]}
+    if chosen["trial_args"]:  # the chosen trial's knobs, under the run's own args (an ablation's change wins)
+        run = {**run, "args": {**chosen["trial_args"], **run.get("args", {})} if "tune_as" in run else
+               {**run.get("args", {}), **chosen["trial_args"]}}
+    return run, chosen["learning_rate"], choice
+
+
 def execute(suite: dict, run: dict, keep_models: bool) -> dict:
     out = run_dir(suite, run)
     record = {"name": run["name"], "group": run["group"], "seed": run["seed"], "commit": LOADED_COMMIT,
@@ -385,21 +410,9 @@ def execute(suite: dict, run: dict, keep_models: bool) -> dict:
     checkout = code_version()
     if checkout != LOADED_COMMIT:
         record["checkout_commit"] = checkout  # the checkout at the run's start, newer than the code it runs
-    learning_rate, settings = None, None
-    if run["group"] == "select":
-        learning_rate, settings = run["learning_rate"], suite["select"]["eval"]
-        record["learning_rate"] = learning_rate
-    elif suite.get("select") and run["group"] != "reference":
-        chosen = selection(suite, run.get("tune_as", run["name"]))
-        learning_rate = chosen["learning_rate"]
-        if learning_rate is None:  # `work` waits for the selection; a direct call must not train at a recipe's rate
-            raise RuntimeError(f"{run['name']} seed {run['seed']}: the learning-rate selection of "
-                               f"{run.get('tune_as', run['name'])} has not finished; run its selection runs first.")
-        record.update(learning_rate=learning_rate, selection=chosen["scores"], candidate=chosen["candidate"],
-                      trial_args=chosen["trial_args"])
-        if chosen["trial_args"]:  # the chosen trial's knobs, under the run's own args (an ablation's change wins)
-            run = {**run, "args": {**chosen["trial_args"], **run.get("args", {})} if "tune_as" in run else
-                   {**run.get("args", {}), **chosen["trial_args"]}}
+    run, learning_rate, choice = as_trained(suite, run)
+    record.update(choice)
+    settings = suite["select"]["eval"] if run["group"] == "select" else None
     trained = os.path.exists(os.path.join(out, "train_log.json")) and glob.glob(os.path.join(out, "*.safetensors"))
     reused = _reusable_selection_run(suite, run) if "recipe" in run and not trained else None
     if "recipe" in run and trained:  # interrupted during evaluation: the student is there, evaluate it

@@ -38,7 +38,8 @@ def config(output_dir, **overrides):
                   per_device_train_batch_size=2, gradient_accumulation_steps=2, max_completion_length=6,
                   learning_rate=1e-2, max_steps=2, save_steps=2, save_strategy="steps", logging_steps=1,
                   report_to="none", seed=7, objective="amm", model_init_kwargs={"dtype": "float32"},
-                  teacher_model_init_kwargs={"dtype": "float32"}, lr_scheduler_type="constant")
+                  teacher_model_init_kwargs={"dtype": "float32"}, lr_scheduler_type="constant",
+                  q_head_lr_multiplier=5.0)  # the heads' group at its own rate
     kwargs.update(overrides)
     kwargs.update(json.loads(os.environ.get("AMM_TEST_OVERRIDES", "{}")))  # for debugging a single run
     return AMMConfig(**kwargs)
