@@ -113,6 +113,12 @@ def main():
 
 if __name__ == "__main__":
     main()
-    if dist.is_initialized():  # without it, gloo's threads sometimes abort the exit (SIGABRT)
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    # The work is done and its JSON written. About one exit in 10-20 of a 2-rank ZeRO-3 CPU run then aborts in the
+    # interpreter's own teardown, after destroy_process_group ("terminate called without an active exception",
+    # SIGABRT, seen with the diverge phase under load): leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
