@@ -82,7 +82,7 @@ class AMMConfig(DistillationConfig):
             The Q-heads' learning rate is `learning_rate * q_head_lr_multiplier` (own optimizer parameter group, no
             weight decay, same schedule). 1: the critic at the student's rate won both Tier A selections that
             searched the critic's rate (against x0.3, x3, x5 and x20, at 800 and 3200 steps) and its Tier B ablation
-            (against ~x3, one seed); docs/results.md.
+            (against ~x3, two seeds); docs/results.md.
         q_head_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             The Q-heads' own learning rate, replacing `learning_rate * q_head_lr_multiplier` (same schedule). LLM
             learning rates (1e-6 to 1e-5) leave a zero-initialized critic nearly still for many steps (in 16 Adam

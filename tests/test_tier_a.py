@@ -830,12 +830,12 @@ def _critic_rate(argv: list[str], recipe_rate: float) -> tuple[str, float]:
 
 
 @pytest.mark.parametrize("path", COMMITTED_SUITES, ids=os.path.basename)
-def test_rerunning_a_finished_suite_trains_each_committed_run_at_the_critic_rate_it_recorded(path):
+def test_rerunning_a_finished_suite_trains_each_committed_run_at_the_critic_rate_it_recorded(path, monkeypatch):
     """A suite reruns (a fresh machine, a lost run) with the critic rate its committed runs had, though the recipes'
     rate moved: each AMM/PbKD run's argv planned now gives the rate its result.json's train_argv recorded."""
     import suite as suite_module
 
-    os.chdir(ROOT)  # output_dir is relative to the repository
+    monkeypatch.chdir(ROOT)  # output_dir is relative to the repository
     suite = suite_module.load_suite(path)
     checked, critics = 0, 0
     for run in suite_module.planned_runs(suite):
